@@ -1,0 +1,79 @@
+"""Input checks shared by every public function.
+
+Each check raises TypeError (wrong kind of object or dtype) or ValueError (wrong
+shape, values or device) with a message that names the argument and what it got.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "FLOAT_DTYPES",
+    "check_float_tensor",
+    "check_finite",
+    "check_same_device",
+    "check_rows",
+    "check_same_rows",
+    "compute_dtype",
+]
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_float_tensor(x, name: str) -> torch.Tensor:
+    """Return ``x`` if it is a floating torch.Tensor, else raise TypeError naming ``name``."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must have a floating dtype (float16, bfloat16, float32, float64), got {x.dtype}"
+        )
+    return x
+
+
+def check_finite(x: torch.Tensor, name: str) -> None:
+    """Raise ValueError if ``x`` holds NaN or Inf (one pass over ``x``)."""
+    if x.numel() and not bool(torch.isfinite(x).all()):
+        n_bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(f"{name} contains {n_bad} NaN or Inf value(s) (shape {tuple(x.shape)})")
+
+
+def check_same_device(**tensors: torch.Tensor) -> None:
+    """Raise ValueError if the named tensors are not all on one device."""
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{name} on {dev}" for name, dev in devices.items())
+        raise ValueError(f"tensors must be on one device, got {listing}")
+
+
+def check_rows(x, name: str, *, min_rows: int = 2, batched: bool = True) -> torch.Tensor:
+    """Check a samples-as-rows matrix: floating, (n, d) or (B, n, d) when ``batched``, n >= min_rows, finite."""
+    check_float_tensor(x, name)
+    allowed = (2, 3) if batched else (2,)
+    if x.dim() not in allowed:
+        want = "(n, d) or (B, n, d)" if batched else "(n, d)"
+        raise ValueError(f"{name} must be {want} with samples as rows, got shape {tuple(x.shape)}")
+    n, d = x.shape[-2], x.shape[-1]
+    if n < min_rows:
+        raise ValueError(f"{name} needs at least {min_rows} rows (samples), got shape {tuple(x.shape)}")
+    if d < 1:
+        raise ValueError(f"{name} needs at least one feature column, got shape {tuple(x.shape)}")
+    if x.dim() == 3 and x.shape[0] < 1:
+        raise ValueError(f"{name} has an empty batch dimension, got shape {tuple(x.shape)}")
+    check_finite(x, name)
+    return x
+
+
+def check_same_rows(x: torch.Tensor, y: torch.Tensor, xname: str = "x", yname: str = "y") -> None:
+    """Raise ValueError unless x and y share the row count and the batch shape, and one device."""
+    check_same_device(**{xname: x, yname: y})
+    if x.dim() != y.dim() or x.shape[:-1] != y.shape[:-1]:
+        raise ValueError(
+            f"{xname} and {yname} must have the same batch and row dimensions, "
+            f"got {xname} {tuple(x.shape)} and {yname} {tuple(y.shape)}"
+        )
+
+
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float64 if any input is float64, else float32 (half inputs are computed in float32)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors if t is not None) else torch.float32

@@ -1,0 +1,219 @@
+"""Randomized PCA (Halko, Martinsson & Tropp 2011) and the per-layer PCA similarity and shift.
+
+For X (n, d) with column means mu, the data is centred implicitly, never copied:
+
+    Y = X Omega - 1 (mu^T Omega)               (n, l)  range of Xc Omega, l = k + oversample
+    repeat n_iter:  Q = orth(Y);  Z = orth(X^T Q - mu (1^T Q));  Y = X Z - 1 (mu^T Z)
+    Q = orth(Y);  B = Q^T X - (Q^T 1) mu^T     (l, d)  = Q^T Xc
+    B = U S V^T  ->  components = V[:, :k]^T, explained variance = S^2 / (n - 1)
+
+Batched over a leading layer dimension; computed in float32 (float64 for float64 input);
+signs fixed so the largest-magnitude entry of each component is positive.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from ._dispatch import kernel, register
+from ._validate import check_rows, check_same_device, compute_dtype
+
+__all__ = ["PCAResult", "randomized_pca", "pca_similarity", "pca_shift"]
+
+
+class PCAResult(NamedTuple):
+    """Top-k principal components of (..., n, d) data; every field float32 (float64 for float64 input).
+
+    components (..., k, d) unit rows; singular_values (..., k) of the centred data;
+    explained_variance (..., k) = singular_values**2 / (n - 1);
+    explained_variance_ratio (..., k) = explained_variance / total variance; mean (..., d).
+    """
+
+    components: torch.Tensor
+    singular_values: torch.Tensor
+    explained_variance: torch.Tensor
+    explained_variance_ratio: torch.Tensor
+    mean: torch.Tensor
+
+
+# --------------------------------------------------------------------------- ops (torch composites)
+
+
+@register("centered_matmul", "torch")
+def _centered_matmul_torch(x, mu, omega):
+    """Xc @ Omega without forming Xc.
+
+    Contract: x (L, n, d) any float dtype; mu (L, d) and omega (L, d, l) in the compute dtype
+    (float32 or float64) -> (L, n, l) in the compute dtype, = X Omega - 1 (mu^T Omega).
+    Cost: n d l multiply-adds, one read of x.
+    """
+    cd = omega.dtype
+    return torch.bmm(x.to(cd), omega) - torch.bmm(mu.unsqueeze(-2), omega)  # (L, n, l)
+
+
+@register("centered_matmul_t", "torch")
+def _centered_matmul_t_torch(x, mu, q):
+    """Xc^T @ Q without forming Xc.
+
+    Contract: x (L, n, d) any float dtype; mu (L, d) and q (L, n, l) in the compute dtype
+    -> (L, d, l) in the compute dtype, = X^T Q - mu (1^T Q). Cost: n d l multiply-adds.
+    """
+    cd = q.dtype
+    return torch.bmm(x.to(cd).transpose(-1, -2), q) - mu.unsqueeze(-1) * q.sum(-2, keepdim=True)  # (L, d, l)
+
+
+@register("orthonormalize", "torch")
+def _orthonormalize_torch(a):
+    """Orthonormal basis of the columns of a (L, m, l), m >= l: -> (L, m, l) (reduced QR's Q)."""
+    return torch.linalg.qr(a, mode="reduced").Q
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def _fix_signs(v: torch.Tensor) -> torch.Tensor:
+    """Flip rows of v (..., k, d) so each row's largest-magnitude entry is positive."""
+    idx = v.abs().argmax(-1, keepdim=True)  # (..., k, 1)
+    signs = torch.sign(torch.gather(v, -1, idx))  # (..., k, 1)
+    return v * torch.where(signs == 0, torch.ones_like(signs), signs)
+
+
+def randomized_pca(
+    x: torch.Tensor,
+    k: int,
+    *,
+    oversample: int = 10,
+    n_iter: int = 4,
+    center: bool = True,
+    seed: int = 0,
+    backend: Optional[str] = None,
+) -> PCAResult:
+    """Top-k principal components of x by randomized subspace iteration.
+
+    Args:
+        x: (n, d) or (B, n, d), samples as rows; any float dtype (half input computed in float32).
+        k: number of components, 1 <= k <= min(n, d).
+        oversample: extra random directions p >= 0; the sketch has l = min(k + p, min(n, d)) columns.
+        n_iter: power iterations q >= 0, each re-orthonormalised.
+        center: subtract column means (implicitly); False treats x as already centred
+            (mean is then reported as zeros and the variance as the raw second moment / (n - 1)).
+        seed: seeds the Gaussian test matrix (drawn on the CPU, so results agree across devices).
+        backend: force a backend.
+
+    Returns:
+        :class:`PCAResult`, leading dims of x kept.
+
+    Cost: (2 q + 2) n d l multiply-adds plus QR of (n, l) and (d, l) blocks and an SVD of (l, d).
+    """
+    check_rows(x, "x", min_rows=2)
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    n, d = x.shape[-2], x.shape[-1]
+    if not 1 <= k <= min(n, d):
+        raise ValueError(f"k must be in [1, min(n, d)] = [1, {min(n, d)}] for x of shape {tuple(x.shape)}, got {k}")
+    for name, v in (("oversample", oversample), ("n_iter", n_iter)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {v!r}")
+    cd = compute_dtype(x)
+    x3 = x if x.dim() == 3 else x.unsqueeze(0)  # (L, n, d)
+    L = x3.shape[0]
+    l = min(k + oversample, n, d)
+    mu = x3.mean(-2, dtype=cd) if center else torch.zeros(L, d, dtype=cd, device=x.device)  # (L, d)
+    gen = torch.Generator().manual_seed(seed)
+    omega = torch.randn(L, d, l, generator=gen, dtype=torch.float64).to(device=x.device, dtype=cd)  # (L, d, l)
+    matmul = kernel("centered_matmul", x.device, backend)
+    matmul_t = kernel("centered_matmul_t", x.device, backend)
+    orth = kernel("orthonormalize", x.device, backend)
+    q = orth(matmul(x3, mu, omega))  # (L, n, l)
+    for _ in range(n_iter):
+        z = orth(matmul_t(x3, mu, q))  # (L, d, l)
+        q = orth(matmul(x3, mu, z))  # (L, n, l)
+    b = matmul_t(x3, mu, q).transpose(-1, -2)  # (L, l, d) = Q^T Xc
+    _, s, vt = torch.linalg.svd(b, full_matrices=False)  # s (L, l), vt (L, l, d)
+    components = _fix_signs(vt[:, :k])  # (L, k, d)
+    s = s[:, :k]  # (L, k)
+    var = s.square() / (n - 1)  # (L, k)
+    if center:
+        total = x3.to(cd).var(-2).sum(-1, dtype=torch.float64)  # (L,)
+    else:
+        total = x3.to(cd).square().sum((-2, -1), dtype=torch.float64) / (n - 1)  # (L,)
+    ratio = (var.to(torch.float64) / total.unsqueeze(-1)).to(cd)  # (L, k)
+    out = PCAResult(components, s, var, ratio, mu)
+    return out if x.dim() == 3 else PCAResult(*(t[0] for t in out))
+
+
+def _check_pair(x_ref: torch.Tensor, x_upd: torch.Tensor) -> None:
+    check_rows(x_ref, "x_ref", min_rows=2)
+    check_rows(x_upd, "x_upd", min_rows=2)
+    check_same_device(x_ref=x_ref, x_upd=x_upd)
+    if x_ref.dim() != x_upd.dim() or x_ref.shape[-1] != x_upd.shape[-1] or x_ref.shape[:-2] != x_upd.shape[:-2]:
+        raise ValueError(
+            "x_ref and x_upd must share the batch dimension and the feature dimension d "
+            f"(row counts may differ), got x_ref {tuple(x_ref.shape)} and x_upd {tuple(x_upd.shape)}"
+        )
+
+
+def pca_similarity(
+    x_ref: torch.Tensor,
+    x_upd: torch.Tensor,
+    *,
+    k: int = 1,
+    signed: bool = False,
+    oversample: int = 10,
+    n_iter: int = 4,
+    seed: int = 0,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Similarity of the top-k principal subspaces of two activation sets, each PCA fitted on its own data.
+
+    Args:
+        x_ref: (n1, d) or (B, n1, d) reference activations.
+        x_upd: (n2, d) or (B, n2, d) updated-model activations (same d and B).
+        k: subspace size, 1 <= k <= min(n, d) of both.
+        signed: False -> mean cosine of the k principal angles (singular values of
+            V_ref V_upd^T; |cos| of the first directions for k = 1), in [0, 1] and sign-free.
+            True -> mean of the signed cosines of matching components, as the original toolkit
+            reported for k = 1; sign-ambiguous, for comparison only.
+
+    Returns:
+        () or (B,) tensor, float32 (float64 for float64 input).
+    """
+    _check_pair(x_ref, x_upd)
+    opts = dict(oversample=oversample, n_iter=n_iter, seed=seed, backend=backend)
+    a = randomized_pca(x_ref, k, **opts).components  # (..., k, d)
+    b = randomized_pca(x_upd, k, **opts).components  # (..., k, d)
+    if signed:
+        return (a * b).sum(-1).mean(-1)
+    return torch.linalg.svdvals(a @ b.transpose(-1, -2)).mean(-1)  # (...,)
+
+
+def pca_shift(
+    x_ref: torch.Tensor,
+    x_upd: torch.Tensor,
+    *,
+    k: int = 2,
+    normalize: bool = False,
+    oversample: int = 10,
+    n_iter: int = 4,
+    seed: int = 0,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Shift of the mean activation along the reference's principal directions: (dPC1, ..., dPCk).
+
+    shift_i = v_i . (mean(x_upd) - mean(x_ref)), v_i the i-th principal direction of x_ref;
+    ``normalize=True`` divides by sqrt(explained_variance_i) of x_ref (ddof=1), so shifts
+    read in reference standard deviations and compare across layers.
+
+    Args: x_ref (n1, d) or (B, n1, d); x_upd (n2, d) or (B, n2, d); k as in :func:`randomized_pca`.
+    Returns: (k,) or (B, k), float32 (float64 for float64 input).
+    """
+    _check_pair(x_ref, x_upd)
+    ref = randomized_pca(x_ref, k, oversample=oversample, n_iter=n_iter, seed=seed, backend=backend)
+    delta = x_upd.mean(-2, dtype=ref.mean.dtype) - ref.mean  # (..., d)
+    shift = (ref.components @ delta.unsqueeze(-1)).squeeze(-1)  # (..., k)
+    if normalize:
+        if bool((ref.explained_variance <= 0).any()):
+            raise ValueError("normalize=True but x_ref has zero variance along a principal direction")
+        shift = shift / ref.explained_variance.sqrt()
+    return shift

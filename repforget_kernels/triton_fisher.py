@@ -1,0 +1,1 @@
+"""Triton kernels for the fisher ops (placeholder: registers nothing yet)."""

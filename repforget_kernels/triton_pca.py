@@ -1,0 +1,1 @@
+"""Triton kernels for the pca ops (placeholder: registers nothing yet)."""
