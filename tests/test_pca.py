@@ -1,0 +1,170 @@
+"""Randomized PCA, PCA similarity and PCA shift against NumPy's full SVD, on every backend."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from repforget_kernels import pca_shift, pca_similarity, randomized_pca
+from repforget_kernels import reference as R
+
+from conftest import DTYPE, randn
+
+
+def _gapped(gen, n, d, k, batch=None, dtype=None, decay=0.5):
+    """Data whose top-k spectrum is well separated from the rest (a gap of 10x after k), plus a mean offset."""
+    lead = () if batch is None else (batch,)
+    r = min(n, d)
+    u = torch.linalg.qr(randn(*lead, n, r, gen=gen, dtype=torch.float64)).Q  # (..., n, r)
+    v = torch.linalg.qr(randn(*lead, d, r, gen=gen, dtype=torch.float64)).Q  # (..., d, r)
+    s = torch.cat([10.0 * decay ** torch.arange(k, dtype=torch.float64), 0.05 * decay ** torch.arange(r - k, dtype=torch.float64)])
+    x = (u * s) @ v.transpose(-1, -2) + 3.0  # (..., n, d)
+    return x.to(dtype or DTYPE)
+
+
+def _max_principal_angle(a, b) -> float:
+    """Largest principal angle (radians) between the row spaces of a (k, d) and b (k, d).
+
+    Computed from the sine (the residual of a's rows after projecting on b's orthonormalised
+    rows), which stays accurate for tiny angles where arccos of a cosine near 1 does not.
+    """
+    a = np.linalg.qr(R.to_f64(a).T)[0]  # (d, k)
+    b = np.linalg.qr(R.to_f64(b).T)[0]  # (d, k)
+    sin = np.linalg.norm(a - b @ (b.T @ a), ord=2)
+    return float(np.arcsin(min(sin, 1.0)))
+
+
+class TestRandomizedPCA:
+    @pytest.mark.parametrize("n,d,k", [(83, 29, 3), (21, 57, 4), (130, 130, 1)])
+    @pytest.mark.parametrize("batch", [None, 1, 2])
+    def test_matches_full_svd(self, gen, backend, n, d, k, batch):
+        x = _gapped(gen, n, d, k, batch)
+        got = randomized_pca(x, k, backend=backend)
+        xs = [x] if batch is None else list(x)
+        for i, xi in enumerate(xs):
+            ref = R.pca_ref(xi, k)
+            comp = got.components if batch is None else got.components[i]
+            ev = got.explained_variance if batch is None else got.explained_variance[i]
+            assert _max_principal_angle(comp, ref["components"]) < 1e-3
+            np.testing.assert_allclose(R.to_f64(ev), ref["explained_variance"], rtol=1e-4)
+            np.testing.assert_allclose(
+                R.to_f64(got.explained_variance_ratio if batch is None else got.explained_variance_ratio[i]),
+                ref["explained_variance_ratio"], rtol=1e-4)
+            np.testing.assert_allclose(R.to_f64(got.mean if batch is None else got.mean[i]), ref["mean"], atol=1e-5)
+            # deterministic signs: same vectors as the sign-fixed reference, not just the same subspace
+            np.testing.assert_allclose(R.to_f64(comp), ref["components"], atol=1e-3)
+
+    def test_shapes_and_dtypes(self, gen, backend):
+        x = _gapped(gen, 40, 17, 3, batch=3)
+        got = randomized_pca(x, 3, backend=backend)
+        assert got.components.shape == (3, 3, 17)
+        assert got.singular_values.shape == got.explained_variance.shape == (3, 3)
+        assert got.mean.shape == (3, 17)
+        want = torch.float64 if DTYPE == torch.float64 else torch.float32
+        assert all(t.dtype == want for t in got)
+        torch.testing.assert_close(got.explained_variance, got.singular_values**2 / 39)
+
+    def test_deterministic_for_a_seed(self, gen, backend):
+        x = randn(50, 20, gen=gen)
+        a = randomized_pca(x, 5, n_iter=0, seed=3, backend=backend)
+        b = randomized_pca(x, 5, n_iter=0, seed=3, backend=backend)
+        for ta, tb in zip(a, b):
+            assert torch.equal(ta, tb)
+
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+    def test_half_input(self, gen, backend, dtype):
+        x = _gapped(gen, 64, 33, 2, dtype=dtype)
+        got = randomized_pca(x, 2, backend=backend)
+        assert got.components.dtype == torch.float32
+        ref = R.pca_ref(x, 2)  # reference on the same rounded values
+        assert _max_principal_angle(got.components, ref["components"]) < 1e-3
+        np.testing.assert_allclose(R.to_f64(got.explained_variance), ref["explained_variance"], rtol=1e-3)
+
+    def test_uncentred(self, gen, backend):
+        x = _gapped(gen, 50, 12, 2) - 3.0
+        x = x - x.mean(0)
+        got = randomized_pca(x, 2, center=False, backend=backend)
+        ref = R.pca_ref(x, 2)
+        assert torch.count_nonzero(got.mean) == 0
+        assert _max_principal_angle(got.components, ref["components"]) < 1e-3
+
+    def test_oversample_capped_at_rank(self, gen, backend):
+        x = randn(6, 40, gen=gen)
+        got = randomized_pca(x, 6, oversample=10, backend=backend)
+        ref = R.pca_ref(x, 6)
+        np.testing.assert_allclose(R.to_f64(got.singular_values[:5]), ref["singular_values"][:5], rtol=1e-4)
+
+
+class TestPCASimilarity:
+    def test_identical_and_flipped(self, gen, backend):
+        x = _gapped(gen, 60, 25, 3)
+        one = torch.ones((), dtype=torch.float64 if DTYPE == torch.float64 else torch.float32)
+        torch.testing.assert_close(pca_similarity(x, x, backend=backend), one)
+        torch.testing.assert_close(pca_similarity(x, -x, backend=backend), one)
+        torch.testing.assert_close(pca_similarity(x, x, signed=True, backend=backend), one)
+        torch.testing.assert_close(pca_similarity(x, x, k=3, backend=backend), one)
+
+    @pytest.mark.parametrize("k", [1, 3])
+    def test_matches_reference(self, gen, backend, k):
+        x = _gapped(gen, 70, 31, 3)
+        y = _gapped(gen, 55, 31, 3)  # different row count is allowed
+        got = pca_similarity(x, y, k=k, backend=backend)
+        np.testing.assert_allclose(R.to_f64(got), R.pca_similarity_ref(x, y, k), atol=1e-4)
+        signed = pca_similarity(x, y, k=k, signed=True, backend=backend)
+        np.testing.assert_allclose(R.to_f64(signed), R.pca_similarity_ref(x, y, k, signed=True), atol=1e-4)
+
+    def test_batched(self, gen, backend):
+        x = _gapped(gen, 40, 15, 2, batch=3)
+        y = _gapped(gen, 40, 15, 2, batch=3)
+        got = pca_similarity(x, y, k=2, backend=backend)
+        assert got.shape == (3,)
+        want = [R.pca_similarity_ref(a, b, 2) for a, b in zip(x, y)]
+        np.testing.assert_allclose(R.to_f64(got), want, atol=1e-4)
+
+
+class TestPCAShift:
+    @pytest.mark.parametrize("normalize", [False, True])
+    def test_matches_reference(self, gen, backend, normalize):
+        x = _gapped(gen, 70, 22, 2)
+        y = x[:50] + 0.3 * randn(50, 22, gen=gen) + 0.7
+        got = pca_shift(x, y, k=2, normalize=normalize, backend=backend)
+        assert got.shape == (2,)
+        np.testing.assert_allclose(R.to_f64(got), R.pca_shift_ref(x, y, 2, normalize), rtol=1e-4, atol=1e-5)
+
+    def test_zero_for_same_mean(self, gen, backend):
+        x = _gapped(gen, 30, 10, 2)
+        torch.testing.assert_close(pca_shift(x, x, backend=backend), torch.zeros(2, dtype=pca_shift(x, x).dtype), atol=1e-5, rtol=0)
+
+
+class TestBadInput:
+    def test_k_out_of_range(self, gen):
+        x = randn(5, 8, gen=gen)
+        with pytest.raises(ValueError, match=r"k must be in \[1, min\(n, d\)\] = \[1, 5\] for x of shape \(5, 8\), got 6"):
+            randomized_pca(x, 6)
+        with pytest.raises(ValueError, match="got 0"):
+            randomized_pca(x, 0)
+        with pytest.raises(TypeError, match="k must be an int"):
+            randomized_pca(x, 2.0)
+
+    def test_options(self, gen):
+        x = randn(5, 8, gen=gen)
+        with pytest.raises(ValueError, match="oversample must be a non-negative int"):
+            randomized_pca(x, 2, oversample=-1)
+        with pytest.raises(ValueError, match="n_iter must be a non-negative int"):
+            randomized_pca(x, 2, n_iter=1.5)
+
+    def test_bad_arrays(self, gen):
+        with pytest.raises(ValueError, match=r"x must be \(n, d\) or \(B, n, d\)"):
+            randomized_pca(randn(5, gen=gen), 1)
+        x = randn(5, 3, gen=gen)
+        x[0, 0] = float("nan")
+        with pytest.raises(ValueError, match="x contains 1 NaN"):
+            randomized_pca(x, 1)
+        with pytest.raises(TypeError, match="floating dtype"):
+            randomized_pca(torch.ones(5, 3, dtype=torch.int32), 1)
+
+    def test_pair_mismatch(self, gen):
+        with pytest.raises(ValueError, match=r"feature dimension d .*x_ref \(6, 4\) and x_upd \(6, 5\)"):
+            pca_similarity(randn(6, 4, gen=gen), randn(6, 5, gen=gen))
+        with pytest.raises(ValueError, match="x_upd needs at least 2 rows"):
+            pca_shift(randn(6, 4, gen=gen), randn(1, 4, gen=gen))
