@@ -1,0 +1,256 @@
+// CPU kernels of the Fisher ops: square_accumulate, histogram, per_sample_linear_fisher.
+//
+// Contracts (see repforget_kernels/fisher.py, the torch composites):
+//   square_accumulate(accs, grads, scale): acc += scale * grad.to(acc.dtype)^2 in place, one pass,
+//     no temporary; accs float32/float64 contiguous, grads same shape, any float dtype, contiguous.
+//   histogram(values, lo, hi, bins, log) -> (bins,) int64: bin floor(t * bins) with
+//     t = (v - lo) / (hi - lo) or (log10 v - log10 lo) / (log10 hi - log10 lo), in float64;
+//     v == hi goes in the last bin, v outside [lo, hi] (or NaN) is not counted.
+//   per_sample_linear_fisher(x (B,T,in), g (B,T,out), mask (B,T) bool?, out (out,in)):
+//     out += sum_s (sum_t m_st g_st x_st^T)^2, computed in out's dtype, never B x out x in.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace repforget {
+namespace {
+
+constexpr int64_t kGrain = 1 << 15;  // elements per parallel chunk for streaming loops
+
+bool is_float_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+// Element conversion to the accumulation type. bf16 -> float is a 16-bit shift, written
+// out so the compiler vectorises it.
+template <typename acc_t, typename in_t>
+inline acc_t to_acc(in_t v) {
+  return static_cast<acc_t>(v);
+}
+template <>
+inline float to_acc<float, c10::BFloat16>(c10::BFloat16 v) {
+  uint32_t bits = static_cast<uint32_t>(v.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+// ------------------------------------------------------------------ square_accumulate
+
+template <typename acc_t, typename grad_t>
+void square_accumulate_one(const at::Tensor& acc, const at::Tensor& grad, double scale) {
+  acc_t* __restrict a = acc.data_ptr<acc_t>();
+  const grad_t* __restrict g = grad.const_data_ptr<grad_t>();
+  const acc_t s = static_cast<acc_t>(scale);
+  at::parallel_for(0, acc.numel(), kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const acc_t v = to_acc<acc_t>(g[i]);
+      a[i] += s * (v * v);
+    }
+  });
+}
+
+void square_accumulate_cpu(at::TensorList accs, at::TensorList grads, double scale) {
+  TORCH_CHECK(accs.size() == grads.size(), "square_accumulate: accs and grads must have the same length, got ",
+              accs.size(), " and ", grads.size());
+  for (size_t k = 0; k < accs.size(); ++k) {
+    const at::Tensor& acc = accs[k];
+    const at::Tensor& grad = grads[k];
+    TORCH_CHECK(acc.device().is_cpu() && grad.device().is_cpu(), "square_accumulate: accs[", k, "] and grads[", k,
+                "] must be CPU tensors, got ", acc.device(), " and ", grad.device());
+    TORCH_CHECK(acc.scalar_type() == at::kFloat || acc.scalar_type() == at::kDouble, "square_accumulate: accs[", k,
+                "] must be float32 or float64, got ", acc.scalar_type());
+    TORCH_CHECK(is_float_dtype(grad.scalar_type()), "square_accumulate: grads[", k,
+                "] must have a floating dtype, got ", grad.scalar_type());
+    TORCH_CHECK(acc.sizes() == grad.sizes(), "square_accumulate: accs[", k, "] has shape ", acc.sizes(),
+                " but grads[", k, "] has shape ", grad.sizes());
+    TORCH_CHECK(acc.is_contiguous() && grad.is_contiguous(), "square_accumulate: accs[", k, "] and grads[", k,
+                "] must be contiguous");
+  }
+  for (size_t k = 0; k < accs.size(); ++k) {
+    const at::Tensor& acc = accs[k];
+    const at::Tensor& grad = grads[k];
+    AT_DISPATCH_FLOATING_TYPES(acc.scalar_type(), "square_accumulate_acc", [&] {
+      using acc_t = scalar_t;
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "square_accumulate_grad", [&] {
+        square_accumulate_one<acc_t, scalar_t>(acc, grad, scale);
+      });
+    });
+  }
+}
+
+// ------------------------------------------------------------------ histogram
+
+// Bin of v, or -1 when v is not counted. t in float64 as the contract says.
+struct Binner {
+  double lo, hi, base, span;
+  int64_t bins;
+  bool log;
+  inline int64_t operator()(double v) const {
+    if (!(v >= lo && v <= hi)) return -1;  // also drops NaN
+    const double t = log ? (std::log10(v) - base) / span : (v - base) / span;
+    const int64_t k = static_cast<int64_t>(std::floor(t * static_cast<double>(bins)));
+    return k < 0 ? 0 : (k >= bins ? bins - 1 : k);
+  }
+};
+
+template <typename in_t>
+void histogram_range(const in_t* __restrict p, int64_t begin, int64_t end, const Binner& bin, int64_t* h) {
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t k = bin(static_cast<double>(to_acc<float>(p[i])));
+    if (k >= 0) ++h[k];
+  }
+}
+template <>
+void histogram_range<double>(const double* __restrict p, int64_t begin, int64_t end, const Binner& bin, int64_t* h) {
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t k = bin(p[i]);
+    if (k >= 0) ++h[k];
+  }
+}
+
+at::Tensor histogram_cpu(const at::Tensor& values, double lo, double hi, int64_t bins, bool log) {
+  TORCH_CHECK(values.device().is_cpu(), "histogram: values must be a CPU tensor, got ", values.device());
+  TORCH_CHECK(values.dim() == 1, "histogram: values must be 1-D, got shape ", values.sizes());
+  TORCH_CHECK(is_float_dtype(values.scalar_type()), "histogram: values must have a floating dtype, got ",
+              values.scalar_type());
+  TORCH_CHECK(values.is_contiguous(), "histogram: values must be contiguous");
+  TORCH_CHECK(bins >= 1, "histogram: bins must be >= 1, got ", bins);
+  TORCH_CHECK(std::isfinite(lo) && std::isfinite(hi) && lo < hi, "histogram: need finite lo < hi, got lo=", lo,
+              " hi=", hi);
+  TORCH_CHECK(!log || lo > 0, "histogram: log bins need lo > 0, got lo=", lo);
+  Binner bin{lo, hi, log ? std::log10(lo) : lo, log ? std::log10(hi) - std::log10(lo) : hi - lo, bins, log};
+
+  const int64_t n_threads = at::get_num_threads();
+  std::vector<int64_t> local(static_cast<size_t>(n_threads * bins), 0);  // thread-private bins
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "histogram", [&] {
+    const scalar_t* p = values.const_data_ptr<scalar_t>();
+    at::parallel_for(0, values.numel(), kGrain, [&](int64_t begin, int64_t end) {
+      const int64_t tid = std::min<int64_t>(at::get_thread_num(), n_threads - 1);
+      histogram_range<scalar_t>(p, begin, end, bin, local.data() + tid * bins);
+    });
+  });
+  at::Tensor counts = at::zeros({bins}, values.options().dtype(at::kLong));  // (bins,)
+  int64_t* c = counts.data_ptr<int64_t>();
+  for (int64_t t = 0; t < n_threads; ++t)
+    for (int64_t k = 0; k < bins; ++k) c[k] += local[t * bins + k];
+  return counts;
+}
+
+// ------------------------------------------------------------------ per_sample_linear_fisher
+
+// Rows of g_s[:, r0:r0+nr] (T, nr), masked rows zeroed, into a (T, ld) buffer in the compute dtype.
+template <typename cd_t, typename in_t>
+void masked_tile(const in_t* g_s, const bool* m_s, int64_t T, int64_t out_f, int64_t r0, int64_t nr, cd_t* dst,
+                 int64_t ld) {
+  for (int64_t t = 0; t < T; ++t) {
+    cd_t* d = dst + t * ld;
+    if (m_s != nullptr && !m_s[t]) {
+      std::fill(d, d + nr, cd_t(0));
+      continue;
+    }
+    const in_t* src = g_s + t * out_f + r0;
+    for (int64_t r = 0; r < nr; ++r) d[r] = to_acc<cd_t>(src[r]);
+  }
+}
+
+template <typename cd_t>
+void add_squares(cd_t* __restrict out, const cd_t* __restrict g, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] += g[i] * g[i];
+}
+
+// Output rows per tile: the tile of G (rows x in) about 256 KiB so it and the out tile stay
+// in cache across samples, and at least one tile per thread.
+int64_t tile_rows(int64_t out_f, int64_t in_f, int64_t elem_size) {
+  const int64_t by_cache = std::max<int64_t>(8, (int64_t(256) << 10) / (elem_size * std::max<int64_t>(in_f, 1)));
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t by_threads = std::max<int64_t>(1, (out_f + threads - 1) / threads);
+  return std::min({by_cache, by_threads, out_f});
+}
+
+template <typename cd_t, typename g_t>
+void psl_fisher_impl(const at::Tensor& x, const at::Tensor& g, const bool* mask, const at::Tensor& out) {
+  const int64_t B = x.size(0), T = x.size(1), in_f = x.size(2), out_f = g.size(2);
+  const at::ScalarType cd = out.scalar_type();
+  const int64_t rows = tile_rows(out_f, in_f, sizeof(cd_t));
+  const int64_t n_tiles = (out_f + rows - 1) / rows;
+  // samples per chunk: the converted x chunk is at most one weight matrix (or one sample)
+  const bool convert_x = x.scalar_type() != cd;
+  const int64_t chunk = convert_x ? std::max<int64_t>(1, std::min<int64_t>(B, out_f / std::max<int64_t>(T, 1))) : B;
+  const g_t* gp = g.const_data_ptr<g_t>();
+  cd_t* op = out.data_ptr<cd_t>();
+  for (int64_t s0 = 0; s0 < B; s0 += chunk) {
+    const int64_t ns = std::min(chunk, B - s0);
+    const at::Tensor xs = x.narrow(0, s0, ns).to(cd).contiguous();  // (ns, T, in) in the compute dtype
+    at::parallel_for(0, n_tiles, 1, [&](int64_t tb, int64_t te) {
+      at::Tensor a_buf = at::empty({T, rows}, out.options());    // (T, rows) masked g tile
+      at::Tensor g_buf = at::empty({rows, in_f}, out.options());  // (rows, in) per-sample gradient tile
+      for (int64_t tile = tb; tile < te; ++tile) {
+        const int64_t r0 = tile * rows, nr = std::min(rows, out_f - r0);
+        at::Tensor a = a_buf.narrow(1, 0, nr);   // (T, nr), row stride `rows`
+        at::Tensor gt = g_buf.narrow(0, 0, nr);  // (nr, in), contiguous
+        for (int64_t s = s0; s < s0 + ns; ++s) {
+          const bool* m_s = mask == nullptr ? nullptr : mask + s * T;
+          if (m_s != nullptr && std::none_of(m_s, m_s + T, [](bool b) { return b; })) continue;
+          masked_tile<cd_t, g_t>(gp + s * T * out_f, m_s, T, out_f, r0, nr, a_buf.data_ptr<cd_t>(), rows);
+          at::mm_out(gt, a.t(), xs[s - s0]);  // (nr, in) = g_s[:, tile]^T x_s
+          add_squares<cd_t>(op + r0 * in_f, gt.const_data_ptr<cd_t>(), nr * in_f);
+        }
+      }
+    });
+  }
+}
+
+void per_sample_linear_fisher_cpu(const at::Tensor& x, const at::Tensor& grad_out,
+                                  const std::optional<at::Tensor>& mask, const at::Tensor& out) {
+  TORCH_CHECK(x.device().is_cpu() && grad_out.device().is_cpu() && out.device().is_cpu(),
+              "per_sample_linear_fisher: x, grad_out and out must be CPU tensors");
+  TORCH_CHECK(x.dim() == 3, "per_sample_linear_fisher: x must be (B, T, in), got shape ", x.sizes());
+  TORCH_CHECK(grad_out.dim() == 3 && grad_out.size(0) == x.size(0) && grad_out.size(1) == x.size(1),
+              "per_sample_linear_fisher: grad_out must be (B, T, out) with x's B and T, got ", grad_out.sizes(),
+              " for x ", x.sizes());
+  TORCH_CHECK(is_float_dtype(x.scalar_type()) && is_float_dtype(grad_out.scalar_type()),
+              "per_sample_linear_fisher: x and grad_out must have floating dtypes, got ", x.scalar_type(), " and ",
+              grad_out.scalar_type());
+  TORCH_CHECK(x.is_contiguous() && grad_out.is_contiguous(), "per_sample_linear_fisher: x and grad_out must be contiguous");
+  TORCH_CHECK(out.scalar_type() == at::kFloat || out.scalar_type() == at::kDouble,
+              "per_sample_linear_fisher: out must be float32 or float64, got ", out.scalar_type());
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == grad_out.size(2) && out.size(1) == x.size(2),
+              "per_sample_linear_fisher: out must be (out, in) = (", grad_out.size(2), ", ", x.size(2), "), got ",
+              out.sizes());
+  TORCH_CHECK(out.is_contiguous(), "per_sample_linear_fisher: out must be contiguous");
+  const bool* m = nullptr;
+  if (mask.has_value()) {
+    const at::Tensor& mk = *mask;
+    TORCH_CHECK(mk.device().is_cpu() && mk.scalar_type() == at::kBool && mk.is_contiguous(),
+                "per_sample_linear_fisher: mask must be a contiguous bool CPU tensor, got ", mk.scalar_type());
+    TORCH_CHECK(mk.dim() == 2 && mk.size(0) == x.size(0) && mk.size(1) == x.size(1),
+                "per_sample_linear_fisher: mask must be (B, T) = (", x.size(0), ", ", x.size(1), "), got ",
+                mk.sizes());
+    m = mk.const_data_ptr<bool>();
+  }
+  if (x.numel() == 0 || out.numel() == 0) return;
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "per_sample_linear_fisher_out", [&] {
+    using cd_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "per_sample_linear_fisher_g",
+                                    [&] { psl_fisher_impl<cd_t, scalar_t>(x, grad_out, m, out); });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(repforget, CPU, m) {
+  m.impl("square_accumulate", &square_accumulate_cpu);
+  m.impl("histogram", &histogram_cpu);
+  m.impl("per_sample_linear_fisher", &per_sample_linear_fisher_cpu);
+}
+
+}  // namespace repforget

@@ -1,0 +1,111 @@
+// CPU kernel of centered_gram: (L, n, d) -> (L, n, n) centred or U-centred Gram matrices.
+//
+// Contract (repforget_kernels/cka.py, the torch composite):
+//   unbiased=false: Kc = Xc Xc^T with Xc the column-centred rows (float32, float64 for float64 input).
+//   unbiased=true:  U_ij = K_ij - r_i/(n-2) - r_j/(n-2) + s/((n-1)(n-2)) for i != j, U_ii = 0, with
+//                   K = Xc Xc^T, r = K~ 1 (K~: K with zero diagonal), s = 1^T K~ 1.
+//
+// What is fused: K is symmetric, so only the blocks (I, J) with I <= J are computed (one GEMM each,
+// about half the flops of the full product); each block is U-centred while it is in cache and
+// written to both (I, J) and (J, I). The row sums come from the features, not from a pass over K:
+// with centred rows, K~ 1 = Xc (Xc^T 1) - diag(K), i.e. r_i = xc_i . c - ||xc_i||^2 with c the
+// column sums of Xc (zero up to rounding), in float64 at O(n d) cost.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+namespace repforget {
+namespace {
+
+constexpr int64_t kBlock = 256;  // rows per Gram block: a (256 x 256) block GEMM is BLAS-efficient
+
+// u_i = r_i/(n-2) - s/(2 (n-1)(n-2)) so that U_ij = K_ij - u_i - u_j (i != j); float64.
+template <typename cd_t>
+std::vector<double> ucentre_offsets(const cd_t* xc, int64_t n, int64_t d) {
+  std::vector<double> c(static_cast<size_t>(d), 0.0);  // column sums of the centred rows
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < d; ++j) c[j] += static_cast<double>(xc[i * d + j]);
+  std::vector<double> u(static_cast<size_t>(n));
+  at::parallel_for(0, n, 64, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      double dot = 0.0, sq = 0.0;
+      for (int64_t j = 0; j < d; ++j) {
+        const double v = static_cast<double>(xc[i * d + j]);
+        dot += v * c[j];
+        sq += v * v;
+      }
+      u[i] = dot - sq;  // r_i
+    }
+  });
+  double s = 0.0;
+  for (int64_t i = 0; i < n; ++i) s += u[i];
+  const double half_s = s / (2.0 * static_cast<double>(n - 1) * static_cast<double>(n - 2));
+  for (int64_t i = 0; i < n; ++i) u[i] = u[i] / static_cast<double>(n - 2) - half_s;
+  return u;
+}
+
+// One layer: out (n, n) from xc (n, d) contiguous, upper-triangle blocks only, mirrored.
+template <typename cd_t>
+void gram_layer(const at::Tensor& xc, const at::Tensor& out, bool unbiased) {
+  const int64_t n = xc.size(0), d = xc.size(1);
+  const std::vector<double> u = unbiased ? ucentre_offsets<cd_t>(xc.const_data_ptr<cd_t>(), n, d)
+                                         : std::vector<double>(static_cast<size_t>(n), 0.0);
+  const int64_t nb = (n + kBlock - 1) / kBlock;
+  std::vector<std::pair<int64_t, int64_t>> pairs;  // upper-triangle block pairs (I <= J)
+  for (int64_t bi = 0; bi < nb; ++bi)
+    for (int64_t bj = bi; bj < nb; ++bj) pairs.emplace_back(bi, bj);
+  cd_t* o = out.data_ptr<cd_t>();
+  at::parallel_for(0, static_cast<int64_t>(pairs.size()), 1, [&](int64_t pb, int64_t pe) {
+    at::Tensor buf = at::empty({kBlock * kBlock}, xc.options());  // one (ni x nj) block
+    for (int64_t p = pb; p < pe; ++p) {
+      const int64_t i0 = pairs[p].first * kBlock, j0 = pairs[p].second * kBlock;
+      const int64_t ni = std::min(kBlock, n - i0), nj = std::min(kBlock, n - j0);
+      at::Tensor k = buf.narrow(0, 0, ni * nj).view({ni, nj});          // (ni, nj)
+      at::mm_out(k, xc.narrow(0, i0, ni), xc.narrow(0, j0, nj).t());  // K[I, J]
+      const cd_t* kp = k.const_data_ptr<cd_t>();
+      for (int64_t i = 0; i < ni; ++i) {
+        cd_t* row = o + (i0 + i) * n + j0;
+        const double ui = u[i0 + i];
+        for (int64_t j = 0; j < nj; ++j)
+          row[j] = static_cast<cd_t>(static_cast<double>(kp[i * nj + j]) - ui - u[j0 + j]);
+        if (unbiased && i0 == j0) row[i] = cd_t(0);
+      }
+      if (i0 == j0) continue;
+      for (int64_t j = 0; j < nj; ++j) {  // mirror into K[J, I]
+        cd_t* row = o + (j0 + j) * n + i0;
+        for (int64_t i = 0; i < ni; ++i) row[i] = o[(i0 + i) * n + j0 + j];
+      }
+    }
+  });
+}
+
+at::Tensor centered_gram_cpu(const at::Tensor& x, bool unbiased) {
+  TORCH_CHECK(x.device().is_cpu(), "centered_gram: x must be a CPU tensor, got ", x.device());
+  TORCH_CHECK(x.dim() == 3, "centered_gram: x must be (L, n, d), got shape ", x.sizes());
+  const at::ScalarType t = x.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16,
+              "centered_gram: x must have a floating dtype, got ", t);
+  const int64_t L = x.size(0), n = x.size(1);
+  TORCH_CHECK(n >= (unbiased ? 3 : 1), "centered_gram: x needs at least ", unbiased ? 3 : 1,
+              " rows for unbiased=", unbiased, ", got shape ", x.sizes());
+  const at::ScalarType cd = t == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor mean = x.sum(1, /*keepdim=*/true, at::kDouble).div_(static_cast<double>(n));  // (L, 1, d)
+  const at::Tensor xc = at::sub(x.to(cd), mean.to(cd)).contiguous();                           // (L, n, d)
+  at::Tensor out = at::empty({L, n, n}, xc.options());                                         // (L, n, n)
+  AT_DISPATCH_FLOATING_TYPES(cd, "centered_gram", [&] {
+    for (int64_t l = 0; l < L; ++l) gram_layer<scalar_t>(xc[l], out[l], unbiased);
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(repforget, CPU, m) { m.impl("centered_gram", &centered_gram_cpu); }
+
+}  // namespace repforget
