@@ -178,10 +178,6 @@ def _as_batch(t: torch.Tensor) -> torch.Tensor:
     return t if t.dim() == 3 else t.unsqueeze(0)
 
 
-def _result_dtype(*tensors) -> torch.dtype:
-    return compute_dtype(*tensors)
-
-
 def _feature_sums(x3, y3, debiased: bool, backend, shift_x=None, shift_y=None) -> dict:
     """float64 sums of one chunk, shifted by column means (or the given shifts): dict of (L, ...) tensors."""
     cd = compute_dtype(x3, y3)
@@ -235,17 +231,17 @@ def linear_cka(
         gram = kernel("centered_gram", x3.device, backend)
         k, l_ = gram(x3, debiased), gram(y3, debiased)  # (B, n, n) each
         cka = _ratio((k * l_).sum((-2, -1), dtype=torch.float64), _frob2(k), _frob2(l_))
-    cka = cka.to(_result_dtype(x, y))
+    cka = cka.to(compute_dtype(x, y))
     return cka if x.dim() == 3 else cka[0]
 
 
-def _stack_layers(xs, name: str, min_rows: int) -> list:
-    """A (L, n, d) tensor or a sequence of (n, d_i) tensors -> list of (n, d_i), checked."""
+def _stack_layers(xs, name: str, min_rows: int):
+    """Check layers: a (L, n, d) tensor is returned as it is, a sequence of (n, d_i) tensors as a list."""
     if isinstance(xs, torch.Tensor):
         check_rows(xs, name, min_rows=min_rows)
         if xs.dim() != 3:
             raise ValueError(f"{name} must be (L, n, d) or a sequence of (n, d_i) tensors, got shape {tuple(xs.shape)}")
-        return list(xs.unbind(0)) if xs.shape[0] else []
+        return xs
     if not isinstance(xs, Sequence) or isinstance(xs, (str, bytes)):
         raise TypeError(f"{name} must be a tensor or a sequence of tensors, got {type(xs).__name__}")
     if len(xs) == 0:
@@ -263,9 +259,11 @@ def _stack_layers(xs, name: str, min_rows: int) -> list:
     return layers
 
 
-def _layer_grams(layers: list, debiased: bool, backend) -> torch.Tensor:
-    """Centred or U-centred Gram of each layer, flattened: -> (L, n*n). Layers sharing d go in one call."""
+def _layer_grams(layers, debiased: bool, backend) -> torch.Tensor:
+    """Centred or U-centred Gram of each layer, flattened: -> (L, n*n). A stack, or layers sharing d, go in one call."""
     gram = kernel("centered_gram", layers[0].device, backend)
+    if isinstance(layers, torch.Tensor):
+        return gram(layers, debiased).flatten(1)
     if len({t.shape for t in layers}) == 1:
         return gram(torch.stack(layers), debiased).flatten(1)
     return torch.cat([gram(t.unsqueeze(0), debiased).flatten(1) for t in layers])
@@ -303,7 +301,7 @@ def cka_matrix(
     n = lx[0].shape[0]
     if method == "auto":
         method = "gram" if (len(lx) + len(ly)) * n * n <= 2**28 else "feature"
-    out_dtype = _result_dtype(*lx, *ly)
+    out_dtype = compute_dtype(lx[0], ly[0])
     if method == "gram":
         gx = _layer_grams(lx, debiased, backend)  # (Lx, n^2)
         gy = gx if ys is None else _layer_grams(ly, debiased, backend)  # (Ly, n^2)

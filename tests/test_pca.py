@@ -54,6 +54,14 @@ class TestRandomizedPCA:
             # deterministic signs: same vectors as the sign-fixed reference, not just the same subspace
             np.testing.assert_allclose(R.to_f64(comp), ref["components"], atol=1e-3)
 
+    def test_large_column_offsets(self, gen, backend):
+        x = _gapped(gen, 90, 26, 3, dtype=torch.float64)
+        x[:, :4] += 1e3  # massive activations: implicit centring must not lose the subspace
+        got = randomized_pca(x.to(DTYPE), 3, backend=backend)
+        ref = R.pca_ref(x, 3)
+        assert _max_principal_angle(got.components, ref["components"]) < 1e-3
+        np.testing.assert_allclose(R.to_f64(got.explained_variance), ref["explained_variance"], rtol=1e-4)
+
     def test_shapes_and_dtypes(self, gen, backend):
         x = _gapped(gen, 40, 17, 3, batch=3)
         got = randomized_pca(x, 3, backend=backend)
