@@ -1,0 +1,6 @@
+"""``python -m repforget_kernels.driver`` (and ``accelerate launch -m repforget_kernels.driver``): the repforget CLI."""
+import sys
+
+from .cli import main
+
+sys.exit(main())

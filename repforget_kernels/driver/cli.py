@@ -1,0 +1,278 @@
+"""``repforget``: unlearn, relearn and diagnose causal LMs (``demo``, ``run``, ``analyze``).
+
+    repforget demo --out runs/demo
+        the tiny model (pretrained once, cached), GA and NPO at two learning rates each, single and
+        continual (5 requests), relearning, every diagnostic, OUT/report.{json,md} and PNGs.
+    repforget run --model tiny|PATH|yi-6b|qwen2.5-7b --method npo --lr 1e-4 --setting continual ...
+    repforget analyze --ref DIR --upd DIR --data probes.jsonl --out OUT
+        CKA / PCA / Fisher per layer of two existing checkpoints: OUT/analysis.{json,md,png}.
+
+Input errors (missing model directory, malformed or empty JSONL, unknown method, state of another
+configuration in OUT) print one line on stderr and exit with status 2 before any report is written;
+Ctrl-C exits 130 with the finished stages kept (rerun the same command to resume).
+Multi-GPU: ``accelerate launch --config_file repforget_kernels/driver/configs/accelerate_fsdp.yaml
+-m repforget_kernels.driver analyze ...`` (diagnostics split the probe batches across ranks).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+from repforget_kernels.pooling import SAMPLE_DEFINITIONS
+
+__all__ = ["DEMO_GRID", "build_parser", "main"]
+
+DEFAULT_CACHE = Path(os.environ.get("REPFORGET_CACHE", "~/.cache/repforget")).expanduser()
+SPLIT_FLAGS = ("forget", "retain", "holdout", "probe")
+
+# (method, lr) pairs of the demo, each run single and continual(5). See the README for what they show.
+DEMO_GRID = (("ga", 3e-4), ("ga", 3e-3), ("npo", 3e-4), ("npo", 3e-3))
+DEMO_REQUESTS = 5
+
+
+class UsageError(Exception):
+    """A command-line or input problem: reported on one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(message)
+
+
+def _common(p: argparse.ArgumentParser, out_default: Optional[Path] = None) -> None:
+    p.add_argument("--out", type=Path, required=out_default is None, default=out_default,
+                   help="output directory" + (f" (default {out_default})" if out_default else ""))
+    p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="tiny-model cache (default %(default)s)")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sample", choices=SAMPLE_DEFINITIONS, default="mean", help="rows for CKA / PCA")
+    p.add_argument("--pca-k", type=int, default=1, help="also report the top-k subspace similarity (k > 1)")
+    p.add_argument("--diag-batch-size", type=int, default=16, help="batch size of the diagnostic passes")
+    p.add_argument("--no-token-cka", action="store_true", help="skip token-level CKA (saves holding the original)")
+    p.add_argument("--no-fisher", action="store_true", help="skip the Fisher diagnostics")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="repforget", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    demo = sub.add_parser("demo", help="the tiny-model demo (GA and NPO, two lrs, single and continual)")
+    _common(demo, out_default=Path("runs/demo"))
+    demo.set_defaults(model="tiny")
+
+    run = sub.add_parser("run", help="one grid of unlearning runs")
+    _common(run)
+    run.add_argument("--model", default="tiny", help="tiny | local model directory | yi-6b | qwen2.5-7b")
+    run.add_argument("--method", nargs="+", default=["npo"], help="one or more of ga ga_gd ga_kl npo npo_kl rlabel")
+    run.add_argument("--lr", type=float, nargs="+", default=[1e-3], help="one or more learning rates")
+    run.add_argument("--epochs", type=int, default=1, help="unlearning epochs per request")
+    run.add_argument("--batch-size", type=int, default=8)
+    run.add_argument("--beta", type=float, default=0.1, help="NPO temperature")
+    run.add_argument("--setting", choices=("single", "continual"), default="single")
+    run.add_argument("--requests", type=int, default=5, help="continual: number of unlearning requests")
+    run.add_argument("--relearn-epochs", type=int, default=1)
+    run.add_argument("--relearn-lr", type=float, default=1e-3)
+    run.add_argument("--relearn-data", choices=("forget", "retain", "probe"), default="forget")
+    run.add_argument("--max-length", type=int, default=64, help="tokens per example")
+    for split in SPLIT_FLAGS:
+        run.add_argument(f"--{split}", type=Path, default=None, help=f"JSONL for the {split} split")
+
+    an = sub.add_parser("analyze", help="diagnostics of two existing checkpoints")
+    _common(an)
+    an.add_argument("--ref", required=True, help="reference (original) model directory")
+    an.add_argument("--upd", required=True, help="updated (unlearned) model directory")
+    an.add_argument("--data", type=Path, required=True, help="probe JSONL")
+    an.add_argument("--forget", type=Path, default=None, help="JSONL for the Fisher (default: the probe data)")
+    an.add_argument("--max-length", type=int, default=64)
+    return parser
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _device(arg: Optional[str]) -> str:
+    import torch
+
+    if arg is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return arg
+
+
+def _diag_config(args):
+    from .diagnostics import DiagnosticsConfig
+
+    if args.pca_k < 1:
+        raise UsageError(f"--pca-k must be >= 1, got {args.pca_k}")
+    if args.diag_batch_size < 1:
+        raise UsageError(f"--diag-batch-size must be >= 1, got {args.diag_batch_size}")
+    return DiagnosticsConfig(sample=args.sample, pca_k=args.pca_k, batch_size=args.diag_batch_size,
+                             token_cka=not args.no_token_cka, fisher=not args.no_fisher)
+
+
+def _check_model(spec: str) -> None:
+    """Fail early (ModelNotFound) when a model directory or preset is not on disk."""
+    from .models import resolve_model_path
+
+    if spec != "tiny":
+        resolve_model_path(spec)
+
+
+def _examples(args) -> tuple:
+    """The corpus with user JSONL splits swapped in, and {split: path} of those files."""
+    from .data import load_jsonl, make_corpus
+
+    corpus = make_corpus(args.seed)
+    sources = {}
+    for split in SPLIT_FLAGS:
+        path = getattr(args, split, None)
+        if path is not None:
+            corpus[split] = load_jsonl(path, split)
+            sources[split] = path
+    return corpus, sources
+
+
+def _pipeline(args, specs, examples=None, sources=None):
+    from .pipeline import Pipeline, PipelineConfig
+
+    cfg = PipelineConfig(out=args.out, model=args.model, cache_dir=args.cache_dir, device=_device(args.device),
+                         seed=args.seed, max_length=getattr(args, "max_length", 64), diagnostics=_diag_config(args),
+                         examples=examples, data_sources=sources or {}, progress=not args.no_progress)
+    return Pipeline(cfg)
+
+
+def _specs(args) -> list:
+    from .losses import METHODS
+    from .pipeline import RunSpec
+
+    for m in args.method:
+        if m not in METHODS:
+            raise UsageError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+    try:
+        return [RunSpec(method=m, lr=lr, setting=args.setting, requests=args.requests, epochs=args.epochs,
+                        batch_size=args.batch_size, beta=args.beta, relearn_epochs=args.relearn_epochs,
+                        relearn_lr=args.relearn_lr, relearn_data=args.relearn_data)
+                for m in args.method for lr in args.lr]
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def demo_specs() -> list:
+    """The demo grid: every (method, lr) of DEMO_GRID in the single and the continual setting."""
+    from .pipeline import RunSpec
+
+    return [RunSpec(method=m, lr=lr, setting=s, requests=DEMO_REQUESTS)
+            for m, lr in DEMO_GRID for s in ("single", "continual")]
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def _print_summary(report: dict, out: Path) -> None:
+    print(f"report: {out / 'report.json'} and {out / 'report.md'}")
+    print("thresholds: " + ", ".join(f"{k}={v}" for k, v in report["thresholds"].items()))
+    for run in report["runs"]:
+        b, s = run["verdict"]["behaviour"], run["verdict"]["structure"]
+        print(f"  {run['run_id']:<32} behaviour={b['label']:<14} structure={s['label']:<8} "
+              f"min_cka={s['min_cka'] if s['min_cka'] is None else round(s['min_cka'], 3)} "
+              f"min_pca_sim={s['min_pca_similarity'] if s['min_pca_similarity'] is None else round(s['min_pca_similarity'], 3)}")
+
+
+def cmd_demo(args) -> int:
+    args.model = "tiny"
+    pipe = _pipeline(args, None)
+    report = pipe.run(demo_specs())
+    _print_summary(report, args.out)
+    return 0
+
+
+def cmd_run(args) -> int:
+    specs = _specs(args)
+    _check_model(args.model)
+    examples, sources = _examples(args)
+    if args.setting == "continual" and not 1 <= args.requests <= len(examples["forget"]):
+        raise UsageError(f"--requests must be in [1, {len(examples['forget'])}] (forget items), got {args.requests}")
+    pipe = _pipeline(args, specs, examples, sources)
+    report = pipe.run(specs)
+    _print_summary(report, args.out)
+    return 0
+
+
+def cmd_analyze(args) -> int:
+    import torch
+
+    from .data import encode, load_jsonl
+    from .diagnostics import diagnose
+    from .models import decoder_layers, load_model
+    from .plots import plot_layers
+    from .report import atomic_write_json, atomic_write_text, render_analysis_markdown, versions
+
+    cfg = _diag_config(args)
+    for spec in (args.ref, args.upd):
+        if spec == "tiny":
+            raise UsageError("analyze needs two model directories (--ref DIR --upd DIR), got 'tiny'")
+        _check_model(spec)
+    probe_items = load_jsonl(args.data, "probe")
+    forget_items = load_jsonl(args.forget, "forget") if args.forget is not None else probe_items
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "analysis.json").unlink(missing_ok=True)
+    device = _device(args.device)
+    opts = dict(cache_dir=args.cache_dir, device=device, seed=args.seed, progress=not args.no_progress)
+    ref, tokenizer, ref_info = load_model(args.ref, **opts)
+    upd, _, upd_info = load_model(args.upd, **opts)
+    n_ref, n_upd = len(decoder_layers(ref)), len(decoder_layers(upd))
+    if n_ref != n_upd:
+        raise UsageError(f"--ref has {n_ref} decoder blocks, --upd has {n_upd}: not two checkpoints of one model")
+    probe = encode(tokenizer, probe_items, max_length=args.max_length)
+    forget = encode(tokenizer, forget_items, max_length=args.max_length)
+    torch.manual_seed(args.seed)
+    result = diagnose(ref, upd, probe, forget, cfg)
+    analysis = dict(result, ref=str(args.ref), upd=str(args.upd), n_probe=len(probe_items),
+                    config=asdict(cfg), models={"ref": ref_info, "upd": upd_info}, versions=versions())
+    atomic_write_text(out / "analysis.md", render_analysis_markdown(analysis))
+    plot_layers(analysis, out)
+    atomic_write_json(out / "analysis.json", dict(analysis, complete=True))
+    print(f"analysis: {out / 'analysis.json'} and {out / 'analysis.md'}")
+    for row in analysis["layers"]:
+        print(f"  layer {row['layer']:>3}: cka={row['cka']} pca_sim={row['pca_similarity']} "
+              f"fisher_ratio={row['fisher_mass_ratio']}")
+    return 0
+
+
+COMMANDS = {"demo": cmd_demo, "run": cmd_run, "analyze": cmd_analyze}
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    if isinstance(exc, KeyError):
+        text = text.strip("'\"")
+    return " ".join(text.split())
+
+
+def main(argv: Optional[list] = None) -> int:
+    """Entry point of ``repforget`` and ``python -m repforget_kernels.driver``; returns the exit status."""
+    from .data import DataError
+    from .models import ModelNotFound
+    from .pipeline import StateMismatch
+
+    out = None
+    try:
+        args = build_parser().parse_args(argv)
+        out = args.out
+        return COMMANDS[args.command](args)
+    except (UsageError, DataError, ModelNotFound, StateMismatch) as exc:
+        print(f"repforget: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"repforget: interrupted; finished stages are kept in {out}/state: rerun the same command to resume",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

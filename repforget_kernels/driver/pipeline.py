@@ -1,0 +1,289 @@
+"""The driver's experiment: original -> unlearned (single) or unlearned_1..N (continual) -> relearned.
+
+A *run* is one :class:`RunSpec` (method, learning rate, setting, relearn budget and data). Every
+stage is evaluated (``evaluate.evaluate``: forget / retain accuracy, perplexity, MIA AUCs) and
+diagnosed against the original model (``diagnostics``: CKA, PCA similarity and shift, Fisher), and
+each run ends with a verdict (``report.verdict``).
+
+State and resume. ``OUT/state/`` holds, each written atomically as soon as it exists:
+``config.json`` (what the state belongs to), ``original.json`` + ``reference.pt`` (the original
+model's evaluation and diagnostic snapshot), and per run ``<run_id>/spec.json``,
+``<run_id>/<i>_<stage>.json`` and ``<run_id>/<i>_<stage>.pt``, the model checkpoint of the last
+finished stage (older ones are removed once a newer stage's JSON is on disk; the final stage needs
+none). Rerunning the same command skips finished stages, restarts from the last checkpoint and
+produces the same report (each stage seeds torch with (seed, stage index), so the numbers do not
+depend on where a run was interrupted). Ctrl-C or an error leaves finished stages intact; the
+report (``report.json`` last) is written only when every run is finished.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from .data import encode, make_corpus
+from .diagnostics import DiagnosticsConfig, Snapshot, compare, snapshot, token_cka
+from .evaluate import evaluate
+from .losses import METHODS
+from .models import load_model
+from .report import (
+    THRESHOLDS,
+    atomic_torch_save,
+    atomic_write_json,
+    clear_report,
+    verdict,
+    versions,
+    write_report,
+)
+from .train import TrainConfig, relearn, unlearn
+
+__all__ = ["SETTINGS", "RELEARN_DATA", "RunSpec", "PipelineConfig", "StateMismatch", "split_requests", "Pipeline"]
+
+SETTINGS = ("single", "continual")
+RELEARN_DATA = ("forget", "retain", "probe")
+
+
+class StateMismatch(ValueError):
+    """OUT/state belongs to a different configuration (model, data, diagnostics or run spec)."""
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One unlearning run: ``method`` at ``lr`` for ``epochs`` (per request), in the ``single`` setting
+    (the whole forget set at once) or ``continual`` (``requests`` chunks one after another), then
+    ``relearn_epochs`` of NLL fine-tuning at ``relearn_lr`` on ``relearn_data`` (forget; retain or
+    probe as controls)."""
+
+    method: str
+    lr: float
+    setting: str = "single"
+    requests: int = 5
+    epochs: int = 1
+    batch_size: int = 8
+    beta: float = 0.1
+    relearn_epochs: int = 1
+    relearn_lr: float = 1e-3
+    relearn_data: str = "forget"
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
+        if self.setting not in SETTINGS:
+            raise ValueError(f"setting must be one of {SETTINGS}, got {self.setting!r}")
+        if self.relearn_data not in RELEARN_DATA:
+            raise ValueError(f"relearn_data must be one of {RELEARN_DATA}, got {self.relearn_data!r}")
+        for name in ("lr", "relearn_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("requests", "epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+
+    @property
+    def run_id(self) -> str:
+        setting = "single" if self.setting == "single" else f"continual{self.requests}"
+        tail = "" if self.relearn_data == "forget" else f"_relearn-{self.relearn_data}"
+        return f"{self.method}_lr{self.lr:g}_{setting}{tail}"
+
+    def stage_names(self) -> list:
+        unl = ["unlearned"] if self.setting == "single" else [f"unlearned_{i}" for i in range(1, self.requests + 1)]
+        return ["original"] + unl + ["relearned"]
+
+
+@dataclass
+class PipelineConfig:
+    """Everything shared by the runs of one output directory.
+
+    examples: {split: list of items} (``make_corpus(seed)`` when None); model: ``tiny`` | path | preset.
+    """
+
+    out: Path
+    model: str = "tiny"
+    cache_dir: Path = Path("~/.cache/repforget").expanduser()
+    device: str = "cpu"
+    seed: int = 0
+    max_length: int = 64
+    eval_batch_size: int = 16
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+    thresholds: dict = field(default_factory=lambda: dict(THRESHOLDS))
+    examples: Optional[dict] = None
+    data_sources: dict = field(default_factory=dict)
+    progress: bool = True
+
+    def fingerprint(self) -> dict:
+        """The parts of the config the stored state depends on (JSON-ready)."""
+        return {"model": self.model, "seed": self.seed, "max_length": self.max_length,
+                "eval_batch_size": self.eval_batch_size, "diagnostics": asdict(self.diagnostics),
+                "data": {k: str(v) for k, v in sorted(self.data_sources.items())}}
+
+
+def split_requests(items: list, n: int) -> list:
+    """Split ``items`` into ``n`` contiguous, non-empty chunks whose sizes differ by at most one."""
+    if not 1 <= n <= len(items):
+        raise ValueError(f"cannot split {len(items)} forget items into {n} requests (need 1 <= requests <= items)")
+    q, r = divmod(len(items), n)
+    bounds = [i * q + min(i, r) for i in range(n + 1)]
+    return [items[bounds[i]:bounds[i + 1]] for i in range(n)]
+
+
+def _read_json(path: Path):
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+class Pipeline:
+    """Runs a list of :class:`RunSpec` against one original model with resumable state under ``cfg.out``.
+
+    ``on_stage_done(run_id, stage_name)`` is called after each stage's files are on disk (progress
+    reporting; the tests raise from it to simulate an interruption).
+    """
+
+    def __init__(self, cfg: PipelineConfig, on_stage_done: Optional[Callable[[str, str], None]] = None):
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        self.state = self.out / "state"
+        self.on_stage_done = on_stage_done or (lambda run_id, stage: None)
+        self.examples = cfg.examples if cfg.examples is not None else make_corpus(cfg.seed)
+
+    # ----------------------------------------------------------------- state checks
+    def _claim_state(self) -> None:
+        """Create OUT/state/config.json, or check that the one there matches this config."""
+        path = self.state / "config.json"
+        mine = self.cfg.fingerprint()
+        if path.exists():
+            theirs = _read_json(path)
+            if theirs != mine:
+                raise StateMismatch(f"{self.state} holds a run with a different configuration; "
+                                    "use another --out or delete that directory")
+        else:
+            atomic_write_json(path, mine)
+
+    def _claim_run(self, spec: RunSpec) -> Path:
+        run_dir = self.state / spec.run_id
+        path = run_dir / "spec.json"
+        if path.exists() and _read_json(path) != asdict(spec):
+            raise StateMismatch(f"{run_dir} holds run {spec.run_id} with different settings; use another --out")
+        if not path.exists():
+            atomic_write_json(path, asdict(spec))
+        return run_dir
+
+    # ----------------------------------------------------------------- main loop
+    def run(self, specs: list) -> dict:
+        """Run (or resume) every spec; returns the report dict after writing OUT/report.{json,md} and PNGs."""
+        if len({s.run_id for s in specs}) != len(specs):
+            raise ValueError("two runs share a run id (same method, lr, setting and relearn data)")
+        self.out.mkdir(parents=True, exist_ok=True)
+        clear_report(self.out)
+        self._claim_state()
+        for spec in specs:
+            self._claim_run(spec)
+        self._load()
+        original = self._original_stage()
+        runs = []
+        for spec in tqdm(specs, desc="runs", disable=not self.cfg.progress):
+            stages = [original] + self._run_stages(spec)
+            runs.append({"run_id": spec.run_id, "method": spec.method, "lr": spec.lr, "setting": spec.setting,
+                         "requests": spec.requests if spec.setting == "continual" else 1, "spec": asdict(spec),
+                         "stages": stages, "verdict": verdict(stages, self.cfg.thresholds)})
+        report = {"kind": "repforget-report", "config": self._config_json(), "versions": versions(),
+                  "thresholds": dict(THRESHOLDS, **self.cfg.thresholds), "runs": runs}
+        write_report(self.out, report)
+        return report
+
+    def _config_json(self) -> dict:
+        c = self.cfg
+        return dict(c.fingerprint(), sample=c.diagnostics.sample, device=str(c.device),
+                    model_info=self.info, n_items={k: len(v) for k, v in self.examples.items()})
+
+    def _load(self) -> None:
+        c = self.cfg
+        self.reference, self.tokenizer, self.info = load_model(c.model, cache_dir=c.cache_dir, device=c.device,
+                                                               seed=c.seed, corpus=self.examples, progress=c.progress)
+        self.encoded = {k: encode(self.tokenizer, v, max_length=c.max_length) for k, v in self.examples.items()}
+
+    def _evaluate(self, model) -> dict:
+        splits = {k: self.encoded[k] for k in ("forget", "retain", "holdout", "probe") if k in self.encoded}
+        return evaluate(model, splits, batch_size=self.cfg.eval_batch_size, tokenizer=self.tokenizer)
+
+    def _diagnose(self, model) -> dict:
+        dcfg = self.cfg.diagnostics
+        upd = snapshot(model, self.encoded["probe"], self.encoded["forget"], dcfg)
+        tokens = token_cka(self.reference, model, self.encoded["probe"], batch_size=dcfg.batch_size) \
+            if dcfg.token_cka else None
+        return compare(self.ref_snapshot, upd, dcfg, tokens)
+
+    def _original_stage(self) -> dict:
+        """The original model's stage record (and reference snapshot), computed once per OUT."""
+        path, snap_path = self.state / "original.json", self.state / "reference.pt"
+        if snap_path.exists():
+            self.ref_snapshot = Snapshot(**torch.load(snap_path, weights_only=True))
+        else:
+            torch.manual_seed(self.cfg.seed)
+            self.ref_snapshot = snapshot(self.reference, self.encoded["probe"], self.encoded["forget"],
+                                         self.cfg.diagnostics)
+            atomic_torch_save(self.ref_snapshot.state_dict(), snap_path)
+        if path.exists():
+            return _read_json(path)
+        torch.manual_seed(self.cfg.seed)
+        record = dict(name="original", train=None, **self._evaluate(self.reference), **self._diagnose(self.reference))
+        atomic_write_json(path, record)
+        return record
+
+    def _run_stages(self, spec: RunSpec) -> list:
+        """Finished and new stage records of one run (without the shared original stage)."""
+        run_dir = self.state / spec.run_id
+        names = spec.stage_names()[1:]
+        files = [run_dir / f"{i}_{name}.json" for i, name in enumerate(names, start=1)]
+        done = 0
+        while done < len(names) and files[done].exists():
+            done += 1
+        records = [_read_json(f) for f in files[:done]]
+        if done == len(names):
+            return records
+        model = self._model_at(run_dir, names, done)
+        requests = self._requests(spec)
+        bar = tqdm(total=len(names), initial=done, desc=spec.run_id, disable=not self.cfg.progress)
+        for i in range(done, len(names)):
+            torch.manual_seed(self.cfg.seed * 1000 + i + 1)
+            train = self._train_stage(model, spec, names[i], requests)
+            record = dict(name=names[i], train=train, **self._evaluate(model), **self._diagnose(model))
+            if i + 1 < len(names):
+                atomic_torch_save(model.state_dict(), run_dir / f"{i + 1}_{names[i]}.pt")
+            atomic_write_json(files[i], record)
+            if i > 0:
+                (run_dir / f"{i}_{names[i - 1]}.pt").unlink(missing_ok=True)
+            records.append(record)
+            bar.update(1)
+            self.on_stage_done(spec.run_id, names[i])
+        bar.close()
+        return records
+
+    def _model_at(self, run_dir: Path, names: list, done: int):
+        """A trainable copy of the original, with the checkpoint of stage ``done`` (1-based) loaded if any."""
+        model = copy.deepcopy(self.reference)
+        if done > 0:
+            ckpt = run_dir / f"{done}_{names[done - 1]}.pt"
+            model.load_state_dict(torch.load(ckpt, map_location=self.cfg.device, weights_only=True))
+        return model
+
+    def _requests(self, spec: RunSpec) -> list:
+        """Encoded forget data of each unlearning request (one request in the single setting)."""
+        forget = self.examples["forget"]
+        chunks = [forget] if spec.setting == "single" else split_requests(forget, spec.requests)
+        return [encode(self.tokenizer, chunk, max_length=self.cfg.max_length) for chunk in chunks]
+
+    def _train_stage(self, model, spec: RunSpec, name: str, requests: list) -> dict:
+        c = self.cfg
+        if name == "relearned":
+            tc = TrainConfig(lr=spec.relearn_lr, epochs=spec.relearn_epochs, batch_size=spec.batch_size,
+                             seed=c.seed, progress=c.progress)
+            return relearn(model, self.encoded[spec.relearn_data], tc)
+        index = 0 if name == "unlearned" else int(name.rsplit("_", 1)[1]) - 1
+        tc = TrainConfig(lr=spec.lr, epochs=spec.epochs, batch_size=spec.batch_size, beta=spec.beta,
+                         seed=c.seed + index, progress=c.progress)
+        return unlearn(model, spec.method, requests[index], self.encoded["retain"], tc)

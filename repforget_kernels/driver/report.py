@@ -1,0 +1,264 @@
+"""Report files of a driver run: atomic writes, report.json, report.md (tables), and the verdict logic.
+
+``report.json`` schema (every number the pipeline measured)::
+
+    {"complete": true, "kind": "repforget-report", "config": {...}, "versions": {...},
+     "thresholds": {...},
+     "runs": [{"run_id", "method", "lr", "setting": "single" | "continual", "requests", "spec": {...},
+               "stages": [{"name": "original" | "unlearned" | "unlearned_i" | "relearned",
+                           "forget_acc", "retain_acc", "perplexity",
+                           "mia_auc": {"loss", "zlib", "min_k", "min_k_plus_plus"},
+                           "train": {...} | null,
+                           "layers": [{"layer", "cka", "cka_pooled", "cka_debiased", "cka_tokens",
+                                       "pca_similarity", "pca_shift": [dPC1, dPC2], "fisher_mass",
+                                       "fisher_mass_ref", "fisher_mass_ratio", "fisher_rank_corr"}],
+                           "fisher": {"mass", "mass_ref", "mass_ratio", "histogram": {"counts", "edges"}}}],
+               "verdict": {"behaviour": {...}, "structure": {...}}}]}
+
+The file is written last and atomically, so a report.json on disk is always a finished one;
+:func:`clear_report` removes the previous one before a run starts.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+__all__ = [
+    "REPORT_FILES",
+    "THRESHOLDS",
+    "atomic_write",
+    "atomic_write_text",
+    "json_safe",
+    "atomic_write_json",
+    "atomic_torch_save",
+    "clear_report",
+    "versions",
+    "verdict",
+    "render_markdown",
+    "render_analysis_markdown",
+    "write_report",
+]
+
+REPORT_FILES = ("report.json", "report.md")
+
+THRESHOLDS = {
+    "forget_drop": 0.3,
+    "retain_drop": 0.3,
+    "recovery": 0.8,
+    "cka_intact": 0.9,
+    "pca_intact": 0.9,
+}
+_THRESHOLD_TEXT = {
+    "forget_drop": "forgetting happened: forget accuracy fell by at least this much (absolute)",
+    "retain_drop": "catastrophic: retain accuracy also fell by at least this much (absolute)",
+    "recovery": "reversible: relearning restored at least this fraction of the forget-accuracy drop",
+    "cka_intact": "structure intact: minimum layer CKA (vs original) at least this",
+    "pca_intact": "structure intact: minimum layer PCA similarity (vs original) at least this",
+}
+
+
+# --------------------------------------------------------------------------- atomic files
+
+
+def atomic_write(path, write) -> None:
+    """Call ``write(handle)`` on a temporary binary file next to ``path``, fsync, then os.replace it onto
+    ``path``: readers see the old file or the new one, never half of one; the temporary goes on error."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and os.replace: readers see old or new, never half."""
+    atomic_write(Path(path), lambda h: h.write(text.encode("utf-8")))
+
+
+def json_safe(obj):
+    """``obj`` with every NaN / Inf float (in dicts, lists, tuples) replaced by None: strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def atomic_write_json(path, obj) -> None:
+    """Atomically write ``obj`` as indented strict JSON (undefined numbers, NaN / Inf, stored as None)."""
+    atomic_write_text(path, json.dumps(json_safe(obj), indent=1, allow_nan=False) + "\n")
+
+
+def atomic_torch_save(obj, path) -> None:
+    """torch.save to ``path`` atomically."""
+    import torch
+
+    atomic_write(Path(path), lambda h: torch.save(obj, h))
+
+
+def clear_report(out) -> None:
+    """Remove a previous report.json / report.md from ``out`` so nothing looks complete mid-run."""
+    for name in REPORT_FILES:
+        p = Path(out) / name
+        if p.exists():
+            p.unlink()
+
+
+def versions() -> dict:
+    """Versions of the software that produced a report."""
+    import numpy
+    import torch
+    import transformers
+
+    import repforget_kernels
+
+    return {"repforget_kernels": repforget_kernels.__version__, "torch": torch.__version__,
+            "transformers": transformers.__version__, "numpy": numpy.__version__,
+            "python": platform.python_version()}
+
+
+# --------------------------------------------------------------------------- verdict
+
+
+def _values(stage: dict, key: str) -> list:
+    return [row[key] for row in stage.get("layers", []) if row.get(key) is not None]
+
+
+def _structure(stage: dict) -> dict:
+    cka, pca = _values(stage, "cka"), _values(stage, "pca_similarity")
+    fisher = stage.get("fisher") or {}
+    return {"stage": stage["name"],
+            "min_cka": min(cka) if cka else None, "mean_cka": sum(cka) / len(cka) if cka else None,
+            "min_pca_similarity": min(pca) if pca else None,
+            "mean_pca_similarity": sum(pca) / len(pca) if pca else None,
+            "fisher_mass_ratio": fisher.get("mass_ratio")}
+
+
+def verdict(stages: list, thresholds: Optional[dict] = None) -> dict:
+    """Behaviour next to structure for one run (stages: original, unlearned..., relearned).
+
+    Behaviour (the paper's Definition 2.1, on teacher-forced answer accuracy), with
+    d_f = forget drop and d_r = retain drop from the original to the last unlearned stage and
+    recovery = (forget_acc(relearned) - forget_acc(last unlearned)) / d_f:
+      ``not_forgotten`` if d_f < forget_drop; else ``catastrophic`` if d_r >= retain_drop (both fell far);
+      else ``reversible`` if recovery >= recovery threshold; else ``irreversible``.
+    Structure at the last unlearned stage (and, for reference, after relearning): min and mean layer
+    CKA, min and mean PCA similarity, total Fisher mass ratio; ``intact`` when min CKA >= cka_intact
+    and min PCA similarity >= pca_intact, else ``drifted``. The Fisher ratio is reported, not thresholded
+    (Fisher on forget data rises whenever the forget loss does, with or without structural change).
+    """
+    th = dict(THRESHOLDS, **(thresholds or {}))
+    by_name = {s["name"]: s for s in stages}
+    orig, rel = by_name["original"], by_name.get("relearned")
+    unlearned = [s for s in stages if s["name"].startswith("unlearned")]
+    last = unlearned[-1]
+    d_f = orig["forget_acc"] - last["forget_acc"]
+    d_r = orig["retain_acc"] - last["retain_acc"]
+    recovery = (rel["forget_acc"] - last["forget_acc"]) / d_f if rel is not None and d_f > 0 else None
+    if d_f < th["forget_drop"]:
+        label = "not_forgotten"
+    elif d_r >= th["retain_drop"]:
+        label = "catastrophic"
+    elif recovery is not None and recovery >= th["recovery"]:
+        label = "reversible"
+    else:
+        label = "irreversible"
+    structure = _structure(last)
+    ok = (structure["min_cka"] is not None and structure["min_cka"] >= th["cka_intact"]
+          and structure["min_pca_similarity"] is not None and structure["min_pca_similarity"] >= th["pca_intact"])
+    structure["label"] = "intact" if ok else "drifted"
+    return {"behaviour": {"label": label, "forget_drop": d_f, "retain_drop": d_r, "relearn_recovery": recovery,
+                          "forget_acc_relearned": rel["forget_acc"] if rel is not None else None},
+            "structure": structure,
+            "structure_relearned": _structure(rel) if rel is not None else None,
+            "thresholds": th}
+
+
+# --------------------------------------------------------------------------- markdown
+
+
+def _fmt(v, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "-"
+    if isinstance(v, list):
+        return "(" + ", ".join(_fmt(u, 2) for u in v) + ")"
+    return f"{v:.{digits}g}" if isinstance(v, float) and abs(v) >= 1000 else f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+
+def _table(header: list, rows: list) -> list:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + \
+        ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+
+
+def _layer_table(stage: dict) -> list:
+    header = ["layer", "cka", "cka debiased", "cka tokens", "pca sim", "pca shift (dPC1, dPC2)",
+              "fisher mass ratio", "fisher rank corr"]
+    rows = [[r["layer"], r["cka"], r["cka_debiased"], r["cka_tokens"], r["pca_similarity"], r["pca_shift"],
+             r["fisher_mass_ratio"], r["fisher_rank_corr"]] for r in stage["layers"]]
+    return _table(header, rows)
+
+
+def _thresholds_md(th: dict) -> list:
+    return ["## Thresholds", ""] + [f"- `{k}` = {v}: {_THRESHOLD_TEXT.get(k, '')}" for k, v in th.items()] + [""]
+
+
+def render_markdown(report: dict) -> str:
+    """report.md: a summary table of verdicts, thresholds, then per run the stage and layer tables."""
+    lines = ["# repforget report", "",
+             f"Model `{report['config'].get('model')}`, sample `{report['config'].get('sample')}`, "
+             f"seed {report['config'].get('seed')}. Numbers at every stage are against the original model.", "",
+             "## Verdicts", ""]
+    rows = []
+    for run in report["runs"]:
+        b, s = run["verdict"]["behaviour"], run["verdict"]["structure"]
+        rows.append([run["run_id"], b["label"], b["forget_drop"], b["retain_drop"], b["relearn_recovery"],
+                     s["label"], s["min_cka"], s["mean_cka"], s["min_pca_similarity"], s["fisher_mass_ratio"]])
+    lines += _table(["run", "behaviour", "forget drop", "retain drop", "relearn recovery", "structure",
+                     "min CKA", "mean CKA", "min PCA sim", "Fisher mass ratio"], rows)
+    lines += [""] + _thresholds_md(report["thresholds"])
+    for run in report["runs"]:
+        lines += [f"## {run['run_id']}", "", "### Stages", ""]
+        rows = [[s["name"], s["forget_acc"], s["retain_acc"], s.get("perplexity"), s["mia_auc"].get("loss"),
+                 s["mia_auc"].get("zlib"), s["mia_auc"].get("min_k"), s["mia_auc"].get("min_k_plus_plus"),
+                 (s.get("fisher") or {}).get("mass_ratio")] for s in run["stages"]]
+        lines += _table(["stage", "forget acc", "retain acc", "perplexity", "MIA loss", "MIA zlib", "MIA min-k",
+                         "MIA min-k++", "Fisher mass ratio"], rows) + [""]
+        for stage in run["stages"][1:]:
+            lines += [f"### Layers after `{stage['name']}`", ""] + _layer_table(stage) + [""]
+    return "\n".join(lines) + "\n"
+
+
+def render_analysis_markdown(analysis: dict) -> str:
+    """analysis.md of ``repforget analyze``: the per-layer table of one checkpoint pair."""
+    fisher = analysis.get("fisher") or {}
+    return "\n".join(["# repforget analyze", "", f"Reference `{analysis['ref']}`, updated `{analysis['upd']}`, "
+                      f"{analysis['n_probe']} probe items, sample `{analysis['config']['sample']}`.", "",
+                      f"Total Fisher mass ratio (updated / reference): {_fmt(fisher.get('mass_ratio'))}", ""]
+                     + _layer_table(analysis) + [""])
+
+
+def write_report(out, report: dict, *, plots: bool = True) -> Path:
+    """Write report.md and the PNGs, then report.json (with complete = true) last, each atomically."""
+    from .plots import plot_report
+
+    out = Path(out)
+    atomic_write_text(out / "report.md", render_markdown(report))
+    if plots:
+        plot_report(report, out)
+    atomic_write_json(out / "report.json", dict(report, complete=True))
+    return out / "report.json"
