@@ -663,6 +663,8 @@ class DiagonalFisher:
 
     def _logits(self, inputs: dict) -> torch.Tensor:
         out = self.model(**inputs)
+        if isinstance(out, torch.Tensor):
+            return out  # (B, T, V)
         return out.logits if hasattr(out, "logits") else out[0]  # (B, T, V)
 
     def _sample_targets(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -770,7 +772,7 @@ class DiagonalFisher:
                 bad.add(module)
                 return None
             calls[module].append(call)
-            if output.requires_grad:
+            if output.grad_fn is not None:
                 output.register_hook(lambda g, call=call: self._on_grad(call, g))
                 return None
             leaf = output.detach().requires_grad_(True)
