@@ -420,10 +420,9 @@ class TestDiagonalFisher:
         batch = _batch(gen)
         got = DiagonalFisher(model).update(batch).compute()
         assert all(v.dtype == torch.float32 and bool(torch.isfinite(v).all()) for v in got.values())
-        # Same bf16 model, per-sequence backward passes: only bf16 rounding of the batched forward differs.
-        want = _brute_force(model, batch)
-        name = "model.layers.1.mlp.down_proj.weight"
-        assert rel_err(got[name], want[name]) < 0.1
+        # Same bf16 model, per-sequence backward passes: only the bf16 rounding of batched vs single GEMMs
+        # differs, a few bf16 epsilons (2^-8) in the gradients (1.2e-2 worst seen).
+        _assert_close_dicts(got, _brute_force(model, batch), 5e-2)
 
     def test_model_state_restored(self, gen):
         model = _tiny("llama").train()
