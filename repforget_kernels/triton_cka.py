@@ -9,7 +9,7 @@ subtracted in the load, so no centred copy is ever written. The shifted operands
 the input's half dtype (bf16/fp16) for ``tl.dot`` on the GPU's tensor cores, or kept in float32
 ("ieee", no TF32) for float32 input; products accumulate in float32. A tile table picks the
 output tiles: the full grid, or only the upper triangle for a symmetric product, whose kernel
-then also writes each off-diagonal tile's transpose (every element is written by the kernel).
+writes the entries i <= j and mirrors i < j (every element written by the kernel, exactly symmetric).
 A split over K (partial buffers, summed after) keeps long reductions parallel.
 
 Under ``TRITON_INTERPRET=1`` (CPU tests) ``tl.dot`` on bf16 operands is wrong and the
@@ -144,7 +144,8 @@ def _shifted_gemm_kernel(
     """One (BM, BN) tile of (A - SA) @ (B - SB) over one K split of one layer.
 
     SHIFT_A: 0 none, 1 shift vector along M (sa[l, m]), 2 along K (sa[l, k]); SHIFT_B likewise
-    with 1 along N. MIRROR also stores the tile's transpose at (tn, tm) when tn != tm.
+    with 1 along N. MIRROR (symmetric product, upper-triangle tiles): stores entries i <= j and again
+    i < j at (j, i), so the result is exactly symmetric.
     """
     pid = tl.program_id(0)
     lay = tl.program_id(1).to(tl.int64)
@@ -188,10 +189,11 @@ def _shifted_gemm_kernel(
     c_mask = mm[:, None] & mn[None, :]
     rm64 = rm.to(tl.int64)
     rn64 = rn.to(tl.int64)
-    tl.store(c_base + rm64[:, None] * s_cm + rn64[None, :] * s_cn, acc, mask=c_mask)
-    if MIRROR:
-        if tm != tn:
-            tl.store(c_base + rn64[None, :] * s_cm + rm64[:, None] * s_cn, acc, mask=c_mask)
+    if MIRROR:  # tiles of the upper triangle (BM == BN): keep i <= j, write i < j again at (j, i)
+        tl.store(c_base + rm64[:, None] * s_cm + rn64[None, :] * s_cn, acc, mask=c_mask & (rm[:, None] <= rn[None, :]))
+        tl.store(c_base + rn64[None, :] * s_cm + rm64[:, None] * s_cn, acc, mask=c_mask & (rm[:, None] < rn[None, :]))
+    else:
+        tl.store(c_base + rm64[:, None] * s_cm + rn64[None, :] * s_cn, acc, mask=c_mask)
 
 
 def _shift_arg(shift, along: str, names: tuple, a: torch.Tensor):
@@ -222,7 +224,7 @@ def shifted_gemm(
         shift_a: (L, M) (``shift_a_along="m"``) or (L, K) (``"k"``), subtracted from every A entry
             of that row / column; shift_b: (L, N) (``"n"``) or (L, K) (``"k"``).
         symmetric: the product is symmetric (B - SB = (A - SA)^T): only the upper tile triangle is
-            computed, each off-diagonal tile stored twice.
+            computed, its strict upper part mirrored (the result is exactly symmetric).
         split_k: K splits (partial sums added after); None picks one that fills the device.
 
     Cost: 2 L M N K flops (about half when symmetric); reads A and B once per output tile row/column.
@@ -409,7 +411,7 @@ def _u_center_kernel(k_ptr, r_ptr, c_ptr, N, s_kl, s_km, BM: tl.constexpr, BN: t
     ri = tl.load(r_ptr + lay * N + rm, mask=mm, other=0.0)
     rj = tl.load(r_ptr + lay * N + rn, mask=mn, other=0.0)
     c = tl.load(c_ptr + lay)
-    u = kv - ri[:, None] - rj[None, :] + c
+    u = kv - (ri[:, None] + rj[None, :]) + c  # the sum commutes: U stays exactly symmetric
     u = tl.where(rm[:, None] == rn[None, :], 0.0, u)
     tl.store(ptrs, u, mask=msk)
 
