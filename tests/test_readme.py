@@ -1,0 +1,26 @@
+"""The README's promises: CI runs its test command, and its quick-tour snippet runs."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bash_blocks() -> list[str]:
+    return re.findall(r"```bash\n(.*?)\n```", (ROOT / "README.md").read_text(), re.S)
+
+
+class TestReadme:
+    def test_ci_runs_the_readme_test_command(self):
+        test_command = next(b for b in _bash_blocks() if "pytest" in b)
+        ci = (ROOT / ".ci" / "run").read_text().splitlines()
+        assert test_command.strip() in [line.strip() for line in ci]
+
+    def test_demo_command_is_the_repforget_demo(self):
+        demo = next(b for b in _bash_blocks() if "repforget demo" in b)
+        assert demo.strip().endswith("repforget demo --out runs/demo")
+
+    def test_quick_tour_runs(self):
+        snippet = re.search(r"```python\n(.*?)\n```", (ROOT / "README.md").read_text(), re.S).group(1)
+        exec(compile(snippet, "README.md", "exec"), {"print": lambda *a, **k: None})
