@@ -1,0 +1,130 @@
+"""Behavioural evaluation: answer accuracy, perplexity and membership-inference AUCs.
+
+All per-example numbers of a split come from ONE forward pass per batch (``split_scores``):
+
+- accuracy: teacher-forced answer-token accuracy, argmax_v p(v | prefix) == label over supervised
+  tokens, pooled over the split (correct tokens / supervised tokens).
+- perplexity: exp(total NLL / supervised tokens) of the split.
+- MIA scores per example, oriented so that higher = more member-like (trained):
+  ``loss``  = -mean NLL of the answer tokens;
+  ``zlib``  = -(sum NLL of the answer tokens) / zlib-compressed byte length of the example's text
+              (Carlini et al. 2021: log-perplexity against zlib entropy);
+  ``min_k`` = mean of the lowest k% (k = 20, at least one) answer-token log-probs (Shi et al. 2024);
+  ``min_k_plus_plus`` = the same on z_t = (log p(x_t) - mu_t) / sigma_t with mu_t = E_{z~p_t} log p_t(z)
+              and sigma_t^2 = Var_{z~p_t} log p_t(z) over the vocabulary at position t (Zhang et al. 2024).
+- MIA AUC: roc_auc(scores on forget = members, scores on holdout = non-members).
+"""
+from __future__ import annotations
+
+import math
+import zlib
+
+import torch
+
+from .data import iterate_batches
+from .losses import forward_logits
+
+__all__ = ["MIN_K", "roc_auc", "split_scores", "evaluate"]
+
+MIN_K = 0.2  # fraction of lowest-scoring tokens averaged by Min-K% and Min-K%++
+_MIA = ("loss", "zlib", "min_k", "min_k_plus_plus")
+
+
+def roc_auc(pos: torch.Tensor, neg: torch.Tensor) -> float:
+    """P(pos > neg) + 1/2 P(pos == neg) over all (pos, neg) pairs, counted directly in float64.
+
+    pos (P,), neg (N,) real scores, higher = positive. Exact (no ranking approximations); cost O(P N)
+    comparisons, in row blocks so memory stays O(block N).
+    """
+    for name, t in (("pos", pos), ("neg", neg)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 1 or t.numel() == 0:
+            raise ValueError(f"{name} must be a non-empty 1-D tensor, got shape {tuple(t.shape)}")
+        if torch.isnan(t).any():
+            raise ValueError(f"{name} contains NaN scores")
+    pos, neg = pos.double().cpu(), neg.double().cpu()
+    wins = 0.0
+    for start in range(0, pos.numel(), 4096):
+        block = pos[start:start + 4096, None]  # (b, 1)
+        wins += float((block > neg).sum()) + 0.5 * float((block == neg).sum())
+    return wins / (pos.numel() * neg.numel())
+
+
+def _min_k(values: torch.Tensor, mask: torch.Tensor, k: float) -> torch.Tensor:
+    """(B,) mean of the lowest ceil-free max(1, int(k n)) masked values per row; values/mask (B, T)."""
+    counts = mask.sum(1)  # (B,)
+    keep = torch.clamp((counts.double() * k).long(), min=1)  # (B,)
+    ordered = values.masked_fill(~mask, float("inf")).sort(dim=1).values  # (B, T)
+    ranks = torch.arange(values.shape[1], device=values.device)  # (T,)
+    take = ranks[None, :] < keep[:, None]  # (B, T)
+    return ordered.masked_fill(~take, 0.0).sum(1) / keep
+
+
+def _zlib_lengths(batch: dict, tokenizer) -> torch.Tensor:
+    """(B,) zlib-compressed byte length of each example's real tokens (decoded text, else the id string)."""
+    lengths = []
+    for ids, mask in zip(batch["input_ids"], batch["attention_mask"]):
+        real = ids[mask.bool()].tolist()
+        text = tokenizer.decode(real) if tokenizer is not None else " ".join(map(str, real))
+        lengths.append(len(zlib.compress(text.encode("utf-8"))))
+    return torch.tensor(lengths, dtype=torch.float64)
+
+
+@torch.no_grad()
+def split_scores(model, encoded: dict, *, batch_size: int = 16, tokenizer=None, k: float = MIN_K) -> dict:
+    """Per-example numbers of one split, one forward pass per batch, eval mode, float32 reductions.
+
+    Returns {"correct" (N,) and "tokens" (N,) supervised-token counts, "nll" (N,) summed answer NLL,
+    and the four MIA scores (N,) float64 ("loss", "zlib", "min_k", "min_k_plus_plus")}, on CPU.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    parts: dict[str, list[torch.Tensor]] = {key: [] for key in ("correct", "tokens", "nll", *_MIA)}
+    try:
+        for batch in iterate_batches(encoded, batch_size):
+            batch = {key: value.to(device) for key, value in batch.items()}
+            logp_all = torch.log_softmax(forward_logits(model, batch)[:, :-1].float(), dim=-1)  # (B, T-1, V)
+            target = batch["labels"][:, 1:]  # (B, T-1)
+            mask = target != -100  # (B, T-1)
+            logp = logp_all.gather(-1, target.clamp_min(0)[..., None]).squeeze(-1)  # (B, T-1)
+            probs = logp_all.exp()  # (B, T-1, V)
+            mu = (probs * logp_all).sum(-1)  # (B, T-1)
+            sigma = ((probs * logp_all.square()).sum(-1) - mu.square()).clamp_min(1e-12).sqrt()  # (B, T-1)
+            tokens = mask.sum(1)  # (B,)
+            nll = -(logp.masked_fill(~mask, 0.0)).sum(1)  # (B,)
+            parts["correct"].append(((logp_all.argmax(-1) == target) & mask).sum(1).cpu())
+            parts["tokens"].append(tokens.cpu())
+            parts["nll"].append(nll.double().cpu())
+            parts["loss"].append((-nll / tokens.clamp_min(1)).double().cpu())
+            parts["zlib"].append(-nll.double().cpu() / _zlib_lengths(batch, tokenizer))
+            parts["min_k"].append(_min_k(logp, mask, k).double().cpu())
+            parts["min_k_plus_plus"].append(_min_k((logp - mu) / sigma, mask, k).double().cpu())
+    finally:
+        model.train(was_training)
+    return {key: torch.cat(value) for key, value in parts.items()}
+
+
+def evaluate(model, splits: dict[str, dict], *, batch_size: int = 16, tokenizer=None) -> dict:
+    """Behavioural metrics of ``model`` on encode() outputs keyed by split name.
+
+    Returns {"<split>_acc" for every split given (forget_acc and retain_acc always present, None when the
+    split is absent), "perplexity" (retain, None if absent), "mia_auc": {"loss", "zlib", "min_k",
+    "min_k_plus_plus"} (forget = members vs holdout = non-members; None unless both are given)}.
+    ``tokenizer`` (optional) decodes text for the ZLib score; without it the token-id string is compressed.
+    """
+    if not isinstance(splits, dict) or not splits:
+        raise ValueError(f"splits must be a non-empty dict of encode() outputs, got {splits!r}")
+    scores = {name: split_scores(model, enc, batch_size=batch_size, tokenizer=tokenizer) for name, enc in splits.items()}
+    out: dict = {"forget_acc": None, "retain_acc": None}
+    for name, s in scores.items():
+        out[f"{name}_acc"] = float(s["correct"].sum()) / max(1, int(s["tokens"].sum()))
+    out["perplexity"] = None
+    if "retain" in scores:
+        s = scores["retain"]
+        out["perplexity"] = math.exp(float(s["nll"].sum()) / max(1, int(s["tokens"].sum())))
+    out["mia_auc"] = None
+    if "forget" in scores and "holdout" in scores:
+        out["mia_auc"] = {key: roc_auc(scores["forget"][key], scores["holdout"][key]) for key in _MIA}
+    return out

@@ -1,0 +1,141 @@
+"""Unlearning losses over answer tokens, padding and prompts always masked.
+
+Conventions: ``labels`` (B, T) are aligned with ``input_ids`` and hold -100 where a token is not
+supervised (prompt, padding); the logits at position t predict token t+1, so every loss compares
+``logits[:, :-1]`` with ``labels[:, 1:]``. All reductions run in float32 (bf16 logits are upcast).
+
+Methods (``METHODS``), each a loss to minimise:
+
+- ``ga``:     -NLL(forget)                                   (gradient ascent on the forget NLL)
+- ``ga_gd``:  -NLL(forget) + NLL(retain)                     (plus gradient descent on retain)
+- ``ga_kl``:  -NLL(forget) + KL(p_orig || p_theta)(retain)   (true KL over the vocabulary)
+- ``npo``:    -(2/beta) mean_s log sigmoid(-beta (log pi_theta(y_s|x_s) - log pi_ref(y_s|x_s)))
+              (Zhang et al. 2024; sequence log-probs summed over answer tokens)
+- ``npo_kl``: npo + KL(p_orig || p_theta)(retain)
+- ``rlabel``: NLL(forget with each answer replaced by the answer of another forget item)
+
+NLL is the mean over supervised tokens of the batch; KL is the mean over real (non-padding)
+next-token positions of sum_v p_orig(v) (log p_orig(v) - log p_theta(v)).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .data import pad_rows
+
+__all__ = [
+    "METHODS",
+    "token_logprobs",
+    "forward_logits",
+    "sequence_logprob",
+    "nll_loss",
+    "ga_loss",
+    "kl_loss",
+    "npo_loss",
+    "random_label_data",
+]
+
+METHODS = ("ga", "ga_gd", "ga_kl", "npo", "npo_kl", "rlabel")
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of each next label token and its mask.
+
+    logits (B, T, V) any float dtype, labels (B, T) long with -100 = unsupervised.
+    Returns (logp (B, T-1) float32, 0 where masked; mask (B, T-1) bool). Cost: one log_softmax, O(B T V).
+    """
+    target = labels[:, 1:]  # (B, T-1)
+    mask = target != -100  # (B, T-1)
+    logp_all = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
+    logp = logp_all.gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+    return logp.masked_fill(~mask, 0.0), mask
+
+
+def forward_logits(model, batch: dict) -> torch.Tensor:
+    """logits (B, T, V) of a causal LM on a batch (input_ids, attention_mask), no loss computed by HF."""
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+
+
+def sequence_logprob(model, batch: dict) -> torch.Tensor:
+    """(B,) float32: sum of log p over supervised tokens (labels != -100) of each sequence; one forward pass."""
+    logp, _ = token_logprobs(forward_logits(model, batch), batch["labels"])
+    return logp.sum(1)
+
+
+def nll_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Scalar float32: mean negative log-likelihood over the supervised tokens of the batch.
+
+    logits (B, T, V), labels (B, T) with -100 masked. Raises ValueError if no token is supervised.
+    """
+    logp, mask = token_logprobs(logits, labels)
+    count = mask.sum()
+    if int(count) == 0:
+        raise ValueError("labels supervise no token (all -100 after the shift): nothing to learn from")
+    return -logp.sum() / count
+
+
+def ga_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Gradient ascent: -nll_loss (minimising it maximises the forget NLL)."""
+    return -nll_loss(logits, labels)
+
+
+def kl_loss(logits: torch.Tensor, ref_logprobs: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Scalar float32: mean over real next-token positions of KL(p_ref || p_theta) over the vocabulary.
+
+    logits (B, T, V) of the trained model; ref_logprobs (B, T, V) log-softmax of the frozen original at
+    the same positions (only [:, :-1] is read); attention_mask (B, T) with 1 = real token. Position t
+    counts when token t+1 is real. Cost O(B T V).
+    """
+    mask = attention_mask[:, 1:].bool()  # (B, T-1)
+    logq = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
+    logp = ref_logprobs[:, :-1].float()  # (B, T-1, V)
+    per_pos = (logp.exp() * (logp - logq)).sum(-1)  # (B, T-1)
+    count = mask.sum()
+    if int(count) == 0:
+        raise ValueError("attention_mask has no real next-token position: KL is undefined")
+    return per_pos.masked_fill(~mask, 0.0).sum() / count
+
+
+def npo_loss(seq_logp: torch.Tensor, ref_seq_logp: torch.Tensor, beta: float) -> torch.Tensor:
+    """Scalar: -(2/beta) mean_s log sigmoid(-beta (seq_logp_s - ref_seq_logp_s)).
+
+    seq_logp (B,) sequence log-probs under the trained model, ref_seq_logp (B,) under the reference
+    (cached before unlearning). At seq_logp == ref_seq_logp the loss is (2/beta) log 2.
+    """
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta!r}")
+    log_ratio = seq_logp.float() - ref_seq_logp.float()  # (B,)
+    return -(2.0 / beta) * F.logsigmoid(-beta * log_ratio).mean()
+
+
+def _rows(encoded: dict) -> list[tuple[list[int], list[int]]]:
+    """Split each encoded row into (prompt ids, supervised ids): prompt = real tokens before the first label."""
+    rows = []
+    for ids, mask, labels in zip(encoded["input_ids"], encoded["attention_mask"], encoded["labels"]):
+        real = int(mask.sum())
+        supervised = (labels[:real] != -100).nonzero().flatten()
+        start = int(supervised[0]) if len(supervised) else real
+        rows.append((ids[:start].tolist(), ids[start:real].tolist()))
+    return rows
+
+
+def random_label_data(encoded: dict, seed: int = 0, pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """RLabel data: each item's prompt followed by the answer tokens of another forget item.
+
+    encoded: an encode() output with N >= 2 rows. For row i, the answer is drawn (seeded) from the rows
+    whose answer token sequence differs from row i's (j != i always). Returns a new right-padded
+    {input_ids, attention_mask, labels} with the new answer supervised.
+    """
+    rows = _rows(encoded)
+    if len(rows) < 2:
+        raise ValueError(f"rlabel needs at least 2 forget items to swap answers, got {len(rows)}")
+    gen = torch.Generator().manual_seed(seed)
+    new_rows = []
+    for i, (prompt, answer) in enumerate(rows):
+        others = [j for j, (_, a) in enumerate(rows) if j != i and a != answer]
+        if not others:
+            others = [j for j in range(len(rows)) if j != i]
+        j = others[int(torch.randint(len(others), (1,), generator=gen))]
+        new_rows.append((prompt, rows[j][1]))
+    return pad_rows([(p + a, [-100] * len(p) + a) for p, a in new_rows], pad_id)

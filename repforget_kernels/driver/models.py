@@ -1,0 +1,347 @@
+"""Models for the driver: the embedded tiny Qwen2 LM, local Hugging Face checkpoints, layer discovery, memory plan.
+
+Never downloads. ``load_model("tiny", ...)`` builds a word-level tokenizer and a small Qwen2 model,
+pretrains it on the forget + retain facts of the corpus (holdout and probe are never trained) until
+its teacher-forced answer-token accuracy reaches ``PRETRAIN_TARGET`` on both, and caches it under
+``cache_dir/tiny-<hash of corpus, seed, config>`` (written to a temp dir, then ``os.replace``), so later
+runs load it instantly. Any other spec is a local directory or a preset (``yi-6b``, ``qwen2.5-7b``)
+found in the local HF cache, loaded with ``local_files_only=True``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from .data import SPLITS, encode, make_corpus
+from .evaluate import evaluate
+from .train import TrainConfig, relearn
+
+__all__ = [
+    "PRESETS",
+    "PRETRAIN_TARGET",
+    "ModelNotFound",
+    "build_tokenizer",
+    "tiny_config",
+    "pretrain",
+    "resolve_model_path",
+    "load_model",
+    "decoder_layers",
+    "memory_plan",
+]
+
+PRESETS = {"yi-6b": "01-ai/Yi-6B", "qwen2.5-7b": "Qwen/Qwen2.5-7B"}
+PRETRAIN_TARGET = 0.9  # required teacher-forced answer-token accuracy on forget and retain
+SPECIAL_TOKENS = ("<pad>", "<unk>", "<eos>")
+_TINY = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
+         "num_key_value_heads": 2, "max_position_embeddings": 64}
+_PRETRAIN = {"lr": 1e-3, "batch_size": 32, "max_epochs": 150, "check_every": 5, "goal": 0.99}
+_CACHE_VERSION = 1  # bump when the tiny recipe changes so stale caches are not reused
+
+
+class ModelNotFound(FileNotFoundError):
+    """A model directory or preset that is not on this machine; the message says what to download."""
+
+
+def _pre_tokenizer():
+    """Whitespace split, then every punctuation character its own token."""
+    return pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+
+
+def _texts(corpus: dict) -> list[str]:
+    out = []
+    for items in corpus.values():
+        for item in items:
+            out.extend([item["text"]] if "text" in item else [item["prompt"], item["answer"]])
+    return out
+
+
+def build_tokenizer(corpus: dict) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer over every word of every split (sorted, so deterministic); offline.
+
+    Ids 0, 1, 2 are <pad>, <unk>, <eos>; no BOS. Vocabulary = the distinct pre-tokenized words.
+    """
+    if not isinstance(corpus, dict) or not corpus:
+        raise ValueError(f"corpus must be a non-empty dict of splits, got {type(corpus).__name__}")
+    pre = _pre_tokenizer()
+    words = sorted({word for text in _texts(corpus) for word, _ in pre.pre_tokenize_str(text)})
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
+    for word in words:
+        vocab.setdefault(word, len(vocab))
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
+
+
+def tiny_config(vocab_size: int) -> Qwen2Config:
+    """The embedded model: Qwen2 architecture, hidden 128 (MLP 256), 4 layers, 4 heads (2 KV heads), tied embeddings."""
+    if not isinstance(vocab_size, int) or vocab_size < len(SPECIAL_TOKENS):
+        raise ValueError(f"vocab_size must be an int >= {len(SPECIAL_TOKENS)}, got {vocab_size!r}")
+    return Qwen2Config(vocab_size=vocab_size, tie_word_embeddings=True, pad_token_id=0, eos_token_id=2,
+                       bos_token_id=None, use_cache=False, **_TINY)
+
+
+def pretrain(model, tokenizer, corpus: dict, *, seed: int = 0, progress: bool = True) -> dict:
+    """NLL training on forget + retain until answer accuracy >= the goal (0.99) on both, in place.
+
+    Checks every ``check_every`` epochs; stops at the goal or ``max_epochs`` and raises RuntimeError if
+    either accuracy is still below PRETRAIN_TARGET. Returns {"epochs", "steps", "seconds", "forget_acc",
+    "retain_acc", "final_loss"}.
+    """
+    splits = {name: encode(tokenizer, corpus[name]) for name in ("forget", "retain")}
+    train_items = corpus["forget"] + corpus["retain"]
+    data = encode(tokenizer, train_items)
+    start, epochs, steps, acc = time.perf_counter(), 0, 0, {}
+    result = {"final_loss": float("nan")}
+    while epochs < _PRETRAIN["max_epochs"]:
+        cfg = TrainConfig(lr=_PRETRAIN["lr"], epochs=_PRETRAIN["check_every"], batch_size=_PRETRAIN["batch_size"],
+                          seed=seed + epochs, progress=progress)
+        result = relearn(model, data, cfg)
+        epochs, steps = epochs + cfg.epochs, steps + result["steps"]
+        acc = evaluate(model, splits)
+        if min(acc["forget_acc"], acc["retain_acc"]) >= _PRETRAIN["goal"]:
+            break
+    info = {"epochs": epochs, "steps": steps, "seconds": round(time.perf_counter() - start, 2),
+            "forget_acc": acc["forget_acc"], "retain_acc": acc["retain_acc"], "final_loss": result["final_loss"]}
+    if min(acc["forget_acc"], acc["retain_acc"]) < PRETRAIN_TARGET:
+        raise RuntimeError(f"tiny model pretraining reached only forget_acc={acc['forget_acc']:.3f}, "
+                           f"retain_acc={acc['retain_acc']:.3f} < {PRETRAIN_TARGET} after {epochs} epochs")
+    return info
+
+
+def _tiny_key(corpus: dict, seed: int) -> str:
+    blob = json.dumps({"corpus": corpus, "seed": seed, "tiny": _TINY, "pretrain": _PRETRAIN,
+                       "version": _CACHE_VERSION}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _save_atomic(model, tokenizer, info: dict, final: Path) -> None:
+    """Write model + tokenizer + info.json into a temp dir beside ``final``, then os.replace it into place."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "info.json").write_text(json.dumps(info, indent=2))
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if not (final / "info.json").is_file():  # someone else finished first: keep theirs
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load_tiny(cache_dir: Path, device, seed: int, corpus: dict | None, progress: bool):
+    corpus = make_corpus(seed) if corpus is None else corpus
+    missing = [s for s in ("forget", "retain") if not corpus.get(s)]
+    if missing:
+        raise ValueError(f"corpus needs non-empty splits {missing} to pretrain the tiny model")
+    final = Path(cache_dir) / f"tiny-{_tiny_key(corpus, seed)}"
+    if (final / "info.json").is_file():
+        model = Qwen2ForCausalLM.from_pretrained(final, local_files_only=True, dtype=torch.float32)
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(final, local_files_only=True)
+        info = json.loads((final / "info.json").read_text())
+        info["cached"] = True
+        return model.to(device), tokenizer, info
+    tokenizer = build_tokenizer(corpus)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(tiny_config(len(tokenizer))).to(device)
+    pre = pretrain(model, tokenizer, corpus, seed=seed, progress=progress)
+    info = {"name": "tiny", "params": sum(p.numel() for p in model.parameters()),
+            "layers": len(decoder_layers(model)), "dtype": "float32", "pretrain": pre, "path": str(final)}
+    _save_atomic(model, tokenizer, info, final)
+    return model, tokenizer, {**info, "cached": False}
+
+
+def _hf_cache_dirs() -> list[Path]:
+    """The local HF hub cache, as huggingface_hub resolves it: HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return [Path(os.environ["HF_HUB_CACHE"])]
+    home = Path(os.environ["HF_HOME"]) if os.environ.get("HF_HOME") else Path.home() / ".cache" / "huggingface"
+    return [home / "hub"]
+
+
+def _snapshot(repo_dir: Path) -> Path | None:
+    """The snapshot of a cached repo that refs/main points to, else the newest one holding config.json."""
+    ref = repo_dir / "refs" / "main"
+    if ref.is_file():
+        snap = repo_dir / "snapshots" / ref.read_text().strip()
+        if (snap / "config.json").is_file():
+            return snap
+    snaps = [p for p in (repo_dir / "snapshots").glob("*") if (p / "config.json").is_file()]
+    return max(snaps, key=lambda p: p.stat().st_mtime) if snaps else None
+
+
+def resolve_model_path(spec: str) -> Path:
+    """A local model directory for ``spec``: an existing directory with config.json, or a preset in the HF cache.
+
+    Presets: "yi-6b" -> 01-ai/Yi-6B, "qwen2.5-7b" -> Qwen/Qwen2.5-7B, looked up in
+    ``<cache>/models--ORG--NAME/snapshots/*``. Raises ModelNotFound naming the repo id to download and
+    the directories searched. Never downloads.
+    """
+    if not isinstance(spec, str) or not spec:
+        raise TypeError(f"model spec must be a non-empty string, got {spec!r}")
+    if spec.lower() in PRESETS:
+        repo = PRESETS[spec.lower()]
+        searched = [d / ("models--" + repo.replace("/", "--")) for d in _hf_cache_dirs()]
+        for repo_dir in searched:
+            snap = _snapshot(repo_dir)
+            if snap is not None:
+                return snap
+        raise ModelNotFound(
+            f"model preset '{spec}' ({repo}) is not on this machine; searched {', '.join(map(str, searched))}. "
+            f"Download it first (`huggingface-cli download {repo}`) or pass a local directory as the model")
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        raise ModelNotFound(f"model directory not found: {path} (not a preset either: {', '.join(PRESETS)})")
+    if not (path / "config.json").is_file():
+        raise ModelNotFound(f"{path} has no config.json: not a Hugging Face model directory")
+    return path
+
+
+def _load_local(spec: str, device):
+    path = resolve_model_path(spec)
+    device = torch.device(device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype).to(device)
+    model.config.use_cache = False
+    model.gradient_checkpointing_enable()
+    info = {"name": spec, "path": str(path), "params": sum(p.numel() for p in model.parameters()),
+            "layers": len(decoder_layers(model)), "dtype": str(dtype).replace("torch.", ""), "pretrain": {}}
+    return model, tokenizer, info
+
+
+def load_model(spec: str, *, cache_dir: Path, device: str | torch.device = "cpu", seed: int = 0,
+               corpus: dict | None = None, progress: bool = True):
+    """(model, tokenizer, info) for "tiny", a preset, or a local HF directory; see the module docstring.
+
+    info: {"name", "params", "layers", "dtype", "pretrain": {epochs, steps, seconds, forget_acc,
+    retain_acc, final_loss} for tiny, {} otherwise, "path", "cached" (tiny only)}. The model is in eval mode.
+    """
+    if spec == "tiny":
+        if corpus is not None and not set(corpus) <= set(SPLITS):
+            raise ValueError(f"corpus keys must be among {SPLITS}, got {sorted(corpus)}")
+        model, tokenizer, info = _load_tiny(Path(cache_dir), device, seed, corpus, progress)
+    else:
+        model, tokenizer, info = _load_local(spec, device)
+    return model.eval(), tokenizer, info
+
+
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The decoder blocks in order: the nn.ModuleList of ``config.num_hidden_layers`` same-class modules.
+
+    Found by structure, not by parameter names: among all ModuleLists whose children share one class,
+    the one with exactly num_hidden_layers children (the longest one when the config lacks that field).
+    Raises ValueError when none qualifies.
+    """
+    want = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    candidates = []
+    for _, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) > 0:
+            if len({type(child) for child in module}) == 1:
+                candidates.append(module)
+    if want is not None:
+        candidates = [m for m in candidates if len(m) == want]
+    if not candidates:
+        raise ValueError(f"no ModuleList of {want if want is not None else 'identical'} decoder blocks found "
+                         f"in {type(model).__name__}")
+    return list(max(candidates, key=len))
+
+
+def _param_shapes(config) -> list[tuple[int, ...]]:
+    """Shapes of every parameter of a Llama/Qwen2-style decoder from its config (biases on q/k/v for Qwen2)."""
+    h, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or h // heads
+    qkv_bias = getattr(config, "attention_bias", config.model_type == "qwen2")
+    per_layer = [(heads * head_dim, h), (kv * head_dim, h), (kv * head_dim, h), (h, heads * head_dim),
+                 (inter, h), (inter, h), (h, inter), (h,), (h,)]
+    if qkv_bias:
+        per_layer += [(heads * head_dim,), (kv * head_dim,), (kv * head_dim,)]
+    shapes = [(config.vocab_size, h)] + per_layer * layers + [(h,)]
+    if not getattr(config, "tie_word_embeddings", False):
+        shapes.append((config.vocab_size, h))
+    return shapes
+
+
+_OPTIMIZER_BYTES = {  # optimizer state bytes per parameter (bf16 weights, no fp32 master copy)
+    "adamw": 4,        # torch AdamW keeps exp_avg and exp_avg_sq in the parameter dtype: 2 x bf16
+    "adamw8bit": 2,    # bitsandbytes 8-bit AdamW: 2 x int8 (+ small block scales, ignored)
+    "sgd": 0,          # plain SGD without momentum
+}
+
+
+def memory_plan(config, *, optimizer: str = "adamw", gradient_checkpointing: bool = True, batch_size: int = 1,
+                seq_len: int = 512) -> dict:
+    """Bytes needed to unlearn a Llama/Qwen2-style model on one GPU in bf16, and whether it fits 80 GB.
+
+    Items (bytes): "weights" 2P, "gradients" 2P (bf16), "optimizer" per ``optimizer`` ("adamw": 4P
+    bf16 states, "adamw8bit": 2P, "adafactor": 4 bytes x (rows + cols) per matrix, "sgd": 0),
+    "activations" (with checkpointing: every layer's bf16 input B T h plus one layer recomputed,
+    ~B T (34 h + 5 heads T) bytes (Korthikanti et al. 2022); without: that per layer), "logits"
+    (float32 logits and their gradient, 2 x 4 B T V), "npo_reference" (4 bytes per forget sequence:
+    cached sequence log-probs, 10k sequences counted), "kl_reference" (frozen bf16 copy, 2P: the KL
+    methods only; caching log-softmax on retain would cost 4 V bytes per token). "total" sums all
+    items (the worst case, a KL method); "total_without_kl" drops the frozen copy. "fits_80gb" compares
+    the total with 90% of 80e9 bytes (CUDA context and fragmentation headroom).
+    """
+    if optimizer not in (*_OPTIMIZER_BYTES, "adafactor"):
+        raise ValueError(f"optimizer must be one of {(*_OPTIMIZER_BYTES, 'adafactor')}, got {optimizer!r}")
+    for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    shapes = _param_shapes(config)
+    params = sum(torch.Size(s).numel() for s in shapes)
+    if optimizer == "adafactor":
+        opt = 4 * sum(sum(s) if len(s) == 2 else s[0] for s in shapes)
+    else:
+        opt = _OPTIMIZER_BYTES[optimizer] * params
+    h, layers, heads = config.hidden_size, config.num_hidden_layers, config.num_attention_heads
+    tokens = batch_size * seq_len
+    one_layer = tokens * (34 * h + 5 * heads * seq_len)
+    activations = layers * tokens * h * 2 + one_layer if gradient_checkpointing else layers * one_layer
+    items = {"weights": 2 * params, "gradients": 2 * params, "optimizer": opt, "activations": activations,
+             "logits": 2 * 4 * tokens * config.vocab_size, "npo_reference": 4 * 10_000, "kl_reference": 2 * params}
+    total = sum(items.values())
+    budget = int(0.9 * 80e9)
+    plan = {"params": params, "bytes": items, "total": total, "total_without_kl": total - items["kl_reference"],
+            "budget": budget, "fits_80gb": total <= budget,
+            "kl_cache_bytes_per_token": 4 * config.vocab_size}
+    plan["advice"] = _advice(plan, optimizer, gradient_checkpointing)
+    return plan
+
+
+def _advice(plan: dict, optimizer: str, gradient_checkpointing: bool) -> str:
+    gb = lambda b: f"{b / 1e9:.1f} GB"  # noqa: E731
+    head = (f"{plan['params'] / 1e9:.2f}B params, bf16 weights {gb(plan['bytes']['weights'])}, optimizer "
+            f"'{optimizer}' {gb(plan['bytes']['optimizer'])}, gradient checkpointing "
+            f"{'on' if gradient_checkpointing else 'off'}: total {gb(plan['total'])} with the KL reference copy, "
+            f"{gb(plan['total_without_kl'])} without (budget {gb(plan['budget'])}). ")
+    if plan["fits_80gb"]:
+        return head + "Fits one 80 GB GPU for every method."
+    if plan["total_without_kl"] <= plan["budget"]:
+        return head + ("Fits for GA, GA+GD, NPO and RLabel (NPO reference log-probs are cached, no second model); "
+                       "for GA+KL / NPO+KL use optimizer 'sgd', 'adafactor' or 'adamw8bit', or shard with FSDP.")
+    return head + ("Does not fit: use optimizer 'sgd' or 'adafactor', gradient checkpointing, a smaller batch or "
+                   "sequence, or shard over several GPUs with the shipped FSDP config.")
