@@ -305,10 +305,13 @@ def cka_matrix(
     if method == "gram":
         gx = _layer_grams(lx, debiased, backend)  # (Lx, n^2)
         gy = gx if ys is None else _layer_grams(ly, debiased, backend)  # (Ly, n^2)
-        pair = gx @ gy.T  # (Lx, Ly)
-        nx = gx.to(torch.float64).square().sum(-1)  # (Lx,)
-        ny = nx if ys is None else gy.to(torch.float64).square().sum(-1)  # (Ly,)
-        return _ratio(pair.to(torch.float64), nx.unsqueeze(1), ny.unsqueeze(0)).to(out_dtype)
+        pair = (gx @ gy.T).to(torch.float64)  # (Lx, Ly)
+        if ys is None:  # the diagonal holds the squared norms, from the same GEMM: CKA(X_i, X_i) = 1 exactly
+            nx = ny = pair.diagonal().clone()  # (Lx,)
+        else:
+            nx = torch.linalg.vector_norm(gx, dim=-1, dtype=torch.float64).square()  # (Lx,)
+            ny = torch.linalg.vector_norm(gy, dim=-1, dtype=torch.float64).square()  # (Ly,)
+        return _ratio(pair, nx.unsqueeze(1), ny.unsqueeze(0)).to(out_dtype)
     out = torch.empty(len(lx), len(ly), dtype=torch.float64)
     for i, xi in enumerate(lx):
         for j, yj in enumerate(ly):
