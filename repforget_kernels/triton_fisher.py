@@ -113,9 +113,10 @@ def _square_acc_kernel(
     n = tl.load(numel_tab + t)
     acc_p = tl.load(acc_tab + t).to(tl.pointer_type(ACC_T))
     grad_p = tl.load(grad_tab + t).to(tl.pointer_type(GRAD_T))
-    if ALIGNED:
+    if ALIGNED:  # lets the compiler emit 16-byte vector accesses (start is a multiple of BLOCK)
         acc_p = tl.multiple_of(acc_p, 16)
         grad_p = tl.multiple_of(grad_p, 16)
+        start = tl.multiple_of(start, BLOCK)
     scale = tl.load(scale_ptr)
     offs = start + tl.arange(0, BLOCK)  # (BLOCK,) int64
     if start + BLOCK <= n:
