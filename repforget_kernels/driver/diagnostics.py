@@ -436,11 +436,10 @@ def _fisher_stage(ref: Snapshot, upd: Snapshot, cfg: DiagnosticsConfig) -> Optio
         return None
     total_ref, total_upd = float(ref.fisher_mass.sum()), float(upd.fisher_mass.sum())
     values = torch.cat(upd.fisher_sub)  # (sum m_l,)
-    positive = values[values > 0]
     hist = None
-    if positive.numel():
-        counts, edges = fisher_histogram(positive, bins=cfg.hist_bins, log=True)
-        hist = {"counts": counts.tolist(), "edges": edges.tolist()}
+    if bool((values > 0).any()):
+        h = fisher_histogram(values, bins=cfg.hist_bins, log=True)
+        hist = {"counts": h.counts.tolist(), "edges": h.edges.tolist(), "n_zero": h.n_zero}
     return {"mass": total_upd, "mass_ref": total_ref,
             "mass_ratio": json_safe(total_upd / total_ref) if total_ref > 0 else None, "histogram": hist}
 

@@ -55,8 +55,8 @@ THRESHOLDS = {
 }
 _THRESHOLD_TEXT = {
     "forget_drop": "forgetting happened: forget accuracy fell by at least this much (absolute)",
-    "retain_drop": "catastrophic: retain accuracy also fell by at least this much (absolute)",
-    "recovery": "reversible: relearning restored at least this fraction of the forget-accuracy drop",
+    "retain_drop": "catastrophic (when not reversible): retain accuracy also fell by at least this much (absolute)",
+    "recovery": "reversible: relearning restored at least this fraction of the forget-accuracy drop (checked first)",
     "cka_intact": "structure intact: minimum layer CKA (vs original) at least this",
     "pca_intact": "structure intact: minimum layer PCA similarity (vs original) at least this",
 }
@@ -155,8 +155,12 @@ def verdict(stages: list, thresholds: Optional[dict] = None) -> dict:
     Behaviour (the paper's Definition 2.1, on teacher-forced answer accuracy), with
     d_f = forget drop and d_r = retain drop from the original to the last unlearned stage and
     recovery = (forget_acc(relearned) - forget_acc(last unlearned)) / d_f:
-      ``not_forgotten`` if d_f < forget_drop; else ``catastrophic`` if d_r >= retain_drop (both fell far);
-      else ``reversible`` if recovery >= recovery threshold; else ``irreversible``.
+      ``not_forgotten`` if d_f < forget_drop; else ``reversible`` if recovery >= the recovery threshold
+      (relearning restores forget performance); else ``catastrophic`` if d_r >= retain_drop (forget and
+      retain both fell far and relearning does not bring them back); else ``irreversible`` (targeted and
+      lasting). Reversibility is tested first because it is what relearning measures: a model whose
+      retain accuracy also fell but comes back with the forget facts after a short relearn is
+      suppressed, not destroyed; ``retain_collapsed`` records d_r >= retain_drop in every case.
     Structure at the last unlearned stage (and, for reference, after relearning): min and mean layer
     CKA, min and mean PCA similarity, total Fisher mass ratio; ``intact`` when min CKA >= cka_intact
     and min PCA similarity >= pca_intact, else ``drifted``. The Fisher ratio is reported, not thresholded
@@ -172,10 +176,10 @@ def verdict(stages: list, thresholds: Optional[dict] = None) -> dict:
     recovery = (rel["forget_acc"] - last["forget_acc"]) / d_f if rel is not None and d_f > 0 else None
     if d_f < th["forget_drop"]:
         label = "not_forgotten"
-    elif d_r >= th["retain_drop"]:
-        label = "catastrophic"
     elif recovery is not None and recovery >= th["recovery"]:
         label = "reversible"
+    elif d_r >= th["retain_drop"]:
+        label = "catastrophic"
     else:
         label = "irreversible"
     structure = _structure(last)
@@ -183,6 +187,7 @@ def verdict(stages: list, thresholds: Optional[dict] = None) -> dict:
           and structure["min_pca_similarity"] is not None and structure["min_pca_similarity"] >= th["pca_intact"])
     structure["label"] = "intact" if ok else "drifted"
     return {"behaviour": {"label": label, "forget_drop": d_f, "retain_drop": d_r, "relearn_recovery": recovery,
+                          "retain_collapsed": d_r >= th["retain_drop"],
                           "forget_acc_relearned": rel["forget_acc"] if rel is not None else None},
             "structure": structure,
             "structure_relearned": _structure(rel) if rel is not None else None,
