@@ -104,20 +104,22 @@ def _per_sample_linear_fisher_torch(x, grad_out, mask, out):
         out.addmm_(g2.T, x[:, 0].to(cd).square())
         return
     c, rows = _plan_chunks(b, t, n_in, n_out, torch.finfo(cd).bits // 8)
+    buf = torch.empty(c * rows * n_in, dtype=cd, device=out.device)  # scratch, reused by every chunk
     for s0 in range(0, b, c):
-        xc = x[s0 : s0 + c].to(cd)  # (c, T, in)
-        gc = grad_out[s0 : s0 + c].to(cd)  # (c, T, out)
+        xc = x[s0 : s0 + c].to(cd)  # (c', T, in)
+        gc = grad_out[s0 : s0 + c].to(cd)  # (c', T, out)
         if mask is not None:
-            gc = gc * mask[s0 : s0 + c].unsqueeze(-1).to(cd)  # (c, T, out)
-        if rows == n_out and xc.shape[0] > 1:
-            g_s = torch.bmm(gc.transpose(1, 2), xc)  # (c, out, in) per-sample gradients
-            g_s.square_()
-            ones = torch.ones(1, g_s.shape[0], dtype=cd, device=out.device)  # (1, c)
+            gc = gc * mask[s0 : s0 + c].unsqueeze(-1).to(cd)  # (c', T, out)
+        if c > 1:
+            g_s = torch.bmm(gc.transpose(1, 2), xc, out=buf[: xc.shape[0] * n_out * n_in].view(-1, n_out, n_in))
+            g_s.square_()  # (c', out, in) squared per-sample gradients
+            ones = torch.ones(1, g_s.shape[0], dtype=cd, device=out.device)  # (1, c')
             out.view(1, -1).addmm_(ones, g_s.view(g_s.shape[0], -1))
             continue
         for r0 in range(0, n_out, rows):
-            g_blk = torch.mm(gc[0, :, r0 : r0 + rows].T, xc[0])  # (rows, in)
-            out[r0 : r0 + rows].addcmul_(g_blk, g_blk)
+            nr = min(rows, n_out - r0)
+            g_blk = torch.mm(gc[0, :, r0 : r0 + nr].T, xc[0], out=buf[: nr * n_in].view(nr, n_in))  # (rows, in)
+            out[r0 : r0 + nr].addcmul_(g_blk, g_blk)
 
 
 @register("histogram", "torch")
@@ -342,13 +344,14 @@ def fisher_histogram(values, *, bins: int = 64, log: bool = True, backend: Optio
     Returns:
         :class:`FisherHistogram` unpacking as (counts int64 (bins,), edges float64 (bins + 1,) in
         value space), with ``counts.sum() + n_zero == numel``. Equals
-        ``reference.fisher_histogram_ref``. Cost: one aminmax pass plus one counting pass.
+        ``reference.fisher_histogram_ref``. Cost: one aminmax pass plus one counting pass (plus
+        one min pass over a tensor that holds zeros, for log=True).
     Raises ValueError on negative, NaN or Inf values, and for log=True when no value is positive.
     """
     if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
         raise ValueError(f"bins must be a positive integer, got {bins!r}")
     flat = _pooled_values(values)
-    lo, hi, n_zero, numel = math.inf, -math.inf, 0, 0
+    lo, hi, numel = math.inf, -math.inf, 0
     for name, v in flat:
         if v.numel() == 0:
             continue
@@ -357,11 +360,8 @@ def fisher_histogram(values, *, bins: int = 64, log: bool = True, backend: Optio
         if vmin < 0:
             raise ValueError(f"{name} has negative values (min {vmin:g}); Fisher values are squares, >= 0")
         hi = max(hi, vmax)
-        if log:
-            zero = v == 0  # (numel,)
-            n_zero += int(zero.sum())
-            pos_min = vmin if vmin > 0 else float(v.masked_fill(zero, math.inf).min())
-            lo = min(lo, pos_min)
+        if log:  # the smallest positive value: one more pass only when v holds zeros
+            lo = min(lo, vmin if vmin > 0 else float(v.masked_fill(v == 0, math.inf).min()))
         else:
             lo = min(lo, vmin)
     if log and not math.isfinite(lo):
@@ -382,7 +382,8 @@ def fisher_histogram(values, *, bins: int = 64, log: bool = True, backend: Optio
     for _, v in flat:
         if v.numel():
             counts += op(v, lo, hi, bins, log)
-    return FisherHistogram(counts, edges, n_zero)
+    # Every value lies in [lo, hi] except, for a log histogram, the zeros: they are the rest.
+    return FisherHistogram(counts, edges, numel - int(counts.sum()))
 
 
 # --------------------------------------------------------------------------- DiagonalFisher: helpers
@@ -566,13 +567,15 @@ class DiagonalFisher:
         over samples of the vjp of the module (B copies of that module's parameters only).
       - everything the hooks cannot cover exactly (parameters shared across other kinds of
         modules, modules whose inputs do not carry the batch first, tensors in keyword
-        arguments, modules torch.func cannot transform, parameters used outside their module's
-        forward are NOT detected) falls back to an exact loop of per-sequence backward passes
-        for just those parameters.
+        arguments, modules run under no_grad (reentrant checkpointing), modules torch.func
+        cannot transform) falls back to an exact loop of per-sequence backward passes for just
+        those parameters. Parameters used outside their owning module's forward (e.g. a
+        ``module.weight`` read directly by a parent) cannot be seen by hooks and are NOT detected.
     Costs about one forward + two backwards of the batch (vs B of each for the loop).
-    Gradient checkpointing: transformers only checkpoints in training mode, and the update runs
-    in eval mode, so no recomputation happens; a module re-run during the backward raises
-    RuntimeError. If an update raises midway the estimator refuses further use.
+    Gradient checkpointing: transformers only checkpoints in training mode and the update runs
+    in eval mode, so nothing is recomputed; non-reentrant checkpointing elsewhere is harmless
+    (the hooks are removed before the backward and the output-gradient hooks sit on the
+    original tensors). If an update raises midway the estimator refuses further use.
     """
 
     def __init__(
@@ -688,7 +691,7 @@ class DiagonalFisher:
             raise RuntimeError("an earlier update failed midway; this DiagonalFisher is inconsistent, create a new one")
         inputs, targets = self._prepare(batch)
         model = self.model
-        was_training = model.training
+        modes = [(m, m.training) for m in model.modules()]
         flags = [(p, p.requires_grad) for p in model.parameters()]
         try:
             model.eval()
@@ -705,7 +708,8 @@ class DiagonalFisher:
         finally:
             for p, flag in flags:
                 p.requires_grad_(flag)
-            model.train(was_training)
+            for m, mode in modes:
+                m.training = mode
         self._n += targets.shape[0]
         return self
 
@@ -758,17 +762,11 @@ class DiagonalFisher:
         calls: dict = {m: [] for m in hooked}
         bad: set = set()
         roots: list = []
-        state = {"backward": False}
 
         def forward_hook(module, args, kwargs, output):
-            if state["backward"]:
-                raise RuntimeError(
-                    f"{type(module).__name__} ran again during the backward (gradient checkpointing or "
-                    "recomputation): disable it for DiagonalFisher(per_sample=True)"
-                )
             call = _Call(module, hooked[module])
-            if not (isinstance(output, torch.Tensor) and output.dim() and output.shape[0] == b
-                    and _capture_inputs(call, args, kwargs, b)):
+            if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.dim()
+                    and output.shape[0] == b and _capture_inputs(call, args, kwargs, b)):
                 bad.add(module)
                 return None
             calls[module].append(call)
@@ -791,7 +789,6 @@ class DiagonalFisher:
         loop = {n for n, s in self._strategy.items() if s == "loop" or any(m in bad for m, _, _ in self._uses[n])}
         self._mark_immediate(calls, loop)
         if roots and total.requires_grad:
-            state["backward"] = True
             grads = torch.autograd.grad(total, [r for r, _ in roots], allow_unused=True)
             for (_, call), g in zip(roots, grads):
                 if g is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from conftest import TOL, randn
@@ -426,10 +427,12 @@ class TestDiagonalFisher:
 
     def test_model_state_restored(self, gen):
         model = _tiny("llama").train()
+        model.model.layers[1].eval()
         model.model.norm.weight.requires_grad_(False)
         model.lm_head.weight.grad = torch.ones_like(model.lm_head.weight)
         DiagonalFisher(model, params=["model.norm.weight", "lm_head.weight"]).update(_batch(gen))
-        assert model.training and not model.model.norm.weight.requires_grad
+        assert model.training and not model.model.layers[1].training and model.model.layers[0].training
+        assert not model.model.norm.weight.requires_grad
         assert torch.equal(model.lm_head.weight.grad, torch.ones_like(model.lm_head.weight))
         assert all(p.grad is None for n, p in model.named_parameters() if n != "lm_head.weight")
         assert all(not m._forward_hooks for m in model.modules())
@@ -444,8 +447,9 @@ class TestDiagonalFisher:
         model.eval()
         _assert_close_dicts(got, _brute_force(model, batch), 1e-4)
 
-    def test_uncovered_parameters_fall_back_to_the_loop(self, gen):
-        model = _OddLM().double()
+    @pytest.mark.parametrize("checkpoint", [False, True], ids=["plain", "non-reentrant-checkpoint"])
+    def test_uncovered_parameters_fall_back_to_the_loop(self, gen, checkpoint):
+        model = _OddLM(checkpoint=checkpoint).double()
         batch = _batch(gen, b=3, t=7)
         df = DiagonalFisher(model)
         assert df._strategy["shared"] == "loop" and df._strategy["norm.weight"] == "generic"
@@ -486,9 +490,10 @@ class _Transposed(nn.Module):
 class _OddLM(nn.Module):
     """Embedding -> LayerNorm -> transposed Linear -> a matrix shared by a Linear and a direct matmul -> logits."""
 
-    def __init__(self, d=12):
+    def __init__(self, d=12, checkpoint=False):
         super().__init__()
         torch.manual_seed(1)
+        self.checkpoint = checkpoint
         self.emb = nn.Embedding(VOCAB, d, padding_idx=0)
         self.norm = nn.LayerNorm(d)
         self.odd = _Transposed(d)
@@ -497,6 +502,8 @@ class _OddLM(nn.Module):
         self.out = nn.Linear(d, VOCAB)
 
     def forward(self, input_ids, attention_mask=None):
-        h = self.odd(self.norm(self.emb(input_ids)))
+        e = self.emb(input_ids)
+        h = torch.utils.checkpoint.checkpoint(self.norm, e, use_reentrant=False) if self.checkpoint else self.norm(e)
+        h = self.odd(h)
         h = torch.tanh(self.proj(h)) + h @ self.shared
         return self.out(h)
