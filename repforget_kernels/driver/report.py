@@ -139,10 +139,12 @@ def _values(stage: dict, key: str) -> list:
     return [row[key] for row in stage.get("layers", []) if row.get(key) is not None]
 
 
-def _structure(stage: dict) -> dict:
+def _structure(stage: dict, th: dict) -> dict:
+    """Layer summary of one stage with its ``intact`` / ``drifted`` label (see :func:`verdict`)."""
     cka, pca = _values(stage, "cka"), _values(stage, "pca_similarity")
     fisher = stage.get("fisher") or {}
-    return {"stage": stage["name"],
+    intact = bool(cka) and bool(pca) and min(cka) >= th["cka_intact"] and min(pca) >= th["pca_intact"]
+    return {"stage": stage["name"], "label": "intact" if intact else "drifted",
             "min_cka": min(cka) if cka else None, "mean_cka": sum(cka) / len(cka) if cka else None,
             "min_pca_similarity": min(pca) if pca else None,
             "mean_pca_similarity": sum(pca) / len(pca) if pca else None,
@@ -182,15 +184,11 @@ def verdict(stages: list, thresholds: Optional[dict] = None) -> dict:
         label = "catastrophic"
     else:
         label = "irreversible"
-    structure = _structure(last)
-    ok = (structure["min_cka"] is not None and structure["min_cka"] >= th["cka_intact"]
-          and structure["min_pca_similarity"] is not None and structure["min_pca_similarity"] >= th["pca_intact"])
-    structure["label"] = "intact" if ok else "drifted"
     return {"behaviour": {"label": label, "forget_drop": d_f, "retain_drop": d_r, "relearn_recovery": recovery,
                           "retain_collapsed": d_r >= th["retain_drop"],
                           "forget_acc_relearned": rel["forget_acc"] if rel is not None else None},
-            "structure": structure,
-            "structure_relearned": _structure(rel) if rel is not None else None,
+            "structure": _structure(last, th),
+            "structure_relearned": _structure(rel, th) if rel is not None else None,
             "thresholds": th}
 
 

@@ -1,0 +1,166 @@
+"""Driver pipeline: stages, verdicts, report schema, atomic state, resume after an interruption."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from repforget_kernels.driver.diagnostics import DiagnosticsConfig
+from repforget_kernels.driver.pipeline import Pipeline, PipelineConfig, RunSpec, StateMismatch, split_requests
+from repforget_kernels.driver.plots import PLOTS
+from repforget_kernels.driver.report import THRESHOLDS, verdict
+
+from test_driver_diagnostics import small_corpus, tiny, tiny_cache  # noqa: F401  (session fixtures)
+
+SPECS = [RunSpec("ga", 3e-3, "single", batch_size=4, relearn_lr=3e-3),
+         RunSpec("npo", 3e-3, "continual", requests=2, batch_size=4, relearn_lr=3e-3)]
+
+
+def config(out, cache, **kw) -> PipelineConfig:
+    return PipelineConfig(out=out, cache_dir=cache, examples=small_corpus(), progress=False,
+                          diagnostics=DiagnosticsConfig(batch_size=8, fisher_samples=2000), **kw)
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, tiny, tiny_cache):  # noqa: F811
+    out = tmp_path_factory.mktemp("full")
+    report = Pipeline(config(out, tiny_cache)).run(SPECS)
+    return out, report
+
+
+class TestEndToEnd:
+    def test_stage_names_and_files(self, finished):
+        out, report = finished
+        names = [[s["name"] for s in run["stages"]] for run in report["runs"]]
+        assert names == [["original", "unlearned", "relearned"],
+                         ["original", "unlearned_1", "unlearned_2", "relearned"]]
+        for name in ("report.json", "report.md", *PLOTS):
+            assert (out / name).stat().st_size > 0
+        assert not list((out / "state").rglob("*.pt"))[1:]  # only reference.pt is left
+        assert [p.name for p in (out / "state").rglob("*.pt")] == ["reference.pt"]
+        assert not list(out.rglob("*.tmp"))
+
+    def test_report_json_schema(self, finished):
+        out, _ = finished
+        report = json.loads((out / "report.json").read_text())
+        assert report["complete"] is True
+        assert {"config", "versions", "thresholds", "runs"} <= report.keys()
+        assert report["thresholds"] == THRESHOLDS
+        for run in report["runs"]:
+            assert {"method", "lr", "setting", "stages", "verdict"} <= run.keys()
+            assert run["setting"] in ("single", "continual")
+            assert {"behaviour", "structure"} <= run["verdict"].keys()
+            assert run["verdict"]["behaviour"]["label"] in ("not_forgotten", "reversible", "irreversible", "catastrophic")
+            assert run["verdict"]["structure"]["label"] in ("intact", "drifted")
+            for stage in run["stages"]:
+                assert {"name", "forget_acc", "retain_acc", "mia_auc", "layers"} <= stage.keys()
+                assert set(stage["mia_auc"]) == {"loss", "zlib", "min_k", "min_k_plus_plus"}
+                assert [r["layer"] for r in stage["layers"]] == list(range(4))
+                for row in stage["layers"]:
+                    assert {"layer", "cka", "pca_similarity", "pca_shift", "fisher_mass_ratio"} <= row.keys()
+                    assert len(row["pca_shift"]) == 2
+
+    def test_original_stage_is_self_identical_and_unlearning_moves(self, finished):
+        _, report = finished
+        orig = report["runs"][0]["stages"][0]
+        assert orig["forget_acc"] >= 0.9 and orig["retain_acc"] >= 0.9
+        assert all(r["cka"] == pytest.approx(1.0, abs=1e-5) for r in orig["layers"])
+        unl = report["runs"][0]["stages"][1]
+        assert unl["forget_acc"] < orig["forget_acc"]
+        assert min(r["cka"] for r in unl["layers"]) < 1.0 - 1e-4
+        assert unl["train"]["steps"] > 0
+
+    def test_markdown_has_tables_and_thresholds(self, finished):
+        out, report = finished
+        md = (out / "report.md").read_text()
+        for run in report["runs"]:
+            assert f"## {run['run_id']}" in md
+        assert "| layer | cka |" in md and "## Thresholds" in md and "`cka_intact`" in md
+
+
+class TestResume:
+    def test_interrupted_run_resumes_to_the_same_report(self, tmp_path, finished, tiny_cache):  # noqa: F811
+        _, want = finished
+        (tmp_path / "report.json").write_text('{"complete": true}')  # a stale report must not survive a run
+
+        def stop(run_id, stage):
+            if stage == "unlearned_1":
+                raise Interrupt
+
+        with pytest.raises(Interrupt):
+            Pipeline(config(tmp_path, tiny_cache), on_stage_done=stop).run(SPECS)
+        assert not (tmp_path / "report.json").exists() and not (tmp_path / "report.md").exists()
+        run_dir = tmp_path / "state" / SPECS[1].run_id
+        assert (run_dir / "1_unlearned_1.json").exists() and (run_dir / "1_unlearned_1.pt").exists()
+        assert not (run_dir / "2_unlearned_2.json").exists()
+
+        seen = []
+        got = Pipeline(config(tmp_path, tiny_cache), on_stage_done=lambda r, s: seen.append((r, s))).run(SPECS)
+        assert seen == [(SPECS[1].run_id, "unlearned_2"), (SPECS[1].run_id, "relearned")]
+        assert got == want
+        assert json.loads((tmp_path / "report.json").read_text())["complete"] is True
+
+    def test_finished_state_is_not_recomputed(self, finished, tiny_cache):  # noqa: F811
+        out, want = finished
+        seen = []
+        got = Pipeline(config(out, tiny_cache), on_stage_done=lambda r, s: seen.append(s)).run(SPECS)
+        assert seen == [] and got == want
+
+    def test_other_config_in_same_out_is_refused(self, finished, tiny_cache):  # noqa: F811
+        out, _ = finished
+        cfg = config(out, tiny_cache)
+        cfg.diagnostics = DiagnosticsConfig(sample="last")
+        with pytest.raises(StateMismatch, match="different configuration"):
+            Pipeline(cfg).run(SPECS)
+        changed = [RunSpec("ga", 3e-3, "single", batch_size=2, relearn_lr=3e-3)]
+        with pytest.raises(StateMismatch, match="different settings"):
+            Pipeline(config(out, tiny_cache)).run(changed)
+
+
+def stage(name, f, r, cka=1.0, pca=1.0):
+    return {"name": name, "forget_acc": f, "retain_acc": r, "fisher": {"mass_ratio": 2.0},
+            "layers": [{"layer": 0, "cka": cka, "pca_similarity": pca}, {"layer": 1, "cka": None, "pca_similarity": pca}]}
+
+
+class TestVerdict:
+    @pytest.mark.parametrize("unl, rel, label", [
+        ((0.9, 0.9), (0.95, 0.9), "not_forgotten"),
+        ((0.1, 0.9), (0.9, 0.9), "reversible"),
+        ((0.1, 0.2), (0.9, 0.9), "reversible"),
+        ((0.1, 0.2), (0.2, 0.2), "catastrophic"),
+        ((0.1, 0.9), (0.3, 0.9), "irreversible"),
+    ])
+    def test_behaviour_labels(self, unl, rel, label):
+        v = verdict([stage("original", 1.0, 1.0), stage("unlearned", *unl), stage("relearned", *rel)])
+        assert v["behaviour"]["label"] == label
+        assert v["behaviour"]["forget_drop"] == pytest.approx(1.0 - unl[0])
+
+    def test_structure_uses_last_unlearned_stage_and_thresholds(self):
+        stages = [stage("original", 1, 1), stage("unlearned_1", 0.5, 1, cka=0.95), stage("unlearned_2", 0, 1, cka=0.5),
+                  stage("relearned", 1, 1, cka=0.97)]
+        v = verdict(stages)
+        assert v["structure"]["stage"] == "unlearned_2" and v["structure"]["min_cka"] == 0.5
+        assert v["structure"]["label"] == "drifted" and v["structure_relearned"]["label"] == "intact"
+        assert verdict(stages, {"cka_intact": 0.4})["structure"]["label"] == "intact"
+        assert v["structure"]["fisher_mass_ratio"] == 2.0
+        assert v["thresholds"] == THRESHOLDS
+
+
+class TestSpecs:
+    def test_split_requests(self):
+        chunks = split_requests(list(range(11)), 3)
+        assert [len(c) for c in chunks] == [4, 4, 3] and sum(chunks, []) == list(range(11))
+        with pytest.raises(ValueError, match="cannot split"):
+            split_requests([1, 2], 3)
+
+    def test_runspec_validation_and_ids(self):
+        with pytest.raises(ValueError, match="unknown method"):
+            RunSpec("gradient_descent", 1e-3)
+        with pytest.raises(ValueError, match="setting"):
+            RunSpec("ga", 1e-3, "batch")
+        assert RunSpec("npo", 1e-3, "continual", requests=5).run_id == "npo_lr0.001_continual5"
+        assert RunSpec("ga", 1e-3, relearn_data="retain").stage_names() == ["original", "unlearned", "relearned"]
