@@ -198,7 +198,7 @@ def fisher_accumulate_(fisher, grad, *, scale: float = 1.0, backend: Optional[st
         check_float_tensor(g, f"grad{tag}")
         if g.shape != acc.shape:
             raise ValueError(f"grad{tag} has shape {tuple(g.shape)} but fisher{tag} has shape {tuple(acc.shape)}")
-        check_same_device(**{f"fisher{tag}": acc, f"grad{tag}": g})
+        check_same_device(**{"fisher[0]": accs[0], f"fisher{tag}": acc, f"grad{tag}": g})
         check_finite(g, f"grad{tag}")
     if accs:
         op = kernel("square_accumulate", accs[0].device, backend)
@@ -609,6 +609,7 @@ class DiagonalFisher:
         self._fisher = {n: torch.zeros(p.shape, dtype=_acc_dtype(p), device=p.device) for n, p in self._params.items()}
         self._n = 0
         self._broken = False
+        self._writing = False  # set from the first write into the sums until the update completes
         self._gen: Optional[torch.Generator] = None
         self._uses, self._strategy = self._plan()
         self._module_names: dict = {}
@@ -703,13 +704,14 @@ class DiagonalFisher:
                 else:
                     self._update_batch_square(inputs, targets)
         except BaseException:
-            self._broken = True
+            self._broken = self._writing  # only a failure after the first write leaves partial sums
             raise
         finally:
             for p, flag in flags:
                 p.requires_grad_(flag)
             for m, mode in modes:
                 m.training = mode
+        self._writing = False
         self._n += targets.shape[0]
         return self
 
@@ -733,6 +735,7 @@ class DiagonalFisher:
             targets = self._sample_targets(logits, targets)
         total = _sequence_log_likelihood(logits, targets).sum()
         grads = torch.autograd.grad(total, params, allow_unused=True)
+        self._writing = True
         pairs = [(self._fisher[n], g) for n, g in zip(names, grads) if g is not None]
         if pairs:
             fisher_accumulate_([a for a, _ in pairs], [g for _, g in pairs], backend=self.backend)
@@ -788,6 +791,7 @@ class DiagonalFisher:
                 h.remove()
         loop = {n for n, s in self._strategy.items() if s == "loop" or any(m in bad for m, _, _ in self._uses[n])}
         self._mark_immediate(calls, loop)
+        self._writing = True
         if roots and total.requires_grad:
             grads = torch.autograd.grad(total, [r for r, _ in roots], allow_unused=True)
             for (_, call), g in zip(roots, grads):

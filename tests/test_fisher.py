@@ -451,6 +451,7 @@ class TestDiagonalFisher:
     def test_uncovered_parameters_fall_back_to_the_loop(self, gen, checkpoint):
         model = _OddLM(checkpoint=checkpoint).double()
         batch = _batch(gen, b=3, t=7)
+        batch["input_ids"][2, 3] = 0  # the embedding's padding_idx: no gradient there
         df = DiagonalFisher(model)
         assert df._strategy["shared"] == "loop" and df._strategy["norm.weight"] == "generic"
         got = df.update(batch).compute()
@@ -474,6 +475,10 @@ class TestDiagonalFisher:
         with pytest.raises(ValueError, match=r"labels must be an integer or bool tensor shaped like input_ids \(2, 5\)"):
             df.update({"input_ids": torch.zeros(2, 5, dtype=torch.long), "labels": torch.zeros(2, 4, dtype=torch.long)})
         assert df.n_sequences == 0
+        with pytest.raises(IndexError):  # the forward fails before anything is accumulated
+            df.update({"input_ids": torch.full((2, 5), VOCAB + 3, dtype=torch.long)})
+        df.update(_batch(gen))  # still usable
+        assert df.n_sequences == 3
 
 
 class _Transposed(nn.Module):
