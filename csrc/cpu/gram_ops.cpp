@@ -96,7 +96,8 @@ at::Tensor centered_gram_cpu(const at::Tensor& x, bool unbiased) {
               " rows for unbiased=", unbiased, ", got shape ", x.sizes());
   const at::ScalarType cd = t == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor mean = x.sum(1, /*keepdim=*/true, at::kDouble).div_(static_cast<double>(n));  // (L, 1, d)
-  const at::Tensor xc = at::sub(x.to(cd), mean.to(cd)).contiguous();                           // (L, n, d)
+  // centred in float64, rounded once: exact under large column offsets ("massive activations")
+  const at::Tensor xc = at::sub(x.to(at::kDouble), mean).to(cd).contiguous();  // (L, n, d)
   at::Tensor out = at::empty({L, n, n}, xc.options());                                         // (L, n, n)
   AT_DISPATCH_FLOATING_TYPES(cd, "centered_gram", [&] {
     for (int64_t l = 0; l < L; ++l) gram_layer<scalar_t>(xc[l], out[l], unbiased);

@@ -1,0 +1,401 @@
+"""The compiled CPU kernels (repforget_kernels._C, backend "cpp") op by op.
+
+Each op is called through the dispatcher with backend="cpp" and checked against the float64
+references (repforget_kernels.reference, plus the float64 Gram twins below) and against the
+torch composite of the same op (the contract), on awkward sizes, every float dtype, B = 1 and
+B > 1, masks, and the histogram's edge values. Two threads are used where a kernel merges
+per-thread results. The last class checks the missing-extension path: one warning, then the
+torch composites serve.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TOL, randn
+from repforget_kernels import _cpp_ops, _dispatch
+from repforget_kernels.reference import (
+    fisher_accumulate_ref,
+    fisher_histogram_ref,
+    per_sample_linear_fisher_ref,
+    to_f64,
+)
+
+CPU = torch.device("cpu")
+ALL_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+needs_extension = pytest.mark.skipif(
+    not _cpp_ops.available()[0], reason=f"C++ extension not built: {_cpp_ops.available()[1]}"
+)
+
+
+def cpp(op: str):
+    return _dispatch.kernel(op, CPU, "cpp")
+
+
+def composite(op: str):
+    return _dispatch.kernel(op, CPU, "torch")
+
+
+def max_rel_diff(got, want) -> float:
+    """max |got - want| / max |want| in float64."""
+    got, want = to_f64(got), to_f64(want)
+    return float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-300))
+
+
+def work_tol(*dtypes) -> float:
+    """Inputs are rounded identically for the reference, so only float32 (or float64) work differs."""
+    return TOL[torch.float64] if all(d == torch.float64 for d in dtypes) else TOL[torch.float32]
+
+
+@pytest.fixture
+def two_threads():
+    """Run the test body with 2 intra-op threads (per-thread bins / tiles get merged)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------- float64 Gram twins
+
+
+def centered_gram_ref(x, unbiased: bool) -> np.ndarray:
+    """(n, d) -> (n, n): H K H with an explicit centring matrix, or the U-centred Gram by its definition."""
+    x = to_f64(x)
+    n = x.shape[0]
+    h = np.eye(n) - np.ones((n, n)) / n
+    k = h @ (x @ x.T) @ h
+    if not unbiased:
+        return k
+    kt = k.copy()
+    np.fill_diagonal(kt, 0.0)
+    r, s = kt.sum(1), kt.sum()
+    u = kt - r[:, None] / (n - 2) - r[None, :] / (n - 2) + s / ((n - 1) * (n - 2))
+    np.fill_diagonal(u, 0.0)
+    return u
+
+
+# --------------------------------------------------------------------------- square_accumulate
+
+
+@needs_extension
+class TestSquareAccumulate:
+    SHAPES = [(37, 13), (1,), (0, 5), (3, 7, 11), (40_001,)]
+
+    @pytest.mark.parametrize("gdtype", ALL_FLOATS)
+    @pytest.mark.parametrize("adtype", (torch.float32, torch.float64))
+    def test_matches_reference_multi_tensor(self, gen, gdtype, adtype, two_threads):
+        accs = [randn(*s, gen=gen, dtype=adtype).abs() for s in self.SHAPES]
+        grads = [randn(*s, gen=gen, dtype=gdtype) for s in self.SHAPES]
+        want = [fisher_accumulate_ref(a, g, 0.37) for a, g in zip(accs, grads)]
+        ptrs = [a.data_ptr() for a in accs]
+        assert cpp("square_accumulate")(accs, grads, 0.37) is None
+        assert [a.data_ptr() for a in accs] == ptrs  # in place
+        for a, w, s in zip(accs, want, self.SHAPES):
+            assert a.dtype == adtype and a.shape == s
+            if a.numel():
+                assert max_rel_diff(a, w) < work_tol(adtype, gdtype)
+
+    @pytest.mark.parametrize("gdtype", ALL_FLOATS)
+    def test_equals_composite(self, gen, gdtype):
+        grads = [randn(101, 3, gen=gen, dtype=gdtype), randn(5, gen=gen, dtype=gdtype)]
+        a_cpp = [torch.ones(101, 3), torch.ones(5)]
+        a_ref = [t.clone() for t in a_cpp]
+        cpp("square_accumulate")(a_cpp, grads, 2.5)
+        composite("square_accumulate")(a_ref, grads, 2.5)
+        for got, want in zip(a_cpp, a_ref):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+
+    def test_half_squares_do_not_underflow(self):
+        g = torch.full((9,), 1e-4).to(torch.float16)  # its square (1e-8) underflows in fp16, not in fp32
+        acc = torch.zeros(9)
+        cpp("square_accumulate")([acc], [g], 1.0)
+        assert torch.all(acc > 0)
+        assert max_rel_diff(acc, fisher_accumulate_ref(torch.zeros(9), g)) < TOL[torch.float32]
+
+    def test_strided_accumulator_is_updated_in_place(self, gen):
+        base = torch.zeros(6, 8)
+        acc = base.t()  # (8, 6), not contiguous
+        g = randn(8, 6, gen=gen)
+        cpp("square_accumulate")([acc], [g], 1.0)
+        assert max_rel_diff(base.t(), fisher_accumulate_ref(torch.zeros(8, 6), g)) < TOL[torch.float32]
+
+    def test_empty_lists(self):
+        assert cpp("square_accumulate")([], [], 1.0) is None
+
+    def test_shape_mismatch(self):
+        with pytest.raises(RuntimeError, match=r"accs\[0\] has shape \[3\] but grads\[0\] has shape \[4\]"):
+            cpp("square_accumulate")([torch.zeros(3)], [torch.zeros(4)], 1.0)
+
+    def test_accumulator_dtype(self):
+        with pytest.raises(RuntimeError, match=r"accs\[0\] must be float32 or float64, got BFloat16"):
+            cpp("square_accumulate")([torch.zeros(3, dtype=torch.bfloat16)], [torch.zeros(3)], 1.0)
+
+    def test_grad_dtype(self):
+        with pytest.raises(RuntimeError, match=r"grads\[0\] must have a floating dtype, got Long"):
+            cpp("square_accumulate")([torch.zeros(3)], [torch.zeros(3, dtype=torch.int64)], 1.0)
+
+    def test_list_lengths(self):
+        with pytest.raises(RuntimeError, match="same length, got 2 and 1"):
+            torch.ops.repforget.square_accumulate([torch.zeros(3), torch.zeros(3)], [torch.zeros(3)], 1.0)
+
+
+# --------------------------------------------------------------------------- histogram
+
+
+@needs_extension
+class TestHistogram:
+    @pytest.mark.parametrize("dtype", ALL_FLOATS)
+    @pytest.mark.parametrize("log", [True, False], ids=["log", "linear"])
+    def test_matches_reference(self, gen, dtype, log, two_threads):
+        v = randn(70_001, gen=gen, dtype=torch.float64)  # (N,), crosses the parallel chunks
+        v = (v.square() * 1e-4 if log else v).to(dtype)
+        v[::997] = 0
+        want, _, _ = fisher_histogram_ref(v, bins=61, log=log)
+        v64 = to_f64(v)
+        kept = v64[v64 > 0] if log else v64  # the range the reference bins over
+        lo, hi = float(kept.min()), float(kept.max())
+        got = cpp("histogram")(v, lo, hi, 61, log)
+        assert got.dtype == torch.int64 and got.shape == (61,)
+        np.testing.assert_array_equal(got.numpy(), want)
+
+    @pytest.mark.parametrize("dtype", ALL_FLOATS)
+    @pytest.mark.parametrize("log", [True, False], ids=["log", "linear"])
+    def test_equals_composite(self, gen, dtype, log, two_threads):
+        v = randn(50_003, gen=gen, dtype=dtype)
+        v = v.abs() if log else v
+        lo, hi = (1e-3, 2.0) if log else (-1.5, 2.25)
+        torch.testing.assert_close(cpp("histogram")(v, lo, hi, 17, log), composite("histogram")(v, lo, hi, 17, log))
+
+    def test_edge_values_linear(self):
+        v = torch.tensor([0.0, 1.0, 0.5, 0.25, 0.75, -1e-9, 1.0 + 1e-9, float("nan"), float("inf"), -float("inf")],
+                         dtype=torch.float64)
+        got = cpp("histogram")(v, 0.0, 1.0, 4, False)
+        # 0 and 0.25 open bins 0 and 1, 0.5 bin 2, 0.75 and hi (=1.0) the last bin; the rest is outside
+        assert got.tolist() == [1, 1, 1, 2]
+
+    def test_edge_values_log(self):
+        v = torch.tensor([1e-3, 2e-3, 2e-2, 0.5, 1.0, 0.0, -1.0, 9.99e-4, 1.01, float("nan")], dtype=torch.float64)
+        got = cpp("histogram")(v, 1e-3, 1.0, 3, True)
+        # decades [1e-3, 1e-2), [1e-2, 1e-1), [1e-1, 1]: lo in bin 0, hi in the last; zeros, negatives, outside dropped
+        assert got.tolist() == [2, 1, 2]
+
+    def test_single_bin_counts_everything_in_range(self, gen):
+        v = randn(1000, gen=gen)
+        got = cpp("histogram")(v, -1.0, 1.0, 1, False)
+        assert got.tolist() == [int(((v >= -1) & (v <= 1)).sum())]
+
+    def test_empty_values(self):
+        assert cpp("histogram")(torch.zeros(0), 0.0, 1.0, 5, False).tolist() == [0] * 5
+
+    def test_strided_values(self, gen):
+        v = randn(200, 2, gen=gen)[:, 1]  # (200,), stride 2
+        torch.testing.assert_close(cpp("histogram")(v, -2.0, 2.0, 9, False), composite("histogram")(v, -2.0, 2.0, 9, False))
+
+    @pytest.mark.parametrize(
+        "lo,hi,bins,log,message",
+        [
+            (1.0, 1.0, 4, False, "need finite lo < hi, got lo=1 hi=1"),
+            (0.0, 1.0, 4, True, "log bins need lo > 0, got lo=0"),
+            (0.0, 1.0, 0, False, "bins must be >= 1, got 0"),
+            (0.0, float("inf"), 4, False, "need finite lo < hi"),
+        ],
+    )
+    def test_bad_arguments(self, lo, hi, bins, log, message):
+        with pytest.raises(RuntimeError, match=message):
+            cpp("histogram")(torch.ones(3), lo, hi, bins, log)
+
+    def test_values_must_be_1d(self):
+        with pytest.raises(RuntimeError, match=r"values must be 1-D, got shape \[2, 2\]"):
+            cpp("histogram")(torch.ones(2, 2), 0.0, 1.0, 3, False)
+
+
+# --------------------------------------------------------------------------- per_sample_linear_fisher
+
+
+def _fisher_inputs(gen, b, t, n_in, n_out, dtype, masked: bool):
+    x = randn(b, t, n_in, gen=gen, dtype=dtype)  # (B, T, in)
+    g = randn(b, t, n_out, gen=gen, dtype=dtype)  # (B, T, out)
+    mask = None
+    if masked:
+        mask = torch.rand(b, t, generator=gen) > 0.35  # (B, T)
+        mask[0, :] = False  # a sample with no live token
+        mask[-1, -1] = True
+    return x, g, mask
+
+
+@needs_extension
+class TestPerSampleLinearFisher:
+    # (B, T, in, out): B = 1 and B > 1, in < out and in > out, sizes that are multiples of nothing
+    SHAPES = [(1, 9, 37, 301), (4, 7, 300, 23), (5, 1, 13, 11), (3, 33, 129, 67)]
+
+    @pytest.mark.parametrize("b,t,n_in,n_out", SHAPES)
+    @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+    @pytest.mark.parametrize("odtype", (torch.float32, torch.float64))
+    def test_matches_reference(self, gen, b, t, n_in, n_out, masked, odtype, two_threads):
+        x, g, mask = _fisher_inputs(gen, b, t, n_in, n_out, torch.float64 if odtype == torch.float64 else torch.float32,
+                                    masked and b > 1)
+        out = randn(n_out, n_in, gen=gen, dtype=odtype).abs()  # accumulated into, not overwritten
+        want = to_f64(out) + per_sample_linear_fisher_ref(x, g, mask)
+        assert cpp("per_sample_linear_fisher")(x, g, mask, out) is None
+        assert max_rel_diff(out, want) < work_tol(odtype, x.dtype)
+
+    @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
+    def test_half_inputs_computed_in_float32(self, gen, dtype):
+        x, g, mask = _fisher_inputs(gen, 3, 11, 45, 29, dtype, masked=True)
+        out = torch.zeros(29, 45)
+        cpp("per_sample_linear_fisher")(x, g, mask, out)
+        assert max_rel_diff(out, per_sample_linear_fisher_ref(x, g, mask)) < TOL[torch.float32]
+
+    def test_mixed_input_dtypes(self, gen):
+        x = randn(2, 5, 19, gen=gen, dtype=torch.bfloat16)
+        g = randn(2, 5, 23, gen=gen, dtype=torch.float64)
+        out = torch.zeros(23, 19, dtype=torch.float64)
+        cpp("per_sample_linear_fisher")(x, g, None, out)
+        assert max_rel_diff(out, per_sample_linear_fisher_ref(x, g)) < TOL[torch.float64]
+
+    @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+    def test_equals_composite(self, gen, masked):
+        x, g, mask = _fisher_inputs(gen, 6, 13, 77, 130, torch.float32, masked)
+        got, want = torch.zeros(130, 77), torch.zeros(130, 77)
+        cpp("per_sample_linear_fisher")(x, g, mask, got)
+        composite("per_sample_linear_fisher")(x, g, mask, want)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
+
+    def test_masked_tokens_are_ignored_even_if_not_finite(self, gen):
+        x, g, _ = _fisher_inputs(gen, 2, 6, 9, 8, torch.float32, masked=False)
+        mask = torch.ones(2, 6, dtype=torch.bool)
+        mask[1, 4:] = False
+        x_bad, g_bad = x.clone(), g.clone()
+        x_bad[1, 4:], g_bad[1, 4:] = float("nan"), float("inf")  # padding garbage
+        out = torch.zeros(8, 9)
+        cpp("per_sample_linear_fisher")(x_bad, g_bad, mask, out)
+        assert max_rel_diff(out, per_sample_linear_fisher_ref(x, g, mask)) < TOL[torch.float32]
+
+    def test_all_masked_leaves_out_unchanged(self, gen):
+        x, g, _ = _fisher_inputs(gen, 3, 4, 5, 6, torch.float32, masked=False)
+        out = torch.full((6, 5), 2.0)
+        cpp("per_sample_linear_fisher")(x, g, torch.zeros(3, 4, dtype=torch.bool), out)
+        assert torch.equal(out, torch.full((6, 5), 2.0))
+
+    def test_strided_inputs_and_out(self, gen):
+        x = randn(4, 17, 6, gen=gen).transpose(1, 2)  # (4, 6, 17) non-contiguous
+        g = randn(4, 6, 10, gen=gen)
+        base = torch.zeros(17, 10)
+        out = base.t()  # (10, 17) non-contiguous
+        cpp("per_sample_linear_fisher")(x, g, None, out)
+        assert max_rel_diff(base.t(), per_sample_linear_fisher_ref(x, g)) < TOL[torch.float32]
+
+    def test_integer_mask_is_accepted(self, gen):
+        x, g, mask = _fisher_inputs(gen, 3, 8, 7, 5, torch.float32, masked=True)
+        out = torch.zeros(5, 7)
+        cpp("per_sample_linear_fisher")(x, g, mask.to(torch.int64), out)
+        assert max_rel_diff(out, per_sample_linear_fisher_ref(x, g, mask)) < TOL[torch.float32]
+
+    def test_shape_errors(self):
+        op = torch.ops.repforget.per_sample_linear_fisher
+        x, g = torch.zeros(2, 3, 4), torch.zeros(2, 3, 5)
+        with pytest.raises(RuntimeError, match=r"out must be \(out, in\) = \(5, 4\), got \[4, 5\]"):
+            op(x, g, None, torch.zeros(4, 5))
+        with pytest.raises(RuntimeError, match=r"grad_out must be \(B, T, out\) with x's B and T"):
+            op(x, torch.zeros(2, 4, 5), None, torch.zeros(5, 4))
+        with pytest.raises(RuntimeError, match=r"mask must be \(B, T\) = \(2, 3\), got \[3, 2\]"):
+            op(x, g, torch.ones(3, 2, dtype=torch.bool), torch.zeros(5, 4))
+        with pytest.raises(RuntimeError, match="out must be float32 or float64, got Half"):
+            op(x, g, None, torch.zeros(5, 4, dtype=torch.float16))
+
+
+# --------------------------------------------------------------------------- centered_gram
+
+
+@needs_extension
+class TestCenteredGram:
+    # (L, n, d): n < d and n > d, n across the 256-row blocks, L = 1 and L > 1
+    SHAPES = [(1, 37, 53), (3, 29, 5), (2, 301, 7), (1, 517, 19)]
+
+    @pytest.mark.parametrize("l_,n,d", SHAPES)
+    @pytest.mark.parametrize("unbiased", [False, True], ids=["centred", "ucentred"])
+    @pytest.mark.parametrize("dtype", (torch.float32, torch.float64))
+    def test_matches_reference(self, gen, l_, n, d, unbiased, dtype, two_threads):
+        x = randn(l_, n, d, gen=gen, dtype=dtype)
+        got = cpp("centered_gram")(x, unbiased)
+        assert got.shape == (l_, n, n) and got.dtype == dtype
+        for i in range(l_):
+            assert max_rel_diff(got[i], centered_gram_ref(x[i], unbiased)) < work_tol(dtype)
+
+    @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
+    @pytest.mark.parametrize("unbiased", [False, True], ids=["centred", "ucentred"])
+    def test_half_inputs(self, gen, dtype, unbiased):
+        x = randn(2, 41, 23, gen=gen, dtype=dtype)
+        got = cpp("centered_gram")(x, unbiased)
+        assert got.dtype == torch.float32
+        for i in range(2):
+            assert max_rel_diff(got[i], centered_gram_ref(x[i], unbiased)) < TOL[torch.float32]
+
+    @pytest.mark.parametrize("unbiased", [False, True], ids=["centred", "ucentred"])
+    def test_exact_structure(self, gen, unbiased):
+        got = cpp("centered_gram")(randn(1, 300, 9, gen=gen), unbiased)[0]
+        assert torch.equal(got, got.T)  # mirrored blocks: exactly symmetric
+        if unbiased:
+            assert torch.all(got.diagonal() == 0)
+            assert float(got.double().sum(1).abs().max()) < 1e-4 * float(got.abs().max()) * 300  # U 1 = 0
+
+    @pytest.mark.parametrize("unbiased", [False, True], ids=["centred", "ucentred"])
+    def test_large_offsets_keep_precision(self, gen, unbiased):
+        x = randn(1, 83, 31, gen=gen, dtype=torch.float64)
+        x[..., :3] += 1e3  # "massive activations"
+        got = cpp("centered_gram")(x.float(), unbiased)
+        assert max_rel_diff(got[0], centered_gram_ref(x[0].float(), unbiased)) < 1e-4
+
+    @pytest.mark.parametrize("unbiased", [False, True], ids=["centred", "ucentred"])
+    def test_equals_composite(self, gen, unbiased):
+        x = randn(2, 270, 33, gen=gen)
+        want = composite("centered_gram")(x, unbiased)
+        torch.testing.assert_close(cpp("centered_gram")(x, unbiased), want, rtol=0, atol=2e-5 * float(want.abs().max()))
+
+    def test_strided_input(self, gen):
+        x = randn(1, 12, 40, gen=gen).transpose(1, 2)  # (1, 40, 12) non-contiguous
+        assert max_rel_diff(cpp("centered_gram")(x, True)[0], centered_gram_ref(x[0], True)) < TOL[torch.float32]
+
+    def test_bad_input(self):
+        with pytest.raises(RuntimeError, match=r"x must be \(L, n, d\), got shape \[3, 4\]"):
+            cpp("centered_gram")(torch.zeros(3, 4), False)
+        with pytest.raises(RuntimeError, match="at least 3 rows for unbiased=1"):
+            cpp("centered_gram")(torch.zeros(1, 2, 4), True)
+        with pytest.raises(RuntimeError, match="x must have a floating dtype, got Int"):
+            cpp("centered_gram")(torch.zeros(1, 5, 4, dtype=torch.int32), False)
+
+
+# --------------------------------------------------------------------------- missing extension
+
+
+class TestMissingExtension:
+    def test_warns_once_and_falls_back_to_torch(self, monkeypatch):
+        with monkeypatch.context() as mp:
+            mp.setitem(sys.modules, "repforget_kernels._C", None)  # `import repforget_kernels._C` now fails
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                importlib.reload(_cpp_ops)
+                ok, why = _cpp_ops.available()
+                ops = {op: _dispatch.kernel(op, CPU) for op in _cpp_ops._KERNELS}
+                ops_again = {op: _dispatch.kernel(op, CPU) for op in ops}
+            assert not ok
+            assert "repforget_kernels._C" in why and "pip install --no-build-isolation -e ." in why
+            messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+            assert len(messages) == 1 and "pip install --no-build-isolation -e ." in messages[0]
+            for op in ops:
+                assert ops[op] is ops_again[op] is composite(op)
+            with pytest.raises(ValueError, match="backend='cpp' cannot run here"):
+                _dispatch.kernel("histogram", CPU, "cpp")
+            v = torch.tensor([0.1, 0.6, 1.0])
+            assert ops["histogram"](v, 0.0, 1.0, 2, False).tolist() == [1, 2]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            importlib.reload(_cpp_ops)  # back to the real state of this build
+        assert _cpp_ops.available()[0] == (importlib.util.find_spec("repforget_kernels._C") is not None)
