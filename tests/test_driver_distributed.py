@@ -1,0 +1,84 @@
+"""Driver diagnostics under torch.distributed: two gloo processes on CPU, each running its share of the
+probe and forget batches, give the numbers of one process (pooled rows all-gathered, StreamingCKA
+all-reduced, Fisher sums added across ranks)."""
+from __future__ import annotations
+
+import copy
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from repforget_kernels.driver import diagnostics as D
+from repforget_kernels.driver.data import encode, make_corpus
+from repforget_kernels.driver.models import build_tokenizer, tiny_config
+
+CFG = D.DiagnosticsConfig(batch_size=3, fisher_samples=5000)
+
+
+def models_and_data():
+    """The same untrained tiny Qwen2 pair and encoded splits in every process (seeded)."""
+    from transformers import Qwen2ForCausalLM
+
+    corpus = make_corpus(seed=0, n_per_domain=8, n_probe_per_domain=4)
+    tok = build_tokenizer(corpus)
+    torch.manual_seed(0)
+    ref = Qwen2ForCausalLM(tiny_config(len(tok))).eval()
+    upd = copy.deepcopy(ref)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in upd.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    return ref, upd, {k: encode(tok, v) for k, v in corpus.items()}
+
+
+def _diagnose():
+    ref, upd, enc = models_and_data()
+    rows = D.pooled_activations(ref, enc["probe"], batch_size=CFG.batch_size)
+    return rows, D.diagnose(ref, upd, enc["probe"], enc["forget"], CFG)
+
+
+def _worker(rank: int, world: int, port: int, path: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        rows, out = _diagnose()
+        torch.save({"rows": rows, "out": out}, f"{path}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _close(a, b, tol):
+    if a is None or b is None:
+        return a is b
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_close(u, v, tol) for u, v in zip(a, b))
+    return a == pytest.approx(b, rel=tol, abs=tol)
+
+
+class TestTwoGlooProcesses:
+    def test_same_numbers_as_one_process(self, tmp_path):
+        rows_one, want = _diagnose()
+        path = str(tmp_path / "rank")
+        mp.spawn(_worker, args=(2, _free_port(), path), nprocs=2, join=True)
+        got = [torch.load(f"{path}.{r}", weights_only=False) for r in range(2)]
+        n = rows_one.shape[1]
+        for g in got:
+            # rank-major gather: rank 0 holds batches 0, 2, 4, ..., rank 1 holds 1, 3, 5, ...
+            b = CFG.batch_size
+            order = [i for k in (0, 1) for start in range(k * b, n, 2 * b) for i in range(start, min(start + b, n))]
+            torch.testing.assert_close(g["rows"], rows_one[:, order])
+            for row_got, row_want in zip(g["out"]["layers"], want["layers"]):
+                for key, value in row_want.items():
+                    tol = 1e-3 if key == "fisher_rank_corr" else 1e-5
+                    assert _close(row_got[key], value, tol), (key, row_got[key], value)
+            assert g["out"]["fisher"]["mass_ratio"] == pytest.approx(want["fisher"]["mass_ratio"], rel=1e-5)
+        assert got[0]["out"]["layers"] == got[1]["out"]["layers"]
