@@ -17,6 +17,7 @@ per-sample squared gradients per module type from captured inputs and output gra
 from __future__ import annotations
 
 import math
+import sys
 from typing import Mapping, Optional, Sequence
 
 import torch
@@ -390,9 +391,13 @@ def fisher_histogram(values, *, bins: int = 64, log: bool = True, backend: Optio
 
 
 def _module_kind(module: nn.Module) -> str:
-    """"linear" / "embedding" for the stock layers (no overridden forward), else "generic"."""
+    """"linear" / "embedding" / "conv1d" (transformers' GPT-2 Conv1D: y = x W + b, W (in, out)) for
+    the stock layers with their own forward, else "generic"."""
     if isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward:
         return "linear"
+    conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+    if conv1d is not None and isinstance(module, conv1d) and type(module).forward is conv1d.forward:
+        return "conv1d"
     if (
         isinstance(module, nn.Embedding)
         and type(module).forward is nn.Embedding.forward
@@ -407,7 +412,9 @@ def _param_strategy(roles: set) -> str:
     """How a parameter's per-sample gradients are rebuilt, from the set of its uses' roles."""
     if roles == {"linear.weight"}:
         return "linear"
-    if roles == {"linear.bias"}:
+    if roles == {"conv1d.weight"}:
+        return "conv1d"
+    if roles in ({"linear.bias"}, {"conv1d.bias"}):
         return "bias"
     if roles == {"embedding.weight"}:
         return "embedding"
@@ -435,11 +442,11 @@ class _Call:
 
 def _capture_inputs(call: _Call, args: tuple, kwargs: dict, b: int) -> bool:
     """Store the call's inputs reshaped per sample; False when the batch is not their first dim."""
-    if call.kind in ("linear", "embedding"):
-        x = args[0] if args else kwargs.get("input")
+    if call.kind in ("linear", "conv1d", "embedding"):
+        x = args[0] if args else kwargs.get("input", kwargs.get("x"))
         if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[0] != b:
             return False
-        if call.kind == "linear":
+        if call.kind != "embedding":
             call.x = x.detach().reshape(b, -1, x.shape[-1])  # (B, T, in)
         else:
             call.x = x.detach().reshape(b, -1)  # (B, T) ids
@@ -548,8 +555,9 @@ class DiagonalFisher:
     ``attention_mask`` (B, T) (default all ones), optional ``labels`` (B, T) aligned with
     input_ids as in transformers (shifted inside: token t+1 is predicted at position t; -100 is
     ignored). Position t counts when tokens t and t+1 are both real, so padding (left or right)
-    never enters the loss. Any other key is passed to the model's forward. Tensors are moved
-    to the model's device.
+    never enters the loss. Any other key is passed to the model's forward (e.g. ``position_ids``
+    (B, T): GPT-2's position embedding is only covered by the hooks when its ids carry the batch;
+    with the default (1, T) ids it falls back to the loop). Tensors are moved to the model's device.
 
     ``compute()`` -> {name: tensor shaped like the parameter, float32 (float64 for a float64
     parameter)} = the accumulated squares divided by the number of sequences seen.
@@ -558,7 +566,8 @@ class DiagonalFisher:
     log-likelihood, with parameters frozen so the backward computes no weight gradients.
     Forward hooks capture each parameter-owning module's input, tensor hooks its output
     gradient, and the per-sample squares are rebuilt per module type:
-      - nn.Linear weight: :func:`per_sample_linear_fisher`; bias: sum_s (sum_t g_st)^2.
+      - nn.Linear weight: :func:`per_sample_linear_fisher`; bias: sum_s (sum_t g_st)^2; the same
+        for transformers' Conv1D (GPT-2), whose weight is stored transposed.
       - nn.Embedding: segment sums of output gradients over (sample, token id) keys.
       - a weight shared by Linear and Embedding uses (tied embeddings / lm_head): the uses'
         per-sample gradients are summed before squaring, exactly, via the cross term
@@ -778,7 +787,7 @@ class DiagonalFisher:
                 return None
             leaf = output.detach().requires_grad_(True)
             roots.append((leaf, call))
-            return leaf
+            return leaf.clone()  # a non-leaf, so the model may still modify it in place
 
         handles = [m.register_forward_hook(forward_hook, with_kwargs=True) for m in hooked]
         try:
@@ -807,7 +816,7 @@ class DiagonalFisher:
     def _mark_immediate(self, calls: dict, loop: set) -> None:
         """Linear modules called once whose requested params are theirs alone: processed in their hook."""
         for module, cs in calls.items():
-            if len(cs) != 1 or cs[0].kind != "linear":
+            if len(cs) != 1 or cs[0].kind not in ("linear", "conv1d"):
                 continue
             names = self._names_of(module)
             if names and all(n not in loop and len(self._uses[n]) == 1 for n in names):
@@ -838,7 +847,10 @@ class DiagonalFisher:
         g = torch.cat([c.g.reshape(c.x.shape[0], -1, c.g.shape[-1]) for c in cs], dim=1)  # (B, T', out)
         if attr == "weight":
             x = torch.cat([c.x for c in cs], dim=1)  # (B, T', in)
-            per_sample_linear_fisher(x, g, out=acc, backend=self.backend)
+            if cs[0].kind == "conv1d":  # W (in, out): G_s = sum_t x_st g_st^T, the roles swapped
+                per_sample_linear_fisher(g, x, out=acc, backend=self.backend)
+            else:
+                per_sample_linear_fisher(x, g, out=acc, backend=self.backend)
         else:
             acc.add_(g.sum(1, dtype=acc.dtype).square().sum(0))  # sum_s (sum_t g_st)^2
 
@@ -901,7 +913,7 @@ class DiagonalFisher:
             if n in loop:
                 continue
             cs = self._pending(self._uses[n], calls)
-            if strat in ("linear", "bias"):
+            if strat in ("linear", "conv1d", "bias"):
                 self._linear_param(n, cs)
             elif strat == "embedding":
                 if cs:

@@ -240,9 +240,10 @@ class TestFisherHistogram:
     @pytest.mark.parametrize("log", [True, False])
     def test_op_contract_bounds(self, backend, device, log):
         op = kernel("histogram", device, backend)
-        v = torch.tensor([0.0, 0.5, 1.0, 2.5, 4.0, 7.9, 8.0, 9.0, -1.0], dtype=torch.float32, device=device)
+        v = torch.tensor([0.0, 0.5, 1.0, 2.5, 4.5, 7.9, 8.0, 9.0, -1.0], dtype=torch.float32, device=device)
         got = op(v, 1.0, 8.0, 3, log).cpu().tolist()
-        # linear bins [1, 3.33), [3.33, 5.67), [5.67, 8]; log bins [1, 2), [2, 4), [4, 8] (4.0 sits on an edge).
+        # linear bins [1, 3.33), [3.33, 5.67), [5.67, 8]; log bins [1, 2), [2, 4), [4, 8]; 8.0 == hi is in the
+        # last bin, 0.5, 9.0 (outside) and 0, -1 are not counted.
         assert got == ([1, 1, 3] if log else [2, 1, 2])
 
     def test_result_unpacks_and_pickles(self, gen):
@@ -356,6 +357,23 @@ class TestDiagonalFisher:
         df = DiagonalFisher(model)
         assert df._strategy["model.embed_tokens.weight"] == "tied"
         _assert_close_dicts(df.update(batch).compute(), _brute_force(model, batch), 1e-4)
+
+    @pytest.mark.parametrize("batched_positions", [True, False], ids=["position_ids", "default-positions"])
+    def test_gpt2_conv1d_equals_brute_force(self, gen, batched_positions):
+        import transformers
+
+        cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=16)
+        torch.manual_seed(0)
+        model = transformers.GPT2LMHeadModel(cfg).double().eval()
+        batch = _batch(gen, b=3, t=9)
+        batch["attention_mask"][:, :3] = 1  # right padding only: GPT-2's absolute positions
+        df = DiagonalFisher(model)
+        assert df._strategy["transformer.h.0.attn.c_attn.weight"] == "conv1d"
+        if batched_positions:
+            batch["position_ids"] = torch.arange(9).expand(3, 9)
+        got = df.update(batch).compute()
+        batch.pop("position_ids", None)
+        _assert_close_dicts(got, _brute_force(model, batch), 1e-4)
 
     def test_float32_model_within_1e4(self, gen):
         model = _tiny("qwen2", dtype=torch.float32)
