@@ -205,6 +205,15 @@ class TestAgainstPublicAPI:
         assert sum(hist["counts"]) + hist["n_zero"] <= n_sub
         assert len(hist["edges"]) == cfg.hist_bins + 1
 
+    def test_fisher_unchanged_by_input_require_grads_hook(self, random_pair):
+        ref, _, enc = random_pair
+        want, _ = D.fisher_by_layer(ref, enc["forget"], batch_size=8, samples=10)
+        hooked = copy.deepcopy(ref)
+        hooked.gradient_checkpointing_enable()  # registers enable_input_require_grads, as load_model(path) does
+        got, _ = D.fisher_by_layer(hooked, enc["forget"], batch_size=8, samples=10)
+        assert bool((want > 0).all())
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+
     def test_each_call_leaves_model_mode_and_grads(self, random_pair):
         ref, upd, enc = random_pair
         upd.train()

@@ -182,8 +182,18 @@ def _print_summary(report: dict, out: Path) -> None:
               f"min_pca_sim={s['min_pca_similarity'] if s['min_pca_similarity'] is None else round(s['min_pca_similarity'], 3)}")
 
 
+def _threads(model: str) -> None:
+    """The tiny model's matrices are too small to gain from intra-op threads (and lose badly to thread
+    contention on a busy machine): one thread unless OMP_NUM_THREADS says otherwise."""
+    import torch
+
+    if model == "tiny" and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)
+
+
 def cmd_demo(args) -> int:
     args.model = "tiny"
+    _threads(args.model)
     pipe = _pipeline(args, None)
     report = pipe.run(demo_specs())
     _print_summary(report, args.out)
@@ -196,6 +206,7 @@ def cmd_run(args) -> int:
     examples, sources = _examples(args)
     if args.setting == "continual" and not 1 <= args.requests <= len(examples["forget"]):
         raise UsageError(f"--requests must be in [1, {len(examples['forget'])}] (forget items), got {args.requests}")
+    _threads(args.model)
     pipe = _pipeline(args, specs, examples, sources)
     report = pipe.run(specs)
     _print_summary(report, args.out)

@@ -1,0 +1,140 @@
+"""The repforget CLI: input errors (one line, exit 2, no complete-looking report), run and analyze."""
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from repforget_kernels.driver.cli import build_parser, demo_specs, main
+
+from test_driver_diagnostics import small_corpus, tiny, tiny_cache  # noqa: F401  (session fixtures)
+
+
+def write_jsonl(path, items):
+    path.write_text("".join(json.dumps(i) + "\n" for i in items))
+    return path
+
+
+@pytest.fixture
+def splits(tmp_path):
+    """The small corpus written as four JSONL files (so the CLI reuses the cached tiny model)."""
+    corpus = small_corpus()
+    return {k: write_jsonl(tmp_path / f"{k}.jsonl", v) for k, v in corpus.items()}
+
+
+def split_args(splits, **override):
+    files = dict(splits, **override)
+    return [a for k, p in files.items() for a in (f"--{k}", str(p))]
+
+
+def assert_error(capsys, rc, out_dir, *fragments):
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert rc == 2
+    assert len(lines) == 1 and lines[0].startswith("repforget: error: ")
+    for f in fragments:
+        assert f in lines[0]
+    assert not (out_dir / "report.json").exists()
+    return lines[0]
+
+
+class TestErrors:
+    def test_missing_model_directory(self, tmp_path, capsys, splits):
+        out = tmp_path / "out"
+        rc = main(["run", "--model", str(tmp_path / "no-such-model"), "--out", str(out), "--no-progress"])
+        assert_error(capsys, rc, out, "no-such-model")
+
+    def test_malformed_jsonl_names_the_line(self, tmp_path, capsys, splits):
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text('{"prompt": "a", "answer": "b"}\n{"prompt": "c", "answer": \n')
+        out = tmp_path / "out"
+        rc = main(["run", "--out", str(out), "--cache-dir", str(tmp_path), *split_args(splits, forget=bad)])
+        assert_error(capsys, rc, out, "bad.jsonl:2")
+
+    def test_empty_split(self, tmp_path, capsys, splits):
+        empty = tmp_path / "empty.jsonl"
+        empty.write_text("\n")
+        out = tmp_path / "out"
+        rc = main(["run", "--out", str(out), "--cache-dir", str(tmp_path), *split_args(splits, retain=empty)])
+        assert_error(capsys, rc, out, "split 'retain' is empty")
+
+    def test_unknown_method(self, tmp_path, capsys):
+        out = tmp_path / "out"
+        rc = main(["run", "--method", "ga", "forgetful", "--out", str(out)])
+        assert_error(capsys, rc, out, "unknown method 'forgetful'")
+
+    def test_bad_flag_is_one_line_too(self, tmp_path, capsys):
+        out = tmp_path / "out"
+        rc = main(["run", "--sample", "middle", "--out", str(out)])
+        assert_error(capsys, rc, out, "--sample")
+
+    def test_analyze_missing_checkpoint(self, tmp_path, capsys, splits):
+        out = tmp_path / "out"
+        rc = main(["analyze", "--ref", str(tmp_path / "a"), "--upd", str(tmp_path / "b"),
+                   "--data", str(splits["probe"]), "--out", str(out)])
+        assert_error(capsys, rc, out, str(tmp_path / "a"))
+        assert not (out / "analysis.json").exists()
+
+    def test_old_complete_report_is_removed_when_a_run_fails(self, tmp_path, capsys, splits, tiny_cache):  # noqa: F811
+        out = tmp_path / "out"
+        out.mkdir()
+        (out / "state").mkdir()
+        (out / "state" / "config.json").write_text('{"model": "something else"}')
+        (out / "report.json").write_text('{"complete": true}')
+        rc = main(["run", "--out", str(out), "--cache-dir", str(tiny_cache), "--no-progress",
+                   *split_args(splits)])
+        assert_error(capsys, rc, out, "different configuration")
+
+
+class TestCommands:
+    def test_run_writes_a_complete_report(self, tmp_path, capsys, splits, tiny, tiny_cache):  # noqa: F811
+        out = tmp_path / "out"
+        rc = main(["run", "--method", "ga", "--lr", "3e-3", "--batch-size", "4", "--relearn-lr", "3e-3",
+                   "--out", str(out), "--cache-dir", str(tiny_cache), "--device", "cpu", "--no-progress",
+                   "--no-fisher", *split_args(splits)])
+        assert rc == 0
+        report = json.loads((out / "report.json").read_text())
+        assert report["complete"] is True and report["runs"][0]["method"] == "ga"
+        assert report["config"]["data"]["forget"].endswith("forget.jsonl")
+        assert all(r["fisher_mass_ratio"] is None for r in report["runs"][0]["stages"][1]["layers"])
+        printed = capsys.readouterr().out
+        assert "ga_lr0.003_single" in printed and "thresholds:" in printed
+
+    def test_analyze_two_checkpoints(self, tmp_path, capsys, splits, tiny):  # noqa: F811
+        model, tok, _ = tiny
+        ref_dir, upd_dir = tmp_path / "ref", tmp_path / "upd"
+        upd = copy.deepcopy(model)
+        with torch.no_grad():
+            for p in upd.parameters():
+                p.mul_(1.05)
+        for m, d in ((model, ref_dir), (upd, upd_dir)):
+            m.save_pretrained(d)
+            tok.save_pretrained(d)
+        out = tmp_path / "analysis"
+        rc = main(["analyze", "--ref", str(ref_dir), "--upd", str(upd_dir), "--data", str(splits["probe"]),
+                   "--forget", str(splits["forget"]), "--out", str(out), "--device", "cpu", "--no-progress"])
+        assert rc == 0
+        analysis = json.loads((out / "analysis.json").read_text())
+        assert analysis["complete"] is True and len(analysis["layers"]) == 4
+        for row in analysis["layers"]:
+            assert 0.0 < row["cka"] < 1.0 and row["fisher_mass_ratio"] > 0
+        assert (out / "analysis.md").read_text().count("\n| ") >= 5
+        assert (out / "analysis.png").stat().st_size > 0
+        assert "layer   0" in capsys.readouterr().out
+
+    def test_python_dash_m_entry_point(self):
+        proc = subprocess.run([sys.executable, "-m", "repforget_kernels.driver", "--help"],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0 and "demo" in proc.stdout and "analyze" in proc.stdout
+
+    def test_demo_grid_and_defaults(self):
+        specs = demo_specs()
+        assert {s.method for s in specs} == {"ga", "npo"}
+        assert len({s.lr for s in specs}) == 2 and {s.setting for s in specs} == {"single", "continual"}
+        assert all(s.requests == 5 for s in specs if s.setting == "continual")
+        args = build_parser().parse_args(["demo"])
+        assert str(args.out) == "runs/demo" and args.model == "tiny"
