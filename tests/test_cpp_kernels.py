@@ -186,6 +186,28 @@ class TestHistogram:
         # decades [1e-3, 1e-2), [1e-2, 1e-1), [1e-1, 1]: lo in bin 0, hi in the last; zeros, negatives, outside dropped
         assert got.tolist() == [2, 1, 2]
 
+    @pytest.mark.parametrize("log", [True, False], ids=["log", "linear"])
+    def test_edge_values_many(self, gen, log, two_threads):
+        """Enough values for the threshold-table path: edges, bin boundaries and outsiders, mixed in.
+
+        The table path must give exactly the per-value definition, which the kernel applies to
+        small inputs (chunks of 4000 here); linear bins must also equal the composite exactly (for
+        log bins the two may differ on values exactly at an edge: torch's log10 is not libm's).
+        """
+        lo, hi, bins = (1e-3, 10.0, 8) if log else (0.0, 1.0, 8)
+        edges = np.logspace(-3, 1, bins + 1) if log else np.linspace(lo, hi, bins + 1)
+        special = [lo, hi, -0.0, 0.0, -1.0, float("nan"), float("inf"), hi * (1 + 1e-15), lo * (1 - 1e-15)]
+        special += list(edges) + list(np.nextafter(edges, np.inf)) + list(np.nextafter(edges, -np.inf))
+        v = torch.cat([torch.tensor(special, dtype=torch.float64).repeat(2000),
+                       randn(30_011, gen=gen, dtype=torch.float64).abs() * (3.0 if log else 0.6)])  # (N,)
+        v = v[torch.randperm(v.numel(), generator=gen)]
+        got = cpp("histogram")(v, lo, hi, bins, log)
+        by_value = sum(cpp("histogram")(c, lo, hi, bins, log) for c in v.split(4000))
+        assert torch.equal(got, by_value)
+        if not log:
+            assert torch.equal(got, composite("histogram")(v, lo, hi, bins, log))
+        assert int(got.sum()) == int(((v >= lo) & (v <= hi) & ((v > 0) if log else True)).sum())
+
     def test_single_bin_counts_everything_in_range(self, gen):
         v = randn(1000, gen=gen)
         got = cpp("histogram")(v, -1.0, 1.0, 1, False)

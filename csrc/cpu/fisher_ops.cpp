@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <optional>
+#include <type_traits>
 #include <utility>
 #include <cmath>
 #include <cstdint>
@@ -90,7 +91,7 @@ void square_accumulate_cpu(at::TensorList accs, at::TensorList grads, double sca
 
 // ------------------------------------------------------------------ histogram
 
-// Bin of v, or -1 when v is not counted. t in float64 as the contract says.
+// Bin of v, or -1 when v is not counted: the definition, t in float64 as the contract says.
 struct Binner {
   double lo, hi, base, span;
   int64_t bins;
@@ -103,19 +104,83 @@ struct Binner {
   }
 };
 
-template <typename in_t>
-void histogram_range(const in_t* __restrict p, int64_t begin, int64_t end, const Binner& bin, int64_t* h) {
+// Order-preserving map of doubles to uint64 (NaNs of either sign land outside any finite range).
+inline uint64_t order_key(double v) {
+  uint64_t b;
+  std::memcpy(&b, &v, sizeof(b));
+  return (b >> 63) ? ~b : (b | (uint64_t(1) << 63));
+}
+inline double from_key(uint64_t k) {
+  const uint64_t b = (k >> 63) ? (k & ~(uint64_t(1) << 63)) : ~k;
+  double v;
+  std::memcpy(&v, &b, sizeof(v));
+  return v;
+}
+
+// The same bins as Binner without a log10 or a division per value. Binner is monotone in v, so
+// bin k starts at an exact threshold thr[k] (the smallest double with bin >= k, found once by
+// bisection over the order keys); a table over the top bits of the key gives each value its
+// first candidate bin and a short forward scan over thr finishes. Exact, not approximate.
+struct KeyBinner {
+  uint64_t klo, khi;
+  int shift;
+  std::vector<uint64_t> thr;    // (bins + 1,) keys; thr[bins] is a sentinel above every key
+  std::vector<int64_t> table;   // bin of the first key of each bucket of 2^shift keys
+
+  KeyBinner(const Binner& bin, int64_t table_size)
+      : klo(order_key(bin.lo + 0.0)), khi(order_key(bin.hi + 0.0)), shift(0) {
+    const int64_t bins = bin.bins;
+    thr.assign(static_cast<size_t>(bins + 1), ~uint64_t(0));
+    thr[0] = klo;
+    for (int64_t k = 1; k < bins; ++k) {  // bin(lo) = 0 < k <= bins - 1 = bin(hi)
+      uint64_t a = klo, b = khi;
+      while (b - a > 1) {
+        const uint64_t m = a + (b - a) / 2;
+        (bin(from_key(m)) >= k ? b : a) = m;
+      }
+      thr[k] = b;
+    }
+    while (((khi >> shift) - (klo >> shift)) >= static_cast<uint64_t>(table_size)) ++shift;
+    const uint64_t n_buckets = (khi >> shift) - (klo >> shift) + 1;
+    table.resize(n_buckets);
+    for (uint64_t j = 0; j < n_buckets; ++j) {
+      const uint64_t first = std::max(klo, ((klo >> shift) + j) << shift);
+      table[j] = std::upper_bound(thr.begin() + 1, thr.begin() + bins, first) - (thr.begin() + 1);
+    }
+  }
+  inline int64_t operator()(double v) const {
+    const uint64_t kv = order_key(v + 0.0);  // + 0.0 folds -0.0 into +0.0, as Binner compares
+    if (kv < klo || kv > khi) return -1;
+    int64_t k = table[(kv >> shift) - (klo >> shift)];
+    while (kv >= thr[k + 1]) ++k;
+    return k;
+  }
+};
+
+template <typename in_t, typename binner_t>
+void histogram_range(const in_t* __restrict p, int64_t begin, int64_t end, const binner_t& bin, int64_t* h) {
   for (int64_t i = begin; i < end; ++i) {
-    const int64_t k = bin(static_cast<double>(to_acc<float>(p[i])));
+    double v;
+    if constexpr (std::is_same_v<in_t, double>) {
+      v = p[i];
+    } else {
+      v = static_cast<double>(to_acc<float>(p[i]));
+    }
+    const int64_t k = bin(v);
     if (k >= 0) ++h[k];
   }
 }
-template <>
-void histogram_range<double>(const double* __restrict p, int64_t begin, int64_t end, const Binner& bin, int64_t* h) {
-  for (int64_t i = begin; i < end; ++i) {
-    const int64_t k = bin(p[i]);
-    if (k >= 0) ++h[k];
-  }
+
+template <typename binner_t>
+void histogram_fill(const at::Tensor& values, const binner_t& bin, int64_t bins, std::vector<int64_t>& local,
+                    int64_t n_threads) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "histogram", [&] {
+    const scalar_t* p = values.const_data_ptr<scalar_t>();
+    at::parallel_for(0, values.numel(), kGrain, [&](int64_t begin, int64_t end) {
+      const int64_t tid = std::min<int64_t>(at::get_thread_num(), n_threads - 1);
+      histogram_range<scalar_t>(p, begin, end, bin, local.data() + tid * bins);
+    });
+  });
 }
 
 at::Tensor histogram_cpu(const at::Tensor& values, double lo, double hi, int64_t bins, bool log) {
@@ -132,13 +197,12 @@ at::Tensor histogram_cpu(const at::Tensor& values, double lo, double hi, int64_t
 
   const int64_t n_threads = at::get_num_threads();
   std::vector<int64_t> local(static_cast<size_t>(n_threads * bins), 0);  // thread-private bins
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "histogram", [&] {
-    const scalar_t* p = values.const_data_ptr<scalar_t>();
-    at::parallel_for(0, values.numel(), kGrain, [&](int64_t begin, int64_t end) {
-      const int64_t tid = std::min<int64_t>(at::get_thread_num(), n_threads - 1);
-      histogram_range<scalar_t>(p, begin, end, bin, local.data() + tid * bins);
-    });
-  });
+  // thresholds cost ~64 bin evaluations per bin: worth it once there are many values per bin
+  const int64_t table_size = std::max<int64_t>(4096, 4 * bins);
+  if (values.numel() >= 256 * bins + table_size)
+    histogram_fill(values, KeyBinner(bin, table_size), bins, local, n_threads);
+  else
+    histogram_fill(values, bin, bins, local, n_threads);
   at::Tensor counts = at::zeros({bins}, values.options().dtype(at::kLong));  // (bins,)
   int64_t* c = counts.data_ptr<int64_t>();
   for (int64_t t = 0; t < n_threads; ++t)
