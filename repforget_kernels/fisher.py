@@ -580,7 +580,10 @@ class DiagonalFisher:
         cannot transform) falls back to an exact loop of per-sequence backward passes for just
         those parameters. Parameters used outside their owning module's forward (e.g. a
         ``module.weight`` read directly by a parent) cannot be seen by hooks and are NOT detected.
-    Costs about one forward + two backwards of the batch (vs B of each for the loop).
+    Cost: about one forward + backward of the batch (1.2x of it measured on a small Llama),
+    vs B per-sequence ones for the loop; the multiply-adds equal the loop's (the per-sample
+    GEMMs replace the weight-gradient GEMMs), so the gain is batched-GEMM efficiency and less
+    Python overhead (1.6-2x the loop on 1-2 CPU threads; more where launches dominate).
     Gradient checkpointing: transformers only checkpoints in training mode and the update runs
     in eval mode, so nothing is recomputed; non-reentrant checkpointing elsewhere is harmless
     (the hooks are removed before the backward and the output-gradient hooks sit on the
