@@ -127,6 +127,13 @@ def stage(name, f, r, cka=1.0, pca=1.0):
 
 
 class TestVerdict:
+    def test_token_cka_judges_structure_when_present(self):
+        unl = stage("unlearned", 0, 1, cka=0.95)
+        for row in unl["layers"]:
+            row["cka_tokens"] = 0.2
+        v = verdict([stage("original", 1, 1), unl, stage("relearned", 1, 1)])
+        assert v["structure"]["label"] == "drifted" and v["structure"]["min_cka_tokens"] == 0.2
+
     @pytest.mark.parametrize("unl, rel, label", [
         ((0.9, 0.9), (0.95, 0.9), "not_forgotten"),
         ((0.1, 0.9), (0.9, 0.9), "reversible"),
@@ -140,12 +147,13 @@ class TestVerdict:
         assert v["behaviour"]["forget_drop"] == pytest.approx(1.0 - unl[0])
 
     def test_structure_uses_last_unlearned_stage_and_thresholds(self):
-        stages = [stage("original", 1, 1), stage("unlearned_1", 0.5, 1, cka=0.95), stage("unlearned_2", 0, 1, cka=0.5),
+        stages = [stage("original", 1, 1), stage("unlearned_1", 0.5, 1, cka=0.95), stage("unlearned_2", 0, 1, cka=0.45),
                   stage("relearned", 1, 1, cka=0.97)]
         v = verdict(stages)
-        assert v["structure"]["stage"] == "unlearned_2" and v["structure"]["min_cka"] == 0.5
+        assert v["structure"]["stage"] == "unlearned_2" and v["structure"]["min_cka"] == 0.45
         assert v["structure"]["label"] == "drifted" and v["structure_relearned"]["label"] == "intact"
         assert verdict(stages, {"cka_intact": 0.4})["structure"]["label"] == "intact"
+        assert verdict(stages, {"cka_intact": 0.4, "pca_intact": 1.01})["structure"]["label"] == "drifted"
         assert v["structure"]["fisher_mass_ratio"] == 2.0
         assert v["thresholds"] == THRESHOLDS
 

@@ -30,7 +30,7 @@ DEFAULT_CACHE = Path(os.environ.get("REPFORGET_CACHE", "~/.cache/repforget")).ex
 SPLIT_FLAGS = ("forget", "retain", "holdout", "probe")
 
 # (method, lr) pairs of the demo, each run single and continual(5). See the README for what they show.
-DEMO_GRID = (("ga", 3e-4), ("ga", 3e-3), ("npo", 3e-4), ("npo", 3e-3))
+DEMO_GRID = (("ga", 5e-4), ("ga", 2e-3), ("npo", 5e-4), ("npo", 2e-3))
 DEMO_REQUESTS = 5
 
 
@@ -178,8 +178,12 @@ def _print_summary(report: dict, out: Path) -> None:
     for run in report["runs"]:
         b, s = run["verdict"]["behaviour"], run["verdict"]["structure"]
         print(f"  {run['run_id']:<32} behaviour={b['label']:<14} structure={s['label']:<8} "
-              f"min_cka={s['min_cka'] if s['min_cka'] is None else round(s['min_cka'], 3)} "
-              f"min_pca_sim={s['min_pca_similarity'] if s['min_pca_similarity'] is None else round(s['min_pca_similarity'], 3)}")
+              f"min_cka={_r(s['min_cka'])} min_cka_tokens={_r(s['min_cka_tokens'])} "
+              f"mean_pca_sim={_r(s['mean_pca_similarity'])} recovery={_r(b['relearn_recovery'])}")
+
+
+def _r(v):
+    return None if v is None else round(v, 3)
 
 
 def _threads(model: str) -> None:

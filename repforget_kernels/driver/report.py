@@ -50,15 +50,15 @@ THRESHOLDS = {
     "forget_drop": 0.3,
     "retain_drop": 0.3,
     "recovery": 0.8,
-    "cka_intact": 0.9,
-    "pca_intact": 0.9,
+    "cka_intact": 0.5,
+    "pca_intact": 0.5,
 }
 _THRESHOLD_TEXT = {
     "forget_drop": "forgetting happened: forget accuracy fell by at least this much (absolute)",
     "retain_drop": "catastrophic (when not reversible): retain accuracy also fell by at least this much (absolute)",
     "recovery": "reversible: relearning restored at least this fraction of the forget-accuracy drop (checked first)",
-    "cka_intact": "structure intact: minimum layer CKA (vs original) at least this",
-    "pca_intact": "structure intact: minimum layer PCA similarity (vs original) at least this",
+    "cka_intact": "structure intact: minimum layer CKA vs original (token-level when measured) at least this",
+    "pca_intact": "structure intact: mean layer PC1 similarity vs original at least this",
 }
 
 
@@ -141,13 +141,15 @@ def _values(stage: dict, key: str) -> list:
 
 def _structure(stage: dict, th: dict) -> dict:
     """Layer summary of one stage with its ``intact`` / ``drifted`` label (see :func:`verdict`)."""
-    cka, pca = _values(stage, "cka"), _values(stage, "pca_similarity")
+    pooled, tokens, pca = _values(stage, "cka"), _values(stage, "cka_tokens"), _values(stage, "pca_similarity")
+    judged = tokens or pooled
     fisher = stage.get("fisher") or {}
-    intact = bool(cka) and bool(pca) and min(cka) >= th["cka_intact"] and min(pca) >= th["pca_intact"]
+    mean_pca = sum(pca) / len(pca) if pca else None
+    intact = bool(judged) and mean_pca is not None and min(judged) >= th["cka_intact"] and mean_pca >= th["pca_intact"]
     return {"stage": stage["name"], "label": "intact" if intact else "drifted",
-            "min_cka": min(cka) if cka else None, "mean_cka": sum(cka) / len(cka) if cka else None,
-            "min_pca_similarity": min(pca) if pca else None,
-            "mean_pca_similarity": sum(pca) / len(pca) if pca else None,
+            "min_cka": min(pooled) if pooled else None, "mean_cka": sum(pooled) / len(pooled) if pooled else None,
+            "min_cka_tokens": min(tokens) if tokens else None,
+            "min_pca_similarity": min(pca) if pca else None, "mean_pca_similarity": mean_pca,
             "fisher_mass_ratio": fisher.get("mass_ratio")}
 
 
@@ -164,8 +166,13 @@ def verdict(stages: list, thresholds: Optional[dict] = None) -> dict:
       retain accuracy also fell but comes back with the forget facts after a short relearn is
       suppressed, not destroyed; ``retain_collapsed`` records d_r >= retain_drop in every case.
     Structure at the last unlearned stage (and, for reference, after relearning): min and mean layer
-    CKA, min and mean PCA similarity, total Fisher mass ratio; ``intact`` when min CKA >= cka_intact
-    and min PCA similarity >= pca_intact, else ``drifted``. The Fisher ratio is reported, not thresholded
+    CKA, min token-level CKA, min and mean PCA similarity, total Fisher mass ratio; ``intact`` when the
+    min layer CKA (token-level when measured: exact over every probe token, steadier than the pooled
+    CKA of a few dozen probe rows) >= cka_intact and the mean PC1 similarity >= pca_intact (the mean,
+    because PC1 of a single layer can swap with PC2 when their variances are close), else ``drifted``.
+    The default thresholds were set after looking at the tiny-model demo, where reversible runs keep
+    token CKA >= 0.66 and mean PC1 similarity >= 0.73 and wrecked runs fall to <= 0.17 and <= 0.34;
+    they are printed with every report and can be overridden. The Fisher ratio is reported, not thresholded
     (Fisher on forget data rises whenever the forget loss does, with or without structural change).
     """
     th = dict(THRESHOLDS, **(thresholds or {}))
