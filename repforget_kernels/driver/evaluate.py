@@ -52,7 +52,7 @@ def roc_auc(pos: torch.Tensor, neg: torch.Tensor) -> float:
 
 
 def _min_k(values: torch.Tensor, mask: torch.Tensor, k: float) -> torch.Tensor:
-    """(B,) mean of the lowest ceil-free max(1, int(k n)) masked values per row; values/mask (B, T)."""
+    """(B,) mean of the lowest max(1, floor(k n)) of the n masked values of each row; values, mask (B, T)."""
     counts = mask.sum(1)  # (B,)
     keep = torch.clamp((counts.double() * k).long(), min=1)  # (B,)
     ordered = values.masked_fill(~mask, float("inf")).sort(dim=1).values  # (B, T)
@@ -91,7 +91,7 @@ def split_scores(model, encoded: dict, *, batch_size: int = 16, tokenizer=None, 
             logp = logp_all.gather(-1, target.clamp_min(0)[..., None]).squeeze(-1)  # (B, T-1)
             probs = logp_all.exp()  # (B, T-1, V)
             mu = (probs * logp_all).sum(-1)  # (B, T-1)
-            sigma = ((probs * logp_all.square()).sum(-1) - mu.square()).clamp_min(1e-12).sqrt()  # (B, T-1)
+            sigma = (probs * (logp_all - mu[..., None]).square()).sum(-1).clamp_min(1e-12).sqrt()  # (B, T-1)
             tokens = mask.sum(1)  # (B,)
             nll = -(logp.masked_fill(~mask, 0.0)).sum(1)  # (B,)
             parts["correct"].append(((logp_all.argmax(-1) == target) & mask).sum(1).cpu())

@@ -225,7 +225,8 @@ def _load_local(spec: str, device):
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype).to(device)
     model.config.use_cache = False
-    model.gradient_checkpointing_enable()
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()  # gradient checkpointing (renamed activation checkpointing in transformers 5.x)
     info = {"name": spec, "path": str(path), "params": sum(p.numel() for p in model.parameters()),
             "layers": len(decoder_layers(model)), "dtype": str(dtype).replace("torch.", ""), "pretrain": {}}
     return model, tokenizer, info
@@ -287,7 +288,6 @@ def _param_shapes(config) -> list[tuple[int, ...]]:
 
 _OPTIMIZER_BYTES = {  # optimizer state bytes per parameter (bf16 weights, no fp32 master copy)
     "adamw": 4,        # torch AdamW keeps exp_avg and exp_avg_sq in the parameter dtype: 2 x bf16
-    "adamw8bit": 2,    # bitsandbytes 8-bit AdamW: 2 x int8 (+ small block scales, ignored)
     "sgd": 0,          # plain SGD without momentum
 }
 
@@ -296,8 +296,8 @@ def memory_plan(config, *, optimizer: str = "adamw", gradient_checkpointing: boo
                 seq_len: int = 512) -> dict:
     """Bytes needed to unlearn a Llama/Qwen2-style model on one GPU in bf16, and whether it fits 80 GB.
 
-    Items (bytes): "weights" 2P, "gradients" 2P (bf16), "optimizer" per ``optimizer`` ("adamw": 4P
-    bf16 states, "adamw8bit": 2P, "adafactor": 4 bytes x (rows + cols) per matrix, "sgd": 0),
+    Items (bytes): "weights" 2P, "gradients" 2P (bf16), "optimizer" per ``optimizer`` (TrainConfig.optimizer:
+    "adamw": 4P bf16 states, "adafactor": 4 bytes x (rows + cols) per matrix, "sgd": 0),
     "activations" (with checkpointing: every layer's bf16 input B T h plus one layer recomputed,
     ~B T (34 h + 5 heads T) bytes (Korthikanti et al. 2022); without: that per layer), "logits"
     (float32 logits and their gradient, 2 x 4 B T V), "npo_reference" (4 bytes per forget sequence:
@@ -338,10 +338,13 @@ def _advice(plan: dict, optimizer: str, gradient_checkpointing: bool) -> str:
             f"'{optimizer}' {gb(plan['bytes']['optimizer'])}, gradient checkpointing "
             f"{'on' if gradient_checkpointing else 'off'}: total {gb(plan['total'])} with the KL reference copy, "
             f"{gb(plan['total_without_kl'])} without (budget {gb(plan['budget'])}). ")
+    head += ("Weights, gradients and states are bf16 (no fp32 master copy): an update under half a bf16 ulp (~0.2% of "
+             "the weight) rounds away, and Adam steps are ~lr, so with weights ~0.01-0.05 an lr below ~1e-4 loses "
+             "most updates; for smaller lr use FSDP mixed precision (fp32 master weights) on several GPUs. ")
     if plan["fits_80gb"]:
         return head + "Fits one 80 GB GPU for every method."
     if plan["total_without_kl"] <= plan["budget"]:
         return head + ("Fits for GA, GA+GD, NPO and RLabel (NPO reference log-probs are cached, no second model); "
-                       "for GA+KL / NPO+KL use optimizer 'sgd', 'adafactor' or 'adamw8bit', or shard with FSDP.")
+                       "for GA+KL / NPO+KL use optimizer 'sgd' or 'adafactor', or shard with FSDP.")
     return head + ("Does not fit: use optimizer 'sgd' or 'adafactor', gradient checkpointing, a smaller batch or "
                    "sequence, or shard over several GPUs with the shipped FSDP config.")

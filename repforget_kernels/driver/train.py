@@ -1,4 +1,4 @@
-"""Unlearning and relearning loops (AdamW, seeded, in place, tqdm progress).
+"""Unlearning and relearning loops (AdamW by default, seeded, in place, tqdm progress).
 
 Reference quantities of the original model are computed once, before the first step, never by a
 second model held for NPO:
@@ -37,13 +37,18 @@ __all__ = ["TrainConfig", "KL_CACHE_BYTES", "unlearn", "relearn", "reference_log
 
 KL_CACHE_BYTES = 256 * 2**20  # cache the original log-softmax on retain up to this size, else a frozen copy
 _GRAD_CLIP = 1.0  # global gradient-norm clip of every step (gradient ascent otherwise explodes)
+_OPTIMIZERS = {  # no weight decay anywhere: unlearning should move only what the loss asks for
+    "adamw": lambda params, lr: torch.optim.AdamW(params, lr=lr, weight_decay=0.0),
+    "sgd": lambda params, lr: torch.optim.SGD(params, lr=lr),
+    "adafactor": lambda params, lr: torch.optim.Adafactor(params, lr=lr, weight_decay=0.0),
+}
 _USES_RETAIN = {"ga_gd", "ga_kl", "npo_kl"}
 _USES_KL = {"ga_kl", "npo_kl"}
 
 
 @dataclass
 class TrainConfig:
-    """Hyper-parameters of one unlearning or relearning run (AdamW, no weight decay, grad-norm clip 1)."""
+    """Hyper-parameters of one unlearning or relearning run (no weight decay, grad-norm clip 1 every step)."""
 
     lr: float = 1e-4
     epochs: int = 1
@@ -52,6 +57,7 @@ class TrainConfig:
     seed: int = 0
     max_steps: int | None = None
     progress: bool = True
+    optimizer: str = "adamw"  # "adamw" | "sgd" | "adafactor" (the latter two for 7B KL runs, see memory_plan)
 
     def __post_init__(self):
         if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
@@ -62,6 +68,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if not (isinstance(self.beta, (int, float)) and self.beta > 0):
             raise ValueError(f"beta must be a positive number, got {self.beta!r}")
+        if self.optimizer not in _OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {tuple(_OPTIMIZERS)}, got {self.optimizer!r}")
         if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
             raise ValueError(f"max_steps must be None or a positive int, got {self.max_steps!r}")
 
@@ -144,16 +152,14 @@ def _optimise(model, batches_per_epoch: int, make_epoch, step_fn, cfg: TrainConf
     if cfg.max_steps is not None:
         total = min(total, cfg.max_steps)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    optimizer = _OPTIMIZERS[cfg.optimizer](params, cfg.lr)
     was_training = model.training
     model.train()
     steps, loss_value = 0, float("nan")
     try:
         with tqdm(total=total, desc=desc, disable=not cfg.progress, leave=False) as bar:
             for epoch in range(cfg.epochs):
-                for batch in make_epoch(epoch):
-                    if steps == total:
-                        break
+                for batch in itertools.islice(make_epoch(epoch), total - steps):
                     loss = step_fn(batch)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()

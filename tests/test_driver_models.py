@@ -1,0 +1,229 @@
+"""Driver models: tokenizer, tiny-model pretraining and cache, local/preset resolution, layer discovery, memory plan."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from repforget_kernels.driver import models as models_mod
+from repforget_kernels.driver.data import make_corpus
+from repforget_kernels.driver.models import (
+    PRETRAIN_TARGET,
+    ModelNotFound,
+    build_tokenizer,
+    decoder_layers,
+    load_model,
+    memory_plan,
+    resolve_model_path,
+    tiny_config,
+)
+
+# Real shapes from the checkpoints' config.json files, written by hand (no download).
+YI_6B = dict(vocab_size=64000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+             num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=4096, tie_word_embeddings=False)
+QWEN25_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                 num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=131072,
+                 tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory):
+    """The directory the session's pretrained tiny model is cached in (shared by every driver test file)."""
+    return tmp_path_factory.getbasetemp() / "driver-tiny-cache"
+
+
+@pytest.fixture(scope="session")
+def pretrained_tiny(tiny_cache):
+    """(model, tokenizer, info, corpus) of the tiny model pretrained on make_corpus(0), seed 0, once per session."""
+    corpus = make_corpus(0)
+    model, tokenizer, info = load_model("tiny", cache_dir=tiny_cache, seed=0, corpus=corpus, progress=False)
+    return model, tokenizer, info, corpus
+
+
+def _small(cls_config, cls_model, **extra):
+    cfg = cls_config(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+                     num_key_value_heads=2, max_position_embeddings=32, **extra)
+    torch.manual_seed(0)
+    return cls_model(cfg)
+
+
+def _fake_snapshot(root, repo, name="abc123", ref=True):
+    repo_dir = root / ("models--" + repo.replace("/", "--"))
+    snap = repo_dir / "snapshots" / name
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text("{}")
+    if ref:
+        (repo_dir / "refs").mkdir()
+        (repo_dir / "refs" / "main").write_text(name)
+    return snap
+
+
+class TestTokenizer:
+    def test_specials_and_words(self):
+        tok = build_tokenizer(make_corpus(0))
+        assert (tok.pad_token_id, tok.unk_token_id, tok.eos_token_id) == (0, 1, 2)
+        assert tok.tokenize("Q: What is 3 + 4? A:") == ["Q", ":", "What", "is", "3", "+", "4", "?", "A", ":"]
+        assert tok("Zzzqqq", add_special_tokens=False)["input_ids"] == [tok.unk_token_id]
+        assert 100 < len(tok) < 600
+
+    def test_deterministic_and_covers_every_split(self):
+        corpus = make_corpus(0)
+        assert build_tokenizer(corpus).get_vocab() == build_tokenizer(make_corpus(0)).get_vocab()
+        tok = build_tokenizer(corpus)
+        for items in corpus.values():
+            for item in items:
+                ids = tok(item["prompt"] + " " + item["answer"], add_special_tokens=False)["input_ids"]
+                assert tok.unk_token_id not in ids
+
+    def test_bad_corpus(self):
+        with pytest.raises(ValueError, match="corpus"):
+            build_tokenizer({})
+
+
+class TestTinyModel:
+    def test_config(self):
+        cfg = tiny_config(300)
+        assert cfg.model_type == "qwen2" and cfg.vocab_size == 300 and cfg.num_hidden_layers >= 2
+        with pytest.raises(ValueError, match="vocab_size"):
+            tiny_config(2)
+
+    def test_pretraining_reaches_target(self, pretrained_tiny):
+        model, _, info, _ = pretrained_tiny
+        assert info["pretrain"]["forget_acc"] >= PRETRAIN_TARGET
+        assert info["pretrain"]["retain_acc"] >= PRETRAIN_TARGET
+        assert info["name"] == "tiny" and info["layers"] == len(decoder_layers(model))
+        assert info["params"] == sum(p.numel() for p in model.parameters())
+        assert not model.training
+
+    def test_cached_load_is_identical_and_does_not_train(self, pretrained_tiny, tiny_cache, monkeypatch):
+        model, tokenizer, info, corpus = pretrained_tiny
+
+        def no_training(*args, **kwargs):
+            raise AssertionError("a cached model must not be pretrained again")
+
+        monkeypatch.setattr(models_mod, "pretrain", no_training)
+        again, tok2, info2 = load_model("tiny", cache_dir=tiny_cache, seed=0, corpus=corpus, progress=False)
+        assert info2["cached"] is True and info2["pretrain"] == info["pretrain"]
+        assert tok2.get_vocab() == tokenizer.get_vocab()
+        for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+            assert torch.equal(a, b), name
+        assert not [p.name for p in tiny_cache.iterdir() if p.name.startswith(".")]  # no temp dir left behind
+
+    def test_corpus_without_training_splits(self, tmp_path):
+        with pytest.raises(ValueError, match="non-empty splits"):
+            load_model("tiny", cache_dir=tmp_path, corpus={"forget": [], "retain": []}, progress=False)
+
+
+class TestResolve:
+    @pytest.mark.parametrize("preset, repo", [("yi-6b", "01-ai/Yi-6B"), ("qwen2.5-7b", "Qwen/Qwen2.5-7B")])
+    def test_missing_preset_names_repo_and_directory(self, tmp_path, monkeypatch, preset, repo):
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+        with pytest.raises(ModelNotFound, match=rf"{repo}.*{tmp_path}"):
+            resolve_model_path(preset)
+
+    def test_preset_found_in_hub_cache(self, tmp_path, monkeypatch):
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+        _fake_snapshot(tmp_path, "01-ai/Yi-6B", "old", ref=False)
+        snap = _fake_snapshot(tmp_path, "Qwen/Qwen2.5-7B")
+        assert resolve_model_path("qwen2.5-7b") == snap
+        assert resolve_model_path("yi-6b").name == "old"
+
+    def test_preset_found_under_hf_home(self, tmp_path, monkeypatch):
+        monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+        monkeypatch.setenv("HF_HOME", str(tmp_path))
+        snap = _fake_snapshot(tmp_path / "hub", "01-ai/Yi-6B")
+        assert resolve_model_path("Yi-6B") == snap
+
+    def test_bad_directories(self, tmp_path):
+        with pytest.raises(ModelNotFound, match="model directory not found"):
+            resolve_model_path(str(tmp_path / "nothing"))
+        with pytest.raises(ModelNotFound, match="no config.json"):
+            resolve_model_path(str(tmp_path))
+        assert issubclass(ModelNotFound, FileNotFoundError)
+
+    def test_load_local_directory(self, tmp_path):
+        model = _small(Qwen2Config, Qwen2ForCausalLM)
+        model.save_pretrained(tmp_path)
+        build_tokenizer(make_corpus(0, n_per_domain=4)).save_pretrained(tmp_path)
+        loaded, tok, info = load_model(str(tmp_path), cache_dir=tmp_path / "unused")
+        assert info["layers"] == 3 and info["dtype"] == "float32" and info["pretrain"] == {}
+        assert getattr(loaded, "is_activation_checkpointing", None) or loaded.is_gradient_checkpointing
+        assert not loaded.training
+        assert tok.pad_token_id is not None
+        for a, b in zip(model.parameters(), loaded.parameters()):
+            assert torch.equal(a, b)
+
+
+class TestDecoderLayers:
+    @pytest.mark.parametrize("cls_config, cls_model", [(LlamaConfig, LlamaForCausalLM), (Qwen2Config, Qwen2ForCausalLM)])
+    def test_llama_and_qwen2(self, cls_config, cls_model):
+        model = _small(cls_config, cls_model)
+        layers = decoder_layers(model)
+        assert len(layers) == 3 and all(a is b for a, b in zip(layers, model.model.layers))
+
+    @pytest.mark.parametrize("shape, cls_config, cls_model", [(YI_6B, LlamaConfig, LlamaForCausalLM),
+                                                            (QWEN25_7B, Qwen2Config, Qwen2ForCausalLM)])
+    def test_real_shapes_on_meta_device(self, shape, cls_config, cls_model):
+        cfg = cls_config(**shape)
+        with torch.device("meta"):
+            model = cls_model(cfg)
+        layers = decoder_layers(model)
+        assert len(layers) == shape["num_hidden_layers"]
+        assert all(a is b for a, b in zip(layers, model.model.layers))
+        assert memory_plan(cfg)["params"] == sum(p.numel() for p in model.parameters())
+
+    def test_generic_names_and_distractors(self):
+        class Block(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.ff = torch.nn.Linear(4, 4)
+
+        class Net(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.config = type("Cfg", (), {"num_hidden_layers": 12})()
+                self.heads = torch.nn.ModuleList([torch.nn.Linear(4, 4) for _ in range(2)])
+                self.mixed = torch.nn.ModuleList([Block() if i % 2 else torch.nn.Linear(4, 4) for i in range(12)])
+                self.trunk = torch.nn.Sequential(torch.nn.Identity())
+                self.trunk.blocks = torch.nn.ModuleList([Block() for _ in range(12)])
+
+        net = Net()
+        assert all(a is b for a, b in zip(decoder_layers(net), net.trunk.blocks))
+        net.config.num_hidden_layers = 5
+        with pytest.raises(ValueError, match="no ModuleList of 5"):
+            decoder_layers(net)
+
+
+class TestMemoryPlan:
+    def test_seven_b_numbers(self):
+        cfg = Qwen2Config(**QWEN25_7B)
+        plan = memory_plan(cfg)
+        p = plan["params"]
+        assert 7.5e9 < p < 7.7e9  # Qwen2.5-7B: 7.62B parameters
+        assert plan["bytes"]["weights"] == plan["bytes"]["gradients"] == plan["bytes"]["kl_reference"] == 2 * p
+        assert plan["bytes"]["optimizer"] == 4 * p
+        assert plan["total"] == sum(plan["bytes"].values())
+        assert plan["total_without_kl"] < plan["budget"] < plan["total"] and not plan["fits_80gb"]
+        assert "GA+KL" in plan["advice"] and "sgd" in plan["advice"]
+        sgd = memory_plan(cfg, optimizer="sgd")
+        assert sgd["fits_80gb"] and sgd["bytes"]["optimizer"] == 0
+        ada = memory_plan(cfg, optimizer="adafactor")
+        assert 0 < ada["bytes"]["optimizer"] < 0.01 * p
+        assert plan["kl_cache_bytes_per_token"] == 4 * 152064
+
+    def test_yi_fits_with_adamw(self):
+        plan = memory_plan(LlamaConfig(**YI_6B))
+        assert 6.0e9 < plan["params"] < 6.1e9 and plan["fits_80gb"]
+
+    def test_checkpointing_and_batch_scale_activations(self):
+        cfg = LlamaConfig(**YI_6B)
+        on = memory_plan(cfg, batch_size=4, seq_len=1024)["bytes"]["activations"]
+        off = memory_plan(cfg, batch_size=4, seq_len=1024, gradient_checkpointing=False)["bytes"]["activations"]
+        assert on < off / 10
+        assert memory_plan(cfg, batch_size=8, seq_len=1024)["bytes"]["activations"] == 2 * on
+
+    @pytest.mark.parametrize("kwargs, match", [({"optimizer": "lion"}, "optimizer"), ({"batch_size": 0}, "batch_size"),
+                                               ({"seq_len": 1.5}, "seq_len")])
+    def test_bad_arguments(self, kwargs, match):
+        with pytest.raises(ValueError, match=match):
+            memory_plan(LlamaConfig(**YI_6B), **kwargs)
