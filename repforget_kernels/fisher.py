@@ -500,6 +500,25 @@ def _embedding_rows(ids: torch.Tensor, g: torch.Tensor, num_embeddings: int, pad
     return uniq, rows
 
 
+def _grad_leaves(t: torch.Tensor) -> list:
+    """The leaf tensors requiring grad that ``t`` depends on (a walk of its autograd graph).
+
+    Parameters are frozen during the update, so these are the roots made by the forward hooks
+    and any leaf another hook created (e.g. transformers' enable_input_require_grads); the
+    backward runs to all of them, so every hooked output gradient is computed.
+    """
+    leaves, seen, stack = [], set(), [t.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if hasattr(fn, "variable"):  # AccumulateGrad: a leaf
+            leaves.append(fn.variable)
+        stack.extend(nxt for nxt, _ in fn.next_functions)
+    return leaves
+
+
 def _generic_per_sample(call: _Call, attrs: list) -> dict:
     """Exact per-sample gradients of a module's direct parameters: {attr: (B, *param.shape)}.
 
@@ -804,11 +823,13 @@ class DiagonalFisher:
         loop = {n for n, s in self._strategy.items() if s == "loop" or any(m in bad for m, _, _ in self._uses[n])}
         self._mark_immediate(calls, loop)
         self._writing = True
-        if roots and total.requires_grad:
-            grads = torch.autograd.grad(total, [r for r, _ in roots], allow_unused=True)
-            for (_, call), g in zip(roots, grads):
-                if g is not None:
-                    self._on_grad(call, g)
+        if total.requires_grad:
+            leaves = _grad_leaves(total)  # our roots, plus leaves made by others' hooks (input require-grads)
+            grads = torch.autograd.grad(total, leaves, allow_unused=True)
+            by_leaf = {id(leaf): call for leaf, call in roots}
+            for leaf, g in zip(leaves, grads):
+                if g is not None and id(leaf) in by_leaf:
+                    self._on_grad(by_leaf[id(leaf)], g)
         del logits, total
         loop |= self._rebuild(calls, loop)
         if loop:

@@ -455,6 +455,16 @@ class TestDiagonalFisher:
         assert all(p.grad is None for n, p in model.named_parameters() if n != "lm_head.weight")
         assert all(not m._forward_hooks for m in model.modules())
 
+    def test_subset_with_input_require_grads_hook(self, gen):
+        # transformers' hook makes the embedding output a leaf that requires grad; with the
+        # embedding not requested, the backward must still reach every hooked module.
+        model = _tiny("llama")
+        model.enable_input_require_grads()
+        names = ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.input_layernorm.weight", "lm_head.weight"]
+        batch = _batch(gen)
+        got = DiagonalFisher(model, params=names).update(batch).compute()
+        _assert_close_dicts(got, _brute_force(model, batch, names), 1e-4)
+
     def test_gradient_checkpointing_model_in_train_mode(self, gen):
         model = _tiny("llama")
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
