@@ -31,8 +31,8 @@ def table(path: str) -> str:
                 else:
                     ratio = f"{bm / om:.2f}x faster"
                 lines.append(
-                    f"| {group} | {o['name'].split('[')[0].removeprefix('test_')} {om * 1e3:.1f} ms "
-                    f"| {b['name'].split('[')[0].removeprefix('test_')} | {bm * 1e3:.1f} ms | {ratio} |"
+                    f"| {group} | {o['name'].removeprefix('test_')} {om * 1e3:.1f} ms "
+                    f"| {b['name'].removeprefix('test_')} | {bm * 1e3:.1f} ms | {ratio} |"
                 )
     return "\n".join(lines)
 
