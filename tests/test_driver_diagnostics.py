@@ -44,9 +44,8 @@ def tiny(tiny_cache):
     return model, tok, corpus
 
 
-@pytest.fixture(scope="module")
-def random_pair():
-    """(reference, perturbed copy, encoded splits): an untrained tiny Qwen2 (instant) and a noisy copy."""
+def random_models():
+    """(reference, perturbed copy, encoded small-corpus splits): an untrained tiny Qwen2 (instant, seeded)."""
     corpus = small_corpus()
     tok = build_tokenizer(corpus)
     from transformers import Qwen2ForCausalLM
@@ -60,6 +59,11 @@ def random_pair():
             p.add_(0.05 * torch.randn(p.shape, generator=gen))
     enc = {k: encode(tok, v) for k, v in corpus.items()}
     return ref, upd, enc
+
+
+@pytest.fixture(scope="module")
+def random_pair():
+    return random_models()
 
 
 def block_outputs(model, enc: dict, batch_size: int) -> list:

@@ -3,7 +3,6 @@ probe and forget batches, give the numbers of one process (pooled rows all-gathe
 all-reduced, Fisher sums added across ranks)."""
 from __future__ import annotations
 
-import copy
 import socket
 
 import pytest
@@ -12,30 +11,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from repforget_kernels.driver import diagnostics as D
-from repforget_kernels.driver.data import encode, make_corpus
-from repforget_kernels.driver.models import build_tokenizer, tiny_config
+
+from test_driver_diagnostics import random_models
 
 CFG = D.DiagnosticsConfig(batch_size=3, fisher_samples=5000)
 
 
-def models_and_data():
-    """The same untrained tiny Qwen2 pair and encoded splits in every process (seeded)."""
-    from transformers import Qwen2ForCausalLM
-
-    corpus = make_corpus(seed=0, n_per_domain=8, n_probe_per_domain=4)
-    tok = build_tokenizer(corpus)
-    torch.manual_seed(0)
-    ref = Qwen2ForCausalLM(tiny_config(len(tok))).eval()
-    upd = copy.deepcopy(ref)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in upd.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    return ref, upd, {k: encode(tok, v) for k, v in corpus.items()}
-
-
 def _diagnose():
-    ref, upd, enc = models_and_data()
+    ref, upd, enc = random_models()
     rows = D.pooled_activations(ref, enc["probe"], batch_size=CFG.batch_size)
     return rows, D.diagnose(ref, upd, enc["probe"], enc["forget"], CFG)
 

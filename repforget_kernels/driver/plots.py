@@ -16,6 +16,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from .report import atomic_write  # noqa: E402
 
@@ -46,6 +47,14 @@ def _stage_colours(names: list) -> dict:
     return {name: cmap(i / max(1, len(names) - 1)) for i, name in enumerate(names)}
 
 
+def _legend(ax) -> None:
+    """A small legend, or a note when the panel has nothing to show (e.g. --no-fisher)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=6)
+    else:
+        ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
+
+
 def _by_layer(run: dict, ax, key: str, ylabel: str) -> None:
     colours = _stage_colours([s["name"] for s in run["stages"]])
     for stage in run["stages"]:
@@ -53,8 +62,9 @@ def _by_layer(run: dict, ax, key: str, ylabel: str) -> None:
         if pts:
             ax.plot(*zip(*pts), marker="o", ms=3, label=stage["name"], color=colours[stage["name"]])
     ax.set(title=run["run_id"], xlabel="layer", ylabel=ylabel)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylim(top=1.02)
-    ax.legend(fontsize=6)
+    _legend(ax)
 
 
 def _shift(run: dict, ax) -> None:
@@ -66,7 +76,7 @@ def _shift(run: dict, ax) -> None:
     ax.axhline(0, color="grey", lw=0.5)
     ax.axvline(0, color="grey", lw=0.5)
     ax.set(title=run["run_id"], xlabel="dPC1 (ref. std)", ylabel="dPC2 (ref. std)")
-    ax.legend(fontsize=6)
+    _legend(ax)
 
 
 def _fisher(run: dict, ax) -> None:
@@ -78,7 +88,7 @@ def _fisher(run: dict, ax) -> None:
             ax.plot(centres, hist["counts"], label=stage["name"], color=colours[stage["name"]])
     ax.set_xscale("log")
     ax.set(title=run["run_id"], xlabel="Fisher value", ylabel="count")
-    ax.legend(fontsize=6)
+    _legend(ax)
 
 
 def _accuracy(run: dict, ax) -> None:
