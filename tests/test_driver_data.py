@@ -138,6 +138,17 @@ class TestEncode:
         assert torch.equal(enc["labels"][real], enc["input_ids"][real])
         assert (enc["labels"][~real] == -100).all()
 
+    def test_bos_tokenizer_gets_unsupervised_bos(self, corpus):
+        from transformers import PreTrainedTokenizerFast
+
+        base = build_tokenizer(corpus)
+        tok = PreTrainedTokenizerFast(tokenizer_object=base.backend_tokenizer, pad_token="<pad>", unk_token="<unk>",
+                                      eos_token="<eos>", bos_token="<eos>")
+        enc = encode(tok, corpus["forget"][:2] + [{"text": "What is"}])
+        assert (enc["input_ids"][:, 0] == tok.bos_token_id).all()
+        assert (enc["labels"][:, 0] == -100).all()
+        assert enc["labels"][2, 1:3].tolist() == tok("What is", add_special_tokens=False)["input_ids"]
+
     def test_truncation_keeps_answer(self, corpus, tokenizer):
         item = corpus["forget"][0]
         enc = encode(tokenizer, [item], max_length=5)

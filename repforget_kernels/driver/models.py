@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
+from tqdm.auto import tqdm
 from transformers import (
-    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     PreTrainedTokenizerFast,
@@ -108,14 +108,17 @@ def pretrain(model, tokenizer, corpus: dict, *, seed: int = 0, progress: bool = 
     data = encode(tokenizer, train_items)
     start, epochs, steps, acc = time.perf_counter(), 0, 0, {}
     result = {"final_loss": float("nan")}
-    while epochs < _PRETRAIN["max_epochs"]:
-        cfg = TrainConfig(lr=_PRETRAIN["lr"], epochs=_PRETRAIN["check_every"], batch_size=_PRETRAIN["batch_size"],
-                          seed=seed + epochs, progress=progress)
-        result = relearn(model, data, cfg)
-        epochs, steps = epochs + cfg.epochs, steps + result["steps"]
-        acc = evaluate(model, splits)
-        if min(acc["forget_acc"], acc["retain_acc"]) >= _PRETRAIN["goal"]:
-            break
+    with tqdm(total=_PRETRAIN["max_epochs"], desc="pretrain tiny (epochs)", disable=not progress, leave=False) as bar:
+        while epochs < _PRETRAIN["max_epochs"]:
+            cfg = TrainConfig(lr=_PRETRAIN["lr"], epochs=_PRETRAIN["check_every"], batch_size=_PRETRAIN["batch_size"],
+                              seed=seed + epochs, progress=False)
+            result = relearn(model, data, cfg)
+            epochs, steps = epochs + cfg.epochs, steps + result["steps"]
+            acc = evaluate(model, splits)
+            bar.update(cfg.epochs)
+            bar.set_postfix(forget_acc=f"{acc['forget_acc']:.3f}", retain_acc=f"{acc['retain_acc']:.3f}")
+            if min(acc["forget_acc"], acc["retain_acc"]) >= _PRETRAIN["goal"]:
+                break
     info = {"epochs": epochs, "steps": steps, "seconds": round(time.perf_counter() - start, 2),
             "forget_acc": acc["forget_acc"], "retain_acc": acc["retain_acc"], "final_loss": result["final_loss"]}
     if min(acc["forget_acc"], acc["retain_acc"]) < PRETRAIN_TARGET:
