@@ -308,10 +308,7 @@ def fisher_by_layer(model, forget: dict, *, batch_size: int = 16, samples: int =
     params = dict(model.named_parameters())
     dev = _device_of(model)
     with _eval_mode(model):
-        # every parameter, then the blocks' entries kept: with a subset (params=wanted) DiagonalFisher
-        # returns zeros on a model carrying transformers' enable_input_require_grads hook (set by
-        # gradient_checkpointing_enable, as load_model does for local checkpoints); costs the embeddings too
-        fisher = DiagonalFisher(model, labels="data", per_sample=True)
+        fisher = DiagonalFisher(model, params=wanted, labels="data", per_sample=True)  # blocks only
         seen = 0
         for batch in _rank_batches(forget, batch_size):
             fisher.update(_to(batch, dev))
