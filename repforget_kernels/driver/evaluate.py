@@ -61,6 +61,19 @@ def _min_k(values: torch.Tensor, mask: torch.Tensor, k: float) -> torch.Tensor:
     return ordered.masked_fill(~take, 0.0).sum(1) / keep
 
 
+def _standardised(logp_rows: torch.Tensor, logp_tokens: torch.Tensor) -> torch.Tensor:
+    """(M,) (log p(x_t) - mu_t) / sigma_t, with mu_t, sigma_t^2 the mean and variance of log p under p itself.
+
+    logp_rows (M, V) log-softmax rows (supervised positions only, so a 7B vocabulary costs M x V, not
+    B x T x V), logp_tokens (M,) the label's log-prob. The variance is taken about mu (no E[x^2] - mu^2
+    cancellation in float32).
+    """
+    probs = logp_rows.exp()  # (M, V)
+    mu = (probs * logp_rows).sum(-1)  # (M,)
+    sigma = (probs * (logp_rows - mu[:, None]).square()).sum(-1).clamp_min(1e-12).sqrt()  # (M,)
+    return (logp_tokens - mu) / sigma
+
+
 def _zlib_lengths(batch: dict, tokenizer) -> torch.Tensor:
     """(B,) zlib-compressed byte length of each example's real tokens (decoded text, else the id string)."""
     lengths = []
@@ -89,9 +102,8 @@ def split_scores(model, encoded: dict, *, batch_size: int = 16, tokenizer=None, 
             target = batch["labels"][:, 1:]  # (B, T-1)
             mask = target != -100  # (B, T-1)
             logp = logp_all.gather(-1, target.clamp_min(0)[..., None]).squeeze(-1)  # (B, T-1)
-            probs = logp_all.exp()  # (B, T-1, V)
-            mu = (probs * logp_all).sum(-1)  # (B, T-1)
-            sigma = (probs * (logp_all - mu[..., None]).square()).sum(-1).clamp_min(1e-12).sqrt()  # (B, T-1)
+            z = torch.zeros_like(logp)  # (B, T-1): Min-K%++ statistic, only at supervised positions
+            z[mask] = _standardised(logp_all[mask], logp[mask])
             tokens = mask.sum(1)  # (B,)
             nll = -(logp.masked_fill(~mask, 0.0)).sum(1)  # (B,)
             parts["correct"].append(((logp_all.argmax(-1) == target) & mask).sum(1).cpu())
@@ -100,7 +112,7 @@ def split_scores(model, encoded: dict, *, batch_size: int = 16, tokenizer=None, 
             parts["loss"].append((-nll / tokens.clamp_min(1)).double().cpu())
             parts["zlib"].append(-nll.double().cpu() / _zlib_lengths(batch, tokenizer))
             parts["min_k"].append(_min_k(logp, mask, k).double().cpu())
-            parts["min_k_plus_plus"].append(_min_k((logp - mu) / sigma, mask, k).double().cpu())
+            parts["min_k_plus_plus"].append(_min_k(z, mask, k).double().cpu())
     finally:
         model.train(was_training)
     return {key: torch.cat(value) for key, value in parts.items()}
