@@ -160,7 +160,7 @@ def _load_tiny(cache_dir: Path, device, seed: int, corpus: dict | None, progress
         model = Qwen2ForCausalLM.from_pretrained(final, local_files_only=True, dtype=torch.float32)
         tokenizer = PreTrainedTokenizerFast.from_pretrained(final, local_files_only=True)
         info = json.loads((final / "info.json").read_text())
-        info["cached"] = True
+        info.update(cached=True, path=str(final))
         return model.to(device), tokenizer, info
     tokenizer = build_tokenizer(corpus)
     with torch.random.fork_rng(devices=[]):
