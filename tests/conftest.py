@@ -10,6 +10,7 @@ kernels run (slowly) on CPU tensors and are tested like every other backend.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
@@ -58,3 +59,38 @@ def randn(*shape, gen: torch.Generator, dtype=None, device=None) -> torch.Tensor
     """Standard normal draws on CPU (reproducible), moved to the test device and dtype."""
     t = torch.randn(*shape, generator=gen, dtype=torch.float64)
     return t.to(device=device or DEVICE, dtype=dtype or DTYPE)
+
+
+# --------------------------------------------------------------------------- driver: the pretrained tiny model
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory) -> Path:
+    """Cache directory of pretrained tiny models, kept across pytest sessions (REPFORGET_TEST_CACHE overrides).
+
+    Models are keyed by corpus, seed and recipe inside it, so every corpus pretrains once.
+    """
+    env = os.environ.get("REPFORGET_TEST_CACHE")
+    return Path(env) if env else tmp_path_factory.getbasetemp().parent / "repforget-tiny-cache"
+
+
+@pytest.fixture(scope="session")
+def pretrained_tiny(tiny_cache):
+    """(model, tokenizer, info, corpus): the tiny model pretrained on the default corpus make_corpus(0), seed 0."""
+    from repforget_kernels.driver.data import make_corpus
+    from repforget_kernels.driver.models import load_model
+
+    corpus = make_corpus(0)
+    model, tokenizer, info = load_model("tiny", cache_dir=tiny_cache, seed=0, corpus=corpus, progress=False)
+    return model, tokenizer, info, corpus
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_cache):
+    """(model, tokenizer, corpus): the tiny model pretrained on the small test corpus (test_driver_diagnostics.SMALL)."""
+    from repforget_kernels.driver.models import load_model
+    from test_driver_diagnostics import small_corpus
+
+    corpus = small_corpus()
+    model, tok, _ = load_model("tiny", cache_dir=tiny_cache, corpus=corpus, progress=False)
+    return model, tok, corpus

@@ -11,7 +11,7 @@ import torch
 
 from repforget_kernels.driver.cli import build_parser, demo_specs, main
 
-from test_driver_diagnostics import small_corpus, tiny, tiny_cache  # noqa: F401  (session fixtures)
+from test_driver_diagnostics import small_corpus
 
 
 def write_jsonl(path, items):

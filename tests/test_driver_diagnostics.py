@@ -1,15 +1,10 @@
 """Driver diagnostics: hooks, one pass per batch, and every number equal to the public API on
-manually collected activations. Also holds the tiny-model fixtures the other driver test files import.
-
-The pretrained tiny model is built once on a small corpus (8 facts per domain) through
-``models.load_model("tiny")`` and cached in a directory that outlives the pytest session
-(``REPFORGET_TEST_CACHE`` or pytest's base temp parent), so later sessions start at once.
+manually collected activations. Also holds ``small_corpus`` (8 facts per domain), the corpus of
+the ``tiny`` fixture in conftest.py that the other driver test files use.
 """
 from __future__ import annotations
 
 import copy
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -27,21 +22,6 @@ SMALL = dict(seed=0, n_per_domain=8, n_probe_per_domain=4)
 
 def small_corpus() -> dict:
     return make_corpus(**SMALL)
-
-
-@pytest.fixture(scope="session")
-def tiny_cache(tmp_path_factory) -> Path:
-    """A cache directory for the pretrained tiny model that survives across pytest sessions."""
-    env = os.environ.get("REPFORGET_TEST_CACHE")
-    return Path(env) if env else tmp_path_factory.getbasetemp().parent / "repforget-tiny-cache"
-
-
-@pytest.fixture(scope="session")
-def tiny(tiny_cache):
-    """(model, tokenizer, corpus): the tiny Qwen2 pretrained on the small corpus (cached)."""
-    corpus = small_corpus()
-    model, tok, _ = load_model("tiny", cache_dir=tiny_cache, corpus=corpus, progress=False)
-    return model, tok, corpus
 
 
 def random_models():

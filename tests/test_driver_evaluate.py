@@ -6,7 +6,6 @@ import zlib
 
 import pytest
 import torch
-from test_driver_models import pretrained_tiny, tiny_cache  # noqa: F401 (session fixtures shared with that file)
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from repforget_kernels.driver.data import SPLITS, encode, make_corpus

@@ -26,20 +26,6 @@ QWEN25_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, n
                  tie_word_embeddings=False)
 
 
-@pytest.fixture(scope="session")
-def tiny_cache(tmp_path_factory):
-    """The directory the session's pretrained tiny model is cached in (shared by every driver test file)."""
-    return tmp_path_factory.getbasetemp() / "driver-tiny-cache"
-
-
-@pytest.fixture(scope="session")
-def pretrained_tiny(tiny_cache):
-    """(model, tokenizer, info, corpus) of the tiny model pretrained on make_corpus(0), seed 0, once per session."""
-    corpus = make_corpus(0)
-    model, tokenizer, info = load_model("tiny", cache_dir=tiny_cache, seed=0, corpus=corpus, progress=False)
-    return model, tokenizer, info, corpus
-
-
 def _small(cls_config, cls_model, **extra):
     cfg = cls_config(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
                      num_key_value_heads=2, max_position_embeddings=32, **extra)

@@ -10,7 +10,7 @@ from repforget_kernels.driver.pipeline import Pipeline, PipelineConfig, RunSpec,
 from repforget_kernels.driver.plots import PLOTS
 from repforget_kernels.driver.report import THRESHOLDS, verdict
 
-from test_driver_diagnostics import small_corpus, tiny, tiny_cache  # noqa: F401  (session fixtures)
+from test_driver_diagnostics import small_corpus
 
 SPECS = [RunSpec("ga", 3e-3, "single", batch_size=4, relearn_lr=3e-3),
          RunSpec("npo", 3e-3, "continual", requests=2, batch_size=4, relearn_lr=3e-3)]

@@ -237,9 +237,11 @@ def render_markdown(report: dict) -> str:
     for run in report["runs"]:
         b, s = run["verdict"]["behaviour"], run["verdict"]["structure"]
         rows.append([run["run_id"], b["label"], b["forget_drop"], b["retain_drop"], b["relearn_recovery"],
-                     s["label"], s["min_cka"], s["mean_cka"], s["min_pca_similarity"], s["fisher_mass_ratio"]])
+                     s["label"], s["min_cka_tokens"], s["mean_pca_similarity"], s["min_cka"], s["mean_cka"],
+                     s["fisher_mass_ratio"]])
+    # the two columns the structure label is judged on come first (see verdict)
     lines += _table(["run", "behaviour", "forget drop", "retain drop", "relearn recovery", "structure",
-                     "min CKA", "mean CKA", "min PCA sim", "Fisher mass ratio"], rows)
+                     "min token CKA", "mean PC1 sim", "min pooled CKA", "mean pooled CKA", "Fisher mass ratio"], rows)
     lines += [""] + _thresholds_md(report["thresholds"])
     for run in report["runs"]:
         lines += [f"## {run['run_id']}", "", "### Stages", ""]
