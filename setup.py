@@ -103,6 +103,8 @@ setup(
         "driver": ["transformers", "tokenizers", "tqdm", "matplotlib"],
         "test": ["pytest", "pytest-benchmark"],
         "bench": ["pytest-benchmark", "pytorch-cka", "ckatorch"],
+        # only the launcher for `accelerate launch` (multi-GPU driver runs); never imported
+        "multigpu": ["accelerate"],
     },
     entry_points={"console_scripts": ["repforget = repforget_kernels.driver.cli:main"]},
     ext_modules=EXT_MODULES,
