@@ -63,30 +63,6 @@ def test_histogram_16m(benchmark, backend, log, fisher_values):
     benchmark.pedantic(op, args=(fisher_values, lo, hi, 64, log), rounds=5, warmup_rounds=1)
 
 
-@pytest.fixture(scope="module")
-def linear_layer():
-    """B=32, T=128 activations and output gradients of a 1024 x 1024 linear layer, ~10% padding."""
-    g = _gen()
-    x = torch.randn(32, 128, 1024, generator=g)  # (B, T, in)
-    go = torch.randn(32, 128, 1024, generator=g)  # (B, T, out)
-    mask = torch.ones(32, 128, dtype=torch.bool)  # (B, T)
-    mask[:, 115:] = False
-    return x, go, mask
-
-
-@pytest.mark.parametrize("masked", [True, False], ids=["mask", "nomask"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_per_sample_linear_fisher_32x128x1024(benchmark, backend, dtype, masked, linear_layer):
-    benchmark.group = f"per_sample_linear_fisher B32 T128 1024x1024 {dtype} {'mask' if masked else 'nomask'}".replace(
-        "torch.", "")
-    x, go, mask = (t.to(dtype) if t.is_floating_point() else t for t in linear_layer)
-    mask = mask if masked else None
-    out = torch.zeros(1024, 1024)  # (out, in)
-    op = _op("per_sample_linear_fisher", backend)
-    benchmark.pedantic(op, args=(x, go, mask, out), rounds=5, warmup_rounds=1)
-
-
 @pytest.mark.parametrize("d", [256, 1024])
 @pytest.mark.parametrize("unbiased", [True, False], ids=["ucentred", "centred"])
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -58,17 +58,6 @@ def _histogram_cpp(values, lo, hi, bins, log):
     return torch.ops.repforget.histogram(values.contiguous(), float(lo), float(hi), int(bins), bool(log))
 
 
-def _per_sample_linear_fisher_cpp(x, grad_out, mask, out):
-    """Contract of fisher._per_sample_linear_fisher_torch: out += sum_s (g_s^T x_s)**2, tiled over out's rows."""
-    if mask is not None and mask.dtype != torch.bool:
-        mask = mask != 0  # (B, T) bool
-    mask = None if mask is None else mask.contiguous()
-    work = out.contiguous()  # out itself unless it is strided
-    torch.ops.repforget.per_sample_linear_fisher(x.contiguous(), grad_out.contiguous(), mask, work)
-    if work is not out:
-        out.copy_(work)
-
-
 def _centered_gram_cpp(x, unbiased):
     """Contract of cka._centered_gram_torch: (L, n, d) -> (L, n, n), upper-triangle blocks, U-centred in the same pass."""
     return torch.ops.repforget.centered_gram(x.contiguous(), bool(unbiased))
@@ -77,7 +66,6 @@ def _centered_gram_cpp(x, unbiased):
 _KERNELS = {
     "square_accumulate": _square_accumulate_cpp,
     "histogram": _histogram_cpp,
-    "per_sample_linear_fisher": _per_sample_linear_fisher_cpp,
     "centered_gram": _centered_gram_cpp,
 }
 

@@ -2,8 +2,8 @@
 
 Each op is called through the dispatcher with backend="cpp" and checked against the float64
 references (repforget_kernels.reference, plus the float64 Gram twins below) and against the
-torch composite of the same op (the contract), on awkward sizes, every float dtype, B = 1 and
-B > 1, masks, and the histogram's edge values. Two threads are used where a kernel merges
+torch composite of the same op (the contract), on awkward sizes, every float dtype, one and
+several layers / tensors, strided inputs, and the histogram's edge values. Two threads are used where a kernel merges
 per-thread results. The last class checks the missing-extension path: one warning, then the
 torch composites serve.
 """
@@ -23,7 +23,6 @@ from repforget_kernels import _cpp_ops, _dispatch
 from repforget_kernels.reference import (
     fisher_accumulate_ref,
     fisher_histogram_ref,
-    per_sample_linear_fisher_ref,
     to_f64,
 )
 
@@ -236,101 +235,6 @@ class TestHistogram:
     def test_values_must_be_1d(self):
         with pytest.raises(RuntimeError, match=r"values must be 1-D, got shape \[2, 2\]"):
             cpp("histogram")(torch.ones(2, 2), 0.0, 1.0, 3, False)
-
-
-# --------------------------------------------------------------------------- per_sample_linear_fisher
-
-
-def _fisher_inputs(gen, b, t, n_in, n_out, dtype, masked: bool):
-    x = randn(b, t, n_in, gen=gen, dtype=dtype)  # (B, T, in)
-    g = randn(b, t, n_out, gen=gen, dtype=dtype)  # (B, T, out)
-    mask = None
-    if masked:
-        mask = torch.rand(b, t, generator=gen) > 0.35  # (B, T)
-        mask[0, :] = False  # a sample with no live token
-        mask[-1, -1] = True
-    return x, g, mask
-
-
-@needs_extension
-class TestPerSampleLinearFisher:
-    # (B, T, in, out): B = 1 and B > 1, in < out and in > out, sizes that are multiples of nothing
-    SHAPES = [(1, 9, 37, 301), (4, 7, 300, 23), (5, 1, 13, 11), (3, 33, 129, 67)]
-
-    @pytest.mark.parametrize("b,t,n_in,n_out", SHAPES)
-    @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
-    @pytest.mark.parametrize("odtype", (torch.float32, torch.float64))
-    def test_matches_reference(self, gen, b, t, n_in, n_out, masked, odtype, two_threads):
-        x, g, mask = _fisher_inputs(gen, b, t, n_in, n_out, torch.float64 if odtype == torch.float64 else torch.float32,
-                                    masked and b > 1)
-        out = randn(n_out, n_in, gen=gen, dtype=odtype).abs()  # accumulated into, not overwritten
-        want = to_f64(out) + per_sample_linear_fisher_ref(x, g, mask)
-        assert cpp("per_sample_linear_fisher")(x, g, mask, out) is None
-        assert max_rel_diff(out, want) < work_tol(odtype, x.dtype)
-
-    @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
-    def test_half_inputs_computed_in_float32(self, gen, dtype):
-        x, g, mask = _fisher_inputs(gen, 3, 11, 45, 29, dtype, masked=True)
-        out = torch.zeros(29, 45)
-        cpp("per_sample_linear_fisher")(x, g, mask, out)
-        assert max_rel_diff(out, per_sample_linear_fisher_ref(x, g, mask)) < TOL[torch.float32]
-
-    def test_mixed_input_dtypes(self, gen):
-        x = randn(2, 5, 19, gen=gen, dtype=torch.bfloat16)
-        g = randn(2, 5, 23, gen=gen, dtype=torch.float64)
-        out = torch.zeros(23, 19, dtype=torch.float64)
-        cpp("per_sample_linear_fisher")(x, g, None, out)
-        assert max_rel_diff(out, per_sample_linear_fisher_ref(x, g)) < TOL[torch.float64]
-
-    @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
-    def test_equals_composite(self, gen, masked):
-        x, g, mask = _fisher_inputs(gen, 6, 13, 77, 130, torch.float32, masked)
-        got, want = torch.zeros(130, 77), torch.zeros(130, 77)
-        cpp("per_sample_linear_fisher")(x, g, mask, got)
-        composite("per_sample_linear_fisher")(x, g, mask, want)
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
-
-    def test_masked_tokens_are_ignored_even_if_not_finite(self, gen):
-        x, g, _ = _fisher_inputs(gen, 2, 6, 9, 8, torch.float32, masked=False)
-        mask = torch.ones(2, 6, dtype=torch.bool)
-        mask[1, 4:] = False
-        x_bad, g_bad = x.clone(), g.clone()
-        x_bad[1, 4:], g_bad[1, 4:] = float("nan"), float("inf")  # padding garbage
-        out = torch.zeros(8, 9)
-        cpp("per_sample_linear_fisher")(x_bad, g_bad, mask, out)
-        assert max_rel_diff(out, per_sample_linear_fisher_ref(x, g, mask)) < TOL[torch.float32]
-
-    def test_all_masked_leaves_out_unchanged(self, gen):
-        x, g, _ = _fisher_inputs(gen, 3, 4, 5, 6, torch.float32, masked=False)
-        out = torch.full((6, 5), 2.0)
-        cpp("per_sample_linear_fisher")(x, g, torch.zeros(3, 4, dtype=torch.bool), out)
-        assert torch.equal(out, torch.full((6, 5), 2.0))
-
-    def test_strided_inputs_and_out(self, gen):
-        x = randn(4, 17, 6, gen=gen).transpose(1, 2)  # (4, 6, 17) non-contiguous
-        g = randn(4, 6, 10, gen=gen)
-        base = torch.zeros(17, 10)
-        out = base.t()  # (10, 17) non-contiguous
-        cpp("per_sample_linear_fisher")(x, g, None, out)
-        assert max_rel_diff(base.t(), per_sample_linear_fisher_ref(x, g)) < TOL[torch.float32]
-
-    def test_integer_mask_is_accepted(self, gen):
-        x, g, mask = _fisher_inputs(gen, 3, 8, 7, 5, torch.float32, masked=True)
-        out = torch.zeros(5, 7)
-        cpp("per_sample_linear_fisher")(x, g, mask.to(torch.int64), out)
-        assert max_rel_diff(out, per_sample_linear_fisher_ref(x, g, mask)) < TOL[torch.float32]
-
-    def test_shape_errors(self):
-        op = torch.ops.repforget.per_sample_linear_fisher
-        x, g = torch.zeros(2, 3, 4), torch.zeros(2, 3, 5)
-        with pytest.raises(RuntimeError, match=r"out must be \(out, in\) = \(5, 4\), got \[4, 5\]"):
-            op(x, g, None, torch.zeros(4, 5))
-        with pytest.raises(RuntimeError, match=r"grad_out must be \(B, T, out\) with x's B and T"):
-            op(x, torch.zeros(2, 4, 5), None, torch.zeros(5, 4))
-        with pytest.raises(RuntimeError, match=r"mask must be \(B, T\) = \(2, 3\), got \[3, 2\]"):
-            op(x, g, torch.ones(3, 2, dtype=torch.bool), torch.zeros(5, 4))
-        with pytest.raises(RuntimeError, match="out must be float32 or float64, got Half"):
-            op(x, g, None, torch.zeros(5, 4, dtype=torch.float16))
 
 
 # --------------------------------------------------------------------------- centered_gram

@@ -26,8 +26,6 @@ TORCH_LIBRARY(repforget, m) {
   m.def("square_accumulate(Tensor(a!)[] accs, Tensor[] grads, float scale) -> ()");
   // counts (bins,) int64 of values in [lo, hi], linear or log10 bins.
   m.def("histogram(Tensor values, float lo, float hi, int bins, bool log) -> Tensor");
-  // out += sum_s (sum_t m_st g_st x_st^T)^2, in place.
-  m.def("per_sample_linear_fisher(Tensor x, Tensor grad_out, Tensor? mask, Tensor(a!) out) -> ()");
   // (L, n, d) -> (L, n, n) centred (or U-centred) Gram matrices.
   m.def("centered_gram(Tensor x, bool unbiased) -> Tensor");
 }
