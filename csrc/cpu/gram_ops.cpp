@@ -62,25 +62,41 @@ void gram_layer(const at::Tensor& xc, const at::Tensor& out, bool unbiased) {
     for (int64_t bj = bi; bj < nb; ++bj) pairs.emplace_back(bi, bj);
   cd_t* o = out.data_ptr<cd_t>();
   at::parallel_for(0, static_cast<int64_t>(pairs.size()), 1, [&](int64_t pb, int64_t pe) {
-    at::Tensor buf = at::empty({kBlock * kBlock}, xc.options());  // one (ni x nj) block
     for (int64_t p = pb; p < pe; ++p) {
       const int64_t i0 = pairs[p].first * kBlock, j0 = pairs[p].second * kBlock;
       const int64_t ni = std::min(kBlock, n - i0), nj = std::min(kBlock, n - j0);
-      at::Tensor k = buf.narrow(0, 0, ni * nj).view({ni, nj});          // (ni, nj)
-      at::mm_out(k, xc.narrow(0, i0, ni), xc.narrow(0, j0, nj).t());  // K[I, J]
-      const cd_t* kp = k.const_data_ptr<cd_t>();
-      for (int64_t i = 0; i < ni; ++i) {
-        cd_t* row = o + (i0 + i) * n + j0;
-        const double ui = u[i0 + i];
-        for (int64_t j = 0; j < nj; ++j)
-          row[j] = static_cast<cd_t>(static_cast<double>(kp[i * nj + j]) - ui - u[j0 + j]);
-        if (unbiased && i0 == j0) row[i] = cd_t(0);
+      at::Tensor block = out.narrow(0, i0, ni).narrow(1, j0, nj);          // (ni, nj), row stride n
+      at::mm_out(block, xc.narrow(0, i0, ni), xc.narrow(0, j0, nj).t());  // K[I, J] in place
+      if (unbiased) {  // U-centre the block while it is in cache
+        for (int64_t i = 0; i < ni; ++i) {
+          cd_t* row = o + (i0 + i) * n + j0;
+          const double ui = u[i0 + i];
+          for (int64_t j = 0; j < nj; ++j) row[j] = static_cast<cd_t>(static_cast<double>(row[j]) - ui - u[j0 + j]);
+          if (i0 == j0) row[i] = cd_t(0);
+        }
       }
       if (i0 == j0) continue;
       for (int64_t j = 0; j < nj; ++j) {  // mirror into K[J, I]
         cd_t* row = o + (j0 + j) * n + i0;
         for (int64_t i = 0; i < ni; ++i) row[i] = o[(i0 + i) * n + j0 + j];
       }
+    }
+  });
+}
+
+// xc = x - mean in float64, rounded once to the compute dtype: exact under large column offsets
+// ("massive activations"); one pass, no float64 copy of x. x (L, n, d) contiguous, mean (L, d) float64.
+template <typename in_t, typename cd_t>
+void centre_rows(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& xc) {
+  const int64_t n = x.size(1), d = x.size(2);
+  const in_t* xp = x.const_data_ptr<in_t>();
+  const double* mp = mean.const_data_ptr<double>();
+  cd_t* cp = xc.data_ptr<cd_t>();
+  at::parallel_for(0, x.size(0) * n, 16, [&](int64_t rb, int64_t re) {
+    for (int64_t r = rb; r < re; ++r) {
+      const double* m = mp + (r / n) * d;
+      for (int64_t j = 0; j < d; ++j)
+        cp[r * d + j] = static_cast<cd_t>(static_cast<double>(xp[r * d + j]) - m[j]);
     }
   });
 }
@@ -95,12 +111,15 @@ at::Tensor centered_gram_cpu(const at::Tensor& x, bool unbiased) {
   TORCH_CHECK(n >= (unbiased ? 3 : 1), "centered_gram: x needs at least ", unbiased ? 3 : 1,
               " rows for unbiased=", unbiased, ", got shape ", x.sizes());
   const at::ScalarType cd = t == at::kDouble ? at::kDouble : at::kFloat;
-  const at::Tensor mean = x.sum(1, /*keepdim=*/true, at::kDouble).div_(static_cast<double>(n));  // (L, 1, d)
-  // centred in float64, rounded once: exact under large column offsets ("massive activations")
-  const at::Tensor xc = at::sub(x.to(at::kDouble), mean).to(cd).contiguous();  // (L, n, d)
-  at::Tensor out = at::empty({L, n, n}, xc.options());                                         // (L, n, n)
+  const at::Tensor xin = x.contiguous();
+  const at::Tensor mean = xin.sum(1, /*keepdim=*/false, at::kDouble).div_(static_cast<double>(n));  // (L, d)
+  at::Tensor xc = at::empty(x.sizes(), x.options().dtype(cd));                                      // (L, n, d)
+  at::Tensor out = at::empty({L, n, n}, xc.options());                                               // (L, n, n)
   AT_DISPATCH_FLOATING_TYPES(cd, "centered_gram", [&] {
-    for (int64_t l = 0; l < L; ++l) gram_layer<scalar_t>(xc[l], out[l], unbiased);
+    using cd_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t, "centered_gram_centre",
+                                    [&] { centre_rows<scalar_t, cd_t>(xin, mean, xc); });
+    for (int64_t l = 0; l < L; ++l) gram_layer<cd_t>(xc[l], out[l], unbiased);
   });
   return out;
 }
