@@ -101,7 +101,7 @@ setup(
     install_requires=["numpy", "torch>=2.4"],
     extras_require={
         "driver": ["transformers", "tokenizers", "tqdm", "matplotlib"],
-        "test": ["pytest", "pytest-benchmark"],
+        "test": ["pytest", "pytest-benchmark", "triton"],  # triton: its kernels are tested under TRITON_INTERPRET=1
         "bench": ["pytest-benchmark", "pytorch-cka", "ckatorch"],
         # only the launcher for `accelerate launch` (multi-GPU driver runs); never imported
         "multigpu": ["accelerate"],

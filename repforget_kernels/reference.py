@@ -12,6 +12,7 @@ __all__ = [
     "to_f64",
     "linear_cka_ref",
     "cka_matrix_ref",
+    "centered_gram_ref",
     "hsic_unbiased_ref",
     "pca_ref",
     "pca_similarity_ref",
@@ -63,6 +64,22 @@ def cka_matrix_ref(xs, ys=None, debiased: bool = False) -> np.ndarray:
     """(Lx, Ly) CKA of every layer pair; layers given as a stack or a list of (n, d_i)."""
     ys = xs if ys is None else ys
     return np.array([[linear_cka_ref(a, b, debiased) for b in ys] for a in xs])
+
+
+def centered_gram_ref(x, unbiased: bool = False) -> np.ndarray:
+    """(n, d) -> (n, n): H K H with an explicit centring matrix, or the U-centred Gram by its definition."""
+    x = to_f64(x)
+    n = x.shape[0]
+    h = np.eye(n) - np.ones((n, n)) / n
+    k = h @ (x @ x.T) @ h
+    if not unbiased:
+        return k
+    kt = k.copy()
+    np.fill_diagonal(kt, 0.0)
+    r, s = kt.sum(1), kt.sum()
+    u = kt - r[:, None] / (n - 2) - r[None, :] / (n - 2) + s / ((n - 1) * (n - 2))
+    np.fill_diagonal(u, 0.0)
+    return u
 
 
 def _sign_fix(v: np.ndarray) -> np.ndarray:

@@ -21,6 +21,7 @@ import torch
 from conftest import TOL, randn
 from repforget_kernels import _cpp_ops, _dispatch
 from repforget_kernels.reference import (
+    centered_gram_ref,
     fisher_accumulate_ref,
     fisher_histogram_ref,
     to_f64,
@@ -62,22 +63,6 @@ def two_threads():
 
 
 # --------------------------------------------------------------------------- float64 Gram twins
-
-
-def centered_gram_ref(x, unbiased: bool) -> np.ndarray:
-    """(n, d) -> (n, n): H K H with an explicit centring matrix, or the U-centred Gram by its definition."""
-    x = to_f64(x)
-    n = x.shape[0]
-    h = np.eye(n) - np.ones((n, n)) / n
-    k = h @ (x @ x.T) @ h
-    if not unbiased:
-        return k
-    kt = k.copy()
-    np.fill_diagonal(kt, 0.0)
-    r, s = kt.sum(1), kt.sum()
-    u = kt - r[:, None] / (n - 2) - r[None, :] / (n - 2) + s / ((n - 1) * (n - 2))
-    np.fill_diagonal(u, 0.0)
-    return u
 
 
 # --------------------------------------------------------------------------- square_accumulate
