@@ -59,12 +59,12 @@ def _shifted_cross_products_torch(x, y, shift_x, shift_y, debiased):
         "sxy": torch.bmm(xt, ys),  # (L, dx, dy)
         "sxx": torch.bmm(xt, xs),  # (L, dx, dx)
         "syy": torch.bmm(ys.transpose(-1, -2), ys),  # (L, dy, dy)
-        "sx": xs.sum(-2, dtype=torch.float64),  # (L, dx)
-        "sy": ys.sum(-2, dtype=torch.float64),  # (L, dy)
+        "sx": xs.sum(-2),  # (L, dx) cascade-summed in the compute dtype: shifted values are small
+        "sy": ys.sum(-2),  # (L, dy)
     }
     if debiased:
-        a = xs.square().sum(-1, dtype=torch.float64)  # (L, n)
-        b = ys.square().sum(-1, dtype=torch.float64)  # (L, n)
+        a = torch.linalg.vector_norm(xs, dim=-1).square().to(torch.float64)  # (L, n) a_i = ||x'_i||^2
+        b = torch.linalg.vector_norm(ys, dim=-1).square().to(torch.float64)  # (L, n)
         out.update(
             sa=a.sum(-1), sb=b.sum(-1), saa=a.square().sum(-1), sbb=b.square().sum(-1), sab=(a * b).sum(-1),
             sax=torch.bmm(a.to(cd).unsqueeze(-2), xs).squeeze(-2),  # (L, dx)
@@ -109,7 +109,7 @@ def _centered_gram_torch(x, unbiased):
 
 def _frob2(m: torch.Tensor) -> torch.Tensor:
     """Squared Frobenius norm over the last two dims, accumulated in float64: (..., a, b) -> (...)."""
-    return m.to(torch.float64).square().sum((-2, -1))
+    return torch.linalg.vector_norm(m, dim=(-2, -1), dtype=torch.float64).square()
 
 
 def _row_norm_products(s: dict, n: torch.Tensor, u: str, v: str) -> torch.Tensor:
@@ -141,9 +141,10 @@ def _cka_from_sums(s: dict, n: torch.Tensor, debiased: bool) -> torch.Tensor:
     nn_ = n.unsqueeze(-1)  # (L, 1)
     m, p = s["sx"] / nn_, s["sy"] / nn_  # (L, dx), (L, dy) shifted means
     nm = (n.unsqueeze(-1) * m).unsqueeze(-1)  # (L, dx, 1)
-    cxy = s["sxy"].to(torch.float64) - nm * p.unsqueeze(-2)  # (L, dx, dy)
-    cxx = s["sxx"].to(torch.float64) - nm * m.unsqueeze(-2)  # (L, dx, dx)
-    cyy = s["syy"].to(torch.float64) - (n.unsqueeze(-1) * p).unsqueeze(-1) * p.unsqueeze(-2)  # (L, dy, dy)
+    np_ = (n.unsqueeze(-1) * p).unsqueeze(-1)  # (L, dy, 1)
+    cxy = torch.baddbmm(s["sxy"], nm, p.unsqueeze(-2), alpha=-1)  # (L, dx, dy) = Sxy - n m p^T
+    cxx = torch.baddbmm(s["sxx"], nm, m.unsqueeze(-2), alpha=-1)  # (L, dx, dx)
+    cyy = torch.baddbmm(s["syy"], np_, p.unsqueeze(-2), alpha=-1)  # (L, dy, dy)
     hxy, hxx, hyy = _frob2(cxy), _frob2(cxx), _frob2(cyy)  # (L,) tr(KL), tr(KK), tr(LL)
     if debiased:
         trk = cxx.diagonal(dim1=-2, dim2=-1).sum(-1)  # (L,)
