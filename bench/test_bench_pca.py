@@ -1,8 +1,9 @@
 """randomized_pca against torch.pca_lowrank and a full SVD, at recorded subspace error.
 
 Run: pytest bench/test_bench_pca.py --benchmark-json=pca.json && python bench/ratios.py pca.json
-Each benchmark stores the largest principal angle (radians) of its top-k subspace against
-the exact one in extra_info["subspace_error_rad"], so speed is compared at known accuracy.
+Each benchmark stores the mean principal angle (radians) between its top-k subspace and the
+exact one, averaged over 8 random seeds (untimed), in extra_info["subspace_error_rad"], so speed
+is compared at known accuracy (one seed alone varies by 2x or more on this spectrum).
 """
 from __future__ import annotations
 
@@ -32,26 +33,34 @@ def exact(activations):
 
 
 def _error(v, exact) -> float:
-    """Largest principal angle between span(v) (K, D) and the exact top-K subspace, via its sine."""
+    """Mean principal angle between span(v) (K, D) and the exact top-K subspace, via the sines."""
     a = np.linalg.qr(np.asarray(v, dtype=np.float64).T)[0]
     b = exact.T
-    return float(np.arcsin(min(1.0, np.linalg.norm(a - b @ (b.T @ a), ord=2))))
+    sines = np.linalg.svd(a - b @ (b.T @ a), compute_uv=False)
+    return float(np.arcsin(np.clip(sines, 0.0, 1.0)).mean())
 
 
 GROUP = f"randomized_pca n={N} d={D} k={K} fp32"
+SEEDS = range(8)
 
 
 def test_ours(timed, benchmark, activations, exact):
     benchmark.group = GROUP
-    out = timed(lambda: randomized_pca(activations, K), "ours")
-    benchmark.extra_info["subspace_error_rad"] = _error(out.components.numpy(), exact)
+    timed(lambda: randomized_pca(activations, K), "ours")
+    errors = [_error(randomized_pca(activations, K, seed=s).components.numpy(), exact) for s in SEEDS]
+    benchmark.extra_info["subspace_error_rad"] = float(np.mean(errors))
+
+
+def _lowrank_v(activations, seed):
+    torch.manual_seed(seed)
+    return torch.pca_lowrank(activations, q=K + 10, niter=4)[2][:, :K].T.numpy()
 
 
 def test_torch_pca_lowrank(timed, benchmark, activations, exact):
     benchmark.group = GROUP
-    torch.manual_seed(0)
-    _, _, v = timed(lambda: torch.pca_lowrank(activations, q=K + 10, niter=4), "baseline")
-    benchmark.extra_info["subspace_error_rad"] = _error(v[:, :K].T.numpy(), exact)
+    timed(lambda: torch.pca_lowrank(activations, q=K + 10, niter=4), "baseline")
+    errors = [_error(_lowrank_v(activations, s), exact) for s in SEEDS]
+    benchmark.extra_info["subspace_error_rad"] = float(np.mean(errors))
 
 
 def test_numpy_full_svd(timed, benchmark, activations, exact):

@@ -1,18 +1,22 @@
 """Randomized PCA (Halko, Martinsson & Tropp 2011) and the per-layer PCA similarity and shift.
 
 For X (n, d) with column means mu, the data is centred implicitly, never copied
-(Xc Z = X Z - 1 (mu^T Z), Xc^T Y = X^T Y - mu (1^T Y)). Subspace iteration on the
-covariance, one read of X per iteration (each row block is used twice while in cache):
+(Xc Z = X Z - 1 (mu^T Z), Xc^T Q = X^T Q - mu (1^T Q)). Halko's power iterations alternate
+Q = orth(Xc Z) and Z = orth(Xc^T Q), two reads of X per iteration; here each iteration applies
+the covariance in ONE read of X, row block by row block (each block is used twice while in cache):
 
-    Z = orth(Omega)                                   (d, l)  Gaussian, l = k + oversample
-    repeat n_iter + 1:  Z = orth(Xc^T (Xc Z))         one pass over X, in row blocks
-    Y = Xc Z = U S W^T                                (n, l)  Rayleigh-Ritz
-    components = (Z W)^T[:k], singular values S[:k], explained variance = S^2 / (n - 1)
+    Z = Omega                                         (d, l)  Gaussian, l = k + oversample
+    repeat n_iter:  Z = orth(Xc^T (Xc Z))             one pass over X
+    Q = orth(Xc Z)                                    (n, l)  one pass
+    B = Q^T Xc = U S V^T                              (l, d)  one pass
+    components = V^T[:k], singular values S[:k], explained variance = S^2 / (n - 1)
 
-This spans the same subspace, span((Xc^T Xc)^(q+1) Omega), as Halko's algorithm with q
-power iterations (which alternates orth(Xc Z) and orth(Xc^T Q)), in q + 2 passes over X
-instead of 2 q + 2. Batched over a leading layer dimension; computed in float32 (float64
-for float64 input); signs fixed so the largest-magnitude entry of each component is positive.
+In exact arithmetic Q spans Xc (Xc^T Xc)^q Omega, exactly Halko's basis after q power
+iterations, so the result is the same; it costs q + 2 reads of X instead of 2 q + 2. The price
+is orthonormalising after each covariance product rather than after each half: directions whose
+variance is below float32 eps (float64 eps) times the largest fade, which leaves the top
+components untouched. Batched over a leading layer dimension; computed in float32 (float64 for
+float64 input); signs fixed so the largest-magnitude entry of each component is positive.
 """
 from __future__ import annotations
 
@@ -92,6 +96,15 @@ def _covariance_times(x3, mu, z, matmul, matmul_t, block: int) -> torch.Tensor:
     return out
 
 
+def _total_variance(x3: torch.Tensor, mu: torch.Tensor, block: int) -> torch.Tensor:
+    """sum_j var(x_j) = ||X - 1 mu^T||_F^2 / (n - 1), row block by row block (no full copy): -> (L,) float64."""
+    total = torch.zeros(x3.shape[0], dtype=torch.float64, device=x3.device)
+    for start in range(0, x3.shape[-2], block):
+        xb = x3[:, start:start + block].to(mu.dtype) - mu.unsqueeze(-2)  # (L, b, d)
+        total += torch.linalg.vector_norm(xb, dim=(-2, -1)).to(torch.float64).square()
+    return total / (x3.shape[-2] - 1)
+
+
 def _fix_signs(v: torch.Tensor) -> torch.Tensor:
     """Flip rows of v (..., k, d) so each row's largest-magnitude entry is positive."""
     idx = v.abs().argmax(-1, keepdim=True)  # (..., k, 1)
@@ -124,7 +137,7 @@ def randomized_pca(
     Returns:
         :class:`PCAResult`, leading dims of x kept.
 
-    Cost: (2 q + 3) n d l multiply-adds in q + 2 reads of x, q + 2 QRs of (d, l) and an SVD of (n, l).
+    Cost: (2 q + 2) n d l multiply-adds in q + 2 reads of x, q QRs of (d, l), one of (n, l), an SVD of (l, d).
     """
     check_rows(x, "x", min_rows=2)
     if isinstance(k, bool) or not isinstance(k, int):
@@ -146,18 +159,16 @@ def randomized_pca(
     matmul_t = kernel("centered_matmul_t", x.device, backend)
     orth = kernel("orthonormalize", x.device, backend)
     block = _block_rows(x3)
-    z = orth(omega)  # (L, d, l)
-    for _ in range(n_iter + 1):
+    z = omega  # (L, d, l)
+    for _ in range(n_iter):
         z = orth(_covariance_times(x3, mu, z, matmul, matmul_t, block))  # (L, d, l)
-    y = matmul(x3, mu, z)  # (L, n, l) = Xc Z
-    _, s, wt = torch.linalg.svd(y, full_matrices=False)  # s (L, l), wt (L, l, l)
-    components = _fix_signs((wt @ z.transpose(-1, -2))[:, :k])  # (L, k, d)
+    q = orth(matmul(x3, mu, z))  # (L, n, l) orthonormal basis of Xc (Xc^T Xc)^q Omega
+    b = matmul_t(x3, mu, q).transpose(-1, -2)  # (L, l, d) = Q^T Xc
+    _, s, vt = torch.linalg.svd(b, full_matrices=False)  # s (L, l), vt (L, l, d)
+    components = _fix_signs(vt[:, :k])  # (L, k, d)
     s = s[:, :k]  # (L, k)
     var = s.square() / (n - 1)  # (L, k)
-    if center:
-        total = x3.to(cd).var(-2).sum(-1, dtype=torch.float64)  # (L,)
-    else:
-        total = x3.to(cd).square().sum((-2, -1), dtype=torch.float64) / (n - 1)  # (L,)
+    total = _total_variance(x3, mu, block)  # (L,) float64
     ratio = (var.to(torch.float64) / total.unsqueeze(-1)).to(cd)  # (L, k)
     out = PCAResult(components, s, var, ratio, mu)
     return out if x.dim() == 3 else PCAResult(*(t[0] for t in out))
