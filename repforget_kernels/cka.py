@@ -65,12 +65,12 @@ def _shifted_cross_products_torch(x, y, shift_x, shift_y, debiased):
     if debiased:
         a = torch.linalg.vector_norm(xs, dim=-1).square().to(torch.float64)  # (L, n) a_i = ||x'_i||^2
         b = torch.linalg.vector_norm(ys, dim=-1).square().to(torch.float64)  # (L, n)
+        ab = torch.stack([a, b], -2).to(cd)  # (L, 2, n): both weight vectors, one read of xs and of ys
+        abx = torch.bmm(ab, xs)  # (L, 2, dx) rows: sum a_i x'_i, sum b_i x'_i
+        aby = torch.bmm(ab, ys)  # (L, 2, dy) rows: sum a_i y'_i, sum b_i y'_i
         out.update(
             sa=a.sum(-1), sb=b.sum(-1), saa=a.square().sum(-1), sbb=b.square().sum(-1), sab=(a * b).sum(-1),
-            sax=torch.bmm(a.to(cd).unsqueeze(-2), xs).squeeze(-2),  # (L, dx)
-            sbx=torch.bmm(b.to(cd).unsqueeze(-2), xs).squeeze(-2),  # (L, dx)
-            say=torch.bmm(a.to(cd).unsqueeze(-2), ys).squeeze(-2),  # (L, dy)
-            sby=torch.bmm(b.to(cd).unsqueeze(-2), ys).squeeze(-2),  # (L, dy)
+            sax=abx[:, 0], sbx=abx[:, 1], say=aby[:, 0], sby=aby[:, 1],
         )
     return out
 
