@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--epochs", type=int, default=1, help="unlearning epochs per request")
     run.add_argument("--batch-size", type=int, default=8)
     run.add_argument("--beta", type=float, default=0.1, help="NPO temperature")
+    run.add_argument("--optimizer", choices=("adamw", "sgd", "adafactor"), default="adamw",
+                     help="adafactor or sgd fit a 7B run with a frozen original on one 80 GB GPU")
     run.add_argument("--setting", choices=("single", "continual"), default="single")
     run.add_argument("--requests", type=int, default=5, help="continual: number of unlearning requests")
     run.add_argument("--relearn-epochs", type=int, default=1)
@@ -155,7 +157,7 @@ def _specs(args) -> list:
     try:
         return [RunSpec(method=m, lr=lr, setting=args.setting, requests=args.requests, epochs=args.epochs,
                         batch_size=args.batch_size, beta=args.beta, relearn_epochs=args.relearn_epochs,
-                        relearn_lr=args.relearn_lr, relearn_data=args.relearn_data)
+                        relearn_lr=args.relearn_lr, relearn_data=args.relearn_data, optimizer=args.optimizer)
                 for m in args.method for lr in args.lr]
     except ValueError as exc:
         raise UsageError(str(exc)) from None

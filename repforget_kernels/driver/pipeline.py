@@ -69,6 +69,7 @@ class RunSpec:
     relearn_epochs: int = 1
     relearn_lr: float = 1e-3
     relearn_data: str = "forget"
+    optimizer: str = "adamw"  # "adamw" | "sgd" | "adafactor" (see models.memory_plan for 7B on one GPU)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -281,9 +282,9 @@ class Pipeline:
         c = self.cfg
         if name == "relearned":
             tc = TrainConfig(lr=spec.relearn_lr, epochs=spec.relearn_epochs, batch_size=spec.batch_size,
-                             seed=c.seed, progress=c.progress)
+                             seed=c.seed, progress=c.progress, optimizer=spec.optimizer)
             return relearn(model, self.encoded[spec.relearn_data], tc)
         index = 0 if name == "unlearned" else int(name.rsplit("_", 1)[1]) - 1
         tc = TrainConfig(lr=spec.lr, epochs=spec.epochs, batch_size=spec.batch_size, beta=spec.beta,
-                         seed=c.seed + index, progress=c.progress)
+                         seed=c.seed + index, progress=c.progress, optimizer=spec.optimizer)
         return unlearn(model, spec.method, requests[index], self.encoded["retain"], tc)
