@@ -159,10 +159,13 @@ def _cka_from_sums(s: dict, n: torch.Tensor, debiased: bool) -> torch.Tensor:
     return _ratio(hxy, hxx, hyy)
 
 
-def _ratio(hxy: torch.Tensor, hxx: torch.Tensor, hyy: torch.Tensor) -> torch.Tensor:
-    """hxy / sqrt(hxx hyy), raising where an input has no variance (CKA undefined)."""
-    for h, name in ((hxx, "x"), (hyy, "y")):
-        bad = ~(h > 0)
+def _ratio(hxy: torch.Tensor, hxx: torch.Tensor, hyy: torch.Tensor, names: tuple = ("x", "y")) -> torch.Tensor:
+    """hxy / sqrt(hxx hyy), raising where an input has no variance (CKA undefined).
+
+    hxx, hyy may be broadcast views ((Lx, 1), (1, Ly)); the error names ``names`` and the flat index.
+    """
+    for h, name in ((hxx, names[0]), (hyy, names[1])):
+        bad = ~(h.flatten() > 0)
         if bool(bad.any()):
             idx = bad.nonzero().flatten().tolist()
             raise ValueError(
@@ -312,11 +315,14 @@ def cka_matrix(
         else:
             nx = torch.linalg.vector_norm(gx, dim=-1, dtype=torch.float64).square()  # (Lx,)
             ny = torch.linalg.vector_norm(gy, dim=-1, dtype=torch.float64).square()  # (Ly,)
-        return _ratio(pair, nx.unsqueeze(1), ny.unsqueeze(0)).to(out_dtype)
+        return _ratio(pair, nx.unsqueeze(1), ny.unsqueeze(0), ("xs", "xs" if ys is None else "ys")).to(out_dtype)
     out = torch.empty(len(lx), len(ly), dtype=torch.float64)
     for i, xi in enumerate(lx):
         for j, yj in enumerate(ly):
-            out[i, j] = linear_cka(xi, yj, debiased=debiased, method="feature", backend=backend).double()
+            try:
+                out[i, j] = linear_cka(xi, yj, debiased=debiased, method="feature", backend=backend).double()
+            except ValueError as exc:  # name the layers, not linear_cka's x and y
+                raise ValueError(f"layer pair (xs[{i}], {'xs' if ys is None else 'ys'}[{j}]): {exc}") from None
     return out.to(device=lx[0].device, dtype=out_dtype)
 
 
@@ -434,7 +440,10 @@ class StreamingCKA:
         if not dist.is_available() or not dist.is_initialized():
             raise ValueError("all_reduce needs an initialised torch.distributed process group")
         st = self._state
-        dev = st["sx"].device if st is not None else torch.device("cpu")
+        if st is not None:
+            dev = st["sx"].device
+        else:  # NCCL only moves CUDA tensors
+            dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
         meta = torch.zeros(4, dtype=torch.float64, device=dev)
         if st is not None:
             meta[:] = torch.tensor([st["sx"].shape[0], st["sx"].shape[-1], st["sy"].shape[-1],

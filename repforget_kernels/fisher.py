@@ -255,6 +255,10 @@ def per_sample_linear_fisher(
             "x and grad_out must be (B, T, in) and (B, T, out) (or (B, in) and (B, out)) with the same B, T; "
             f"got x {tuple(x.shape)} and grad_out {tuple(grad_out.shape)}"
         )
+    if mask is not None and not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+    if out is not None and not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
     check_same_device(x=x, grad_out=grad_out, mask=mask, out=out)
     if x.dim() == 2:
         x, grad_out = x.unsqueeze(1), grad_out.unsqueeze(1)  # (B, 1, in), (B, 1, out)
@@ -339,7 +343,7 @@ def fisher_histogram(values, *, bins: int = 64, log: bool = True, backend: Optio
         log: True: bins log10-spaced between the smallest positive value and the maximum;
             exact zeros cannot sit on a log axis, are left out of ``counts`` and counted in
             ``.n_zero``. False: linear bins between the minimum and the maximum.
-            A single distinct value v gets the range [v, 10 v] (log) or [v, v + 1] (linear).
+            A single distinct value v gets the range [v, 10 v] (log) or [v, v + max(1, |v|)] (linear).
         backend: force a backend for op ``histogram``.
 
     Returns:
@@ -375,8 +379,8 @@ def fisher_histogram(values, *, bins: int = 64, log: bool = True, backend: Optio
         edges = torch.logspace(a, z, bins + 1, dtype=torch.float64, device=device)  # (bins + 1,)
         hi = 10.0**z if hi == lo else hi
     else:
-        if hi == lo:
-            hi = lo + 1.0
+        if hi == lo:  # a width that float64 can hold next to lo, however large lo is
+            hi = lo + max(1.0, abs(lo))
         edges = torch.linspace(lo, hi, bins + 1, dtype=torch.float64, device=device)  # (bins + 1,)
     op = kernel("histogram", device, backend)
     counts = torch.zeros(bins, dtype=torch.int64, device=device)
@@ -423,10 +427,6 @@ def _param_strategy(roles: set) -> str:
     if roles and all(r.startswith("generic.") for r in roles):
         return "generic"
     return "loop"
-
-
-def _acc_dtype(p: torch.Tensor) -> torch.dtype:
-    return torch.float64 if p.dtype == torch.float64 else torch.float32
 
 
 class _Call:
@@ -637,7 +637,7 @@ class DiagonalFisher:
             raise ValueError("no parameter to estimate (params is empty or nothing requires grad)")
         self.model, self.labels, self.per_sample, self.seed, self.backend = model, labels, bool(per_sample), seed, backend
         self._params = {n: named[n] for n in names}
-        self._fisher = {n: torch.zeros(p.shape, dtype=_acc_dtype(p), device=p.device) for n, p in self._params.items()}
+        self._fisher = {n: torch.zeros(p.shape, dtype=compute_dtype(p), device=p.device) for n, p in self._params.items()}
         self._n = 0
         self._broken = False
         self._writing = False  # set from the first write into the sums until the update completes

@@ -80,6 +80,15 @@ def _orthonormalize_torch(a):
 # --------------------------------------------------------------------------- public API
 
 
+def _check_k(k, x: torch.Tensor, name: str) -> None:
+    """k must be an int in [1, min(n, d)] of ``x`` (named ``name`` in the error)."""
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    n, d = x.shape[-2], x.shape[-1]
+    if not 1 <= k <= min(n, d):
+        raise ValueError(f"k must be in [1, min(n, d)] = [1, {min(n, d)}] for {name} of shape {tuple(x.shape)}, got {k}")
+
+
 def _block_rows(x3: torch.Tensor) -> int:
     """Rows per block so one block of x stays in cache between its two products (4 MiB CPU, 32 MiB GPU)."""
     budget = (32 if x3.is_cuda else 4) * 2**20
@@ -140,11 +149,8 @@ def randomized_pca(
     Cost: (2 q + 2) n d l multiply-adds in q + 2 reads of x, q QRs of (d, l), one of (n, l), an SVD of (l, d).
     """
     check_rows(x, "x", min_rows=2)
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    _check_k(k, x, "x")
     n, d = x.shape[-2], x.shape[-1]
-    if not 1 <= k <= min(n, d):
-        raise ValueError(f"k must be in [1, min(n, d)] = [1, {min(n, d)}] for x of shape {tuple(x.shape)}, got {k}")
     for name, v in (("oversample", oversample), ("n_iter", n_iter)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ValueError(f"{name} must be a non-negative int, got {v!r}")
@@ -169,14 +175,21 @@ def randomized_pca(
     s = s[:, :k]  # (L, k)
     var = s.square() / (n - 1)  # (L, k)
     total = _total_variance(x3, mu, block)  # (L,) float64
+    if bool((total <= 0).any()):
+        raise ValueError(f"x has no variance (every row equal{' after centring' if center else ''}) at batch "
+                         f"index {(total <= 0).nonzero().flatten().tolist()}: its principal components are undefined")
     ratio = (var.to(torch.float64) / total.unsqueeze(-1)).to(cd)  # (L, k)
     out = PCAResult(components, s, var, ratio, mu)
     return out if x.dim() == 3 else PCAResult(*(t[0] for t in out))
 
 
-def _check_pair(x_ref: torch.Tensor, x_upd: torch.Tensor) -> None:
+def _check_pair(x_ref: torch.Tensor, x_upd: torch.Tensor, k: int, fit_upd: bool) -> None:
+    """Both inputs checked and named; k checked against x_ref (and x_upd when its PCA is fitted too)."""
     check_rows(x_ref, "x_ref", min_rows=2)
     check_rows(x_upd, "x_upd", min_rows=2)
+    _check_k(k, x_ref, "x_ref")
+    if fit_upd:
+        _check_k(k, x_upd, "x_upd")
     check_same_device(x_ref=x_ref, x_upd=x_upd)
     if x_ref.dim() != x_upd.dim() or x_ref.shape[-1] != x_upd.shape[-1] or x_ref.shape[:-2] != x_upd.shape[:-2]:
         raise ValueError(
@@ -210,10 +223,11 @@ def pca_similarity(
     Returns:
         () or (B,) tensor, float32 (float64 for float64 input).
     """
-    _check_pair(x_ref, x_upd)
+    _check_pair(x_ref, x_upd, k, fit_upd=True)
     opts = dict(oversample=oversample, n_iter=n_iter, seed=seed, backend=backend)
-    a = randomized_pca(x_ref, k, **opts).components  # (..., k, d)
-    b = randomized_pca(x_upd, k, **opts).components  # (..., k, d)
+    cd = compute_dtype(x_ref, x_upd)
+    a = randomized_pca(x_ref, k, **opts).components.to(cd)  # (..., k, d)
+    b = randomized_pca(x_upd, k, **opts).components.to(cd)  # (..., k, d)
     if signed:
         return (a * b).sum(-1).mean(-1)
     return torch.linalg.svdvals(a @ b.transpose(-1, -2)).mean(-1)  # (...,)
@@ -239,7 +253,7 @@ def pca_shift(
     Args: x_ref (n1, d) or (B, n1, d); x_upd (n2, d) or (B, n2, d); k as in :func:`randomized_pca`.
     Returns: (k,) or (B, k), float32 (float64 for float64 input).
     """
-    _check_pair(x_ref, x_upd)
+    _check_pair(x_ref, x_upd, k, fit_upd=False)
     ref = randomized_pca(x_ref, k, oversample=oversample, n_iter=n_iter, seed=seed, backend=backend)
     delta = x_upd.mean(-2, dtype=ref.mean.dtype) - ref.mean  # (..., d)
     shift = (ref.components @ delta.unsqueeze(-1)).squeeze(-1)  # (..., k)

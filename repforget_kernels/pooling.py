@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ._validate import check_float_tensor, check_same_device
+from ._validate import check_float_tensor, check_same_device, compute_dtype
 
 __all__ = ["SAMPLE_DEFINITIONS", "pool_tokens"]
 
@@ -34,7 +34,7 @@ def pool_tokens(hidden: torch.Tensor, attention_mask: torch.Tensor, *, sample: s
     check_same_device(hidden=hidden, attention_mask=attention_mask)
     if sample not in SAMPLE_DEFINITIONS:
         raise ValueError(f"sample must be one of {SAMPLE_DEFINITIONS}, got {sample!r}")
-    cd = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    cd = compute_dtype(hidden)
     mask = attention_mask != 0  # (B, T)
     counts = mask.sum(-1)  # (B,)
     if bool((counts == 0).any()):

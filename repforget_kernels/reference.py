@@ -158,7 +158,7 @@ def fisher_histogram_ref(values, bins: int = 64, log: bool = True):
         return counts, edges, n_zero
     lo, hi = v.min(), v.max()
     if hi == lo:
-        hi = lo + 1.0
+        hi = lo + max(1.0, abs(lo))
     counts, edges = np.histogram(v, bins=bins, range=(lo, hi))
     return counts, edges, 0
 

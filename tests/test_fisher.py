@@ -188,6 +188,10 @@ class TestPerSampleLinearFisher:
             per_sample_linear_fisher(x, g, mask=torch.ones(2, 3))
         with pytest.raises(ValueError, match=r"mask must have shape \(2, 3\)"):
             per_sample_linear_fisher(x, g, mask=torch.ones(3, 2, dtype=torch.bool))
+        with pytest.raises(TypeError, match="mask must be a torch.Tensor, got list"):
+            per_sample_linear_fisher(x, g, mask=[[1, 1, 1], [1, 1, 0]])
+        with pytest.raises(TypeError, match="out must be a torch.Tensor, got ndarray"):
+            per_sample_linear_fisher(x, g, out=np.zeros((5, 4), dtype=np.float32))
         bad = g.clone()
         bad[0, 1, 2] = float("nan")
         with pytest.raises(ValueError, match="grad_out contains 1 NaN"):
@@ -230,11 +234,14 @@ class TestFisherHistogram:
             assert hist.n_zero == want[2]
 
     @pytest.mark.parametrize("log", [True, False])
-    def test_single_distinct_value(self, backend, device, log):
-        v = torch.full((9,), 0.25, device=device)
+    @pytest.mark.parametrize("value", [0.25, 1e20])
+    def test_single_distinct_value(self, backend, device, log, value):
+        v = torch.full((9,), value, dtype=torch.float64, device=device)
         counts, edges = fisher_histogram(v, bins=4, log=log, backend=backend)
         want_counts, want_edges, _ = fisher_histogram_ref(v, bins=4, log=log)
+        assert bool((edges[1:] > edges[:-1]).all())  # a usable range even for huge values
         np.testing.assert_array_equal(counts.cpu().numpy(), want_counts)
+        assert int(counts.sum()) == 9
         np.testing.assert_allclose(edges.cpu().numpy(), want_edges, rtol=1e-12)
 
     @pytest.mark.parametrize("log", [True, False])

@@ -121,6 +121,12 @@ class TestPCASimilarity:
         signed = pca_similarity(x, y, k=k, signed=True, backend=backend)
         np.testing.assert_allclose(R.to_f64(signed), R.pca_similarity_ref(x, y, k, signed=True), atol=1e-4)
 
+    def test_mixed_dtypes(self, gen, backend):
+        x = _gapped(gen, 50, 20, 2, dtype=torch.float64)
+        got = pca_similarity(x, x.float(), k=2, backend=backend)
+        assert got.dtype == torch.float64
+        np.testing.assert_allclose(R.to_f64(got), 1.0, atol=1e-5)
+
     def test_batched(self, gen, backend):
         x = _gapped(gen, 40, 15, 2, batch=3)
         y = _gapped(gen, 40, 15, 2, batch=3)
@@ -170,6 +176,16 @@ class TestBadInput:
             randomized_pca(x, 1)
         with pytest.raises(TypeError, match="floating dtype"):
             randomized_pca(torch.ones(5, 3, dtype=torch.int32), 1)
+
+    def test_constant_input_is_an_error(self):
+        with pytest.raises(ValueError, match=r"x has no variance .* at batch index \[1\]"):
+            randomized_pca(torch.stack([torch.randn(6, 4), torch.ones(6, 4)]), 2)
+
+    def test_k_names_the_input_it_does_not_fit(self, gen):
+        with pytest.raises(ValueError, match=r"for x_upd of shape \(3, 8\), got 4"):
+            pca_similarity(randn(10, 8, gen=gen), randn(3, 8, gen=gen), k=4)
+        with pytest.raises(ValueError, match=r"for x_ref of shape \(3, 8\), got 4"):
+            pca_shift(randn(3, 8, gen=gen), randn(10, 8, gen=gen), k=4)
 
     def test_pair_mismatch(self, gen):
         with pytest.raises(ValueError, match=r"feature dimension d .*x_ref \(6, 4\) and x_upd \(6, 5\)"):

@@ -21,6 +21,14 @@ class TestReadme:
         demo = next(b for b in _bash_blocks() if "repforget demo" in b)
         assert demo.strip().endswith("repforget demo --out runs/demo")
 
-    def test_quick_tour_runs(self):
+    def test_quick_tour_runs_and_its_claims_hold(self):
+        import torch
+
+        from repforget_kernels import linear_cka
+
         snippet = re.search(r"```python\n(.*?)\n```", (ROOT / "README.md").read_text(), re.S).group(1)
-        exec(compile(snippet, "README.md", "exec"), {"print": lambda *a, **k: None})
+        env = {"print": lambda *a, **k: None}
+        exec(compile(snippet, "README.md", "exec"), env)
+        # "equals linear_cka(x, y, debiased=True)" and the shapes the comments state
+        torch.testing.assert_close(env["s"].compute(), linear_cka(env["x"], env["y"], debiased=True), rtol=0, atol=1e-5)
+        assert env["pca"].components.shape == (6, 4, 64)

@@ -1,4 +1,4 @@
-"""``python -m repforget_kernels.driver`` (and ``accelerate launch -m repforget_kernels.driver``): the repforget CLI."""
+"""``python -m repforget_kernels.driver``: the repforget CLI."""
 import sys
 
 from .cli import main

@@ -10,8 +10,9 @@
 Input errors (missing model directory, malformed or empty JSONL, unknown method, state of another
 configuration in OUT) print one line on stderr and exit with status 2 before any report is written;
 Ctrl-C exits 130 with the finished stages kept (rerun the same command to resume).
-Multi-GPU: ``accelerate launch --config_file repforget_kernels/driver/configs/accelerate_fsdp.yaml
--m repforget_kernels.driver analyze ...`` (diagnostics split the probe batches across ranks).
+Multi-GPU is not wired into the CLI yet: the diagnostics merge across ranks when the caller has
+initialised torch.distributed (see diagnostics.py), but ``main`` neither initialises a process
+group nor wraps training with FSDP, so under ``accelerate launch`` every rank would run alone.
 """
 from __future__ import annotations
 
