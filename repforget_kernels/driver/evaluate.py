@@ -22,7 +22,7 @@ import zlib
 import torch
 
 from .data import iterate_batches
-from .losses import forward_logits
+from .losses import forward_logits, next_token_logprobs
 
 __all__ = ["MIN_K", "roc_auc", "split_scores", "evaluate"]
 
@@ -98,10 +98,8 @@ def split_scores(model, encoded: dict, *, batch_size: int = 16, tokenizer=None, 
     try:
         for batch in iterate_batches(encoded, batch_size):
             batch = {key: value.to(device) for key, value in batch.items()}
-            logp_all = torch.log_softmax(forward_logits(model, batch)[:, :-1].float(), dim=-1)  # (B, T-1, V)
+            logp_all, logp, mask = next_token_logprobs(forward_logits(model, batch), batch["labels"])  # (B, T-1, V), (B, T-1) x2
             target = batch["labels"][:, 1:]  # (B, T-1)
-            mask = target != -100  # (B, T-1)
-            logp = logp_all.gather(-1, target.clamp_min(0)[..., None]).squeeze(-1)  # (B, T-1)
             z = torch.zeros_like(logp)  # (B, T-1): Min-K%++ statistic, only at supervised positions
             z[mask] = _standardised(logp_all[mask], logp[mask])
             tokens = mask.sum(1)  # (B,)

@@ -27,6 +27,7 @@ from .data import pad_rows
 __all__ = [
     "METHODS",
     "token_logprobs",
+    "next_token_logprobs",
     "forward_logits",
     "sequence_logprob",
     "nll_loss",
@@ -45,11 +46,20 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     logits (B, T, V) any float dtype, labels (B, T) long with -100 = unsupervised.
     Returns (logp (B, T-1) float32, 0 where masked; mask (B, T-1) bool). Cost: one log_softmax, O(B T V).
     """
+    _, logp, mask = next_token_logprobs(logits, labels)
+    return logp.masked_fill(~mask, 0.0), mask
+
+
+def next_token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logp_all (B, T-1, V) float32 log-softmax, logp (B, T-1) of each next label, mask (B, T-1) bool).
+
+    Position t predicts labels[t + 1]; -100 labels are masked (their logp is that of token 0, unmasked
+    callers must apply ``mask``).
+    """
     target = labels[:, 1:]  # (B, T-1)
-    mask = target != -100  # (B, T-1)
     logp_all = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
     logp = logp_all.gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1)  # (B, T-1)
-    return logp.masked_fill(~mask, 0.0), mask
+    return logp_all, logp, target != -100
 
 
 def forward_logits(model, batch: dict) -> torch.Tensor:
