@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import socket
 import subprocess
 import sys
 
@@ -138,3 +140,41 @@ class TestCommands:
         assert all(s.requests == 5 for s in specs if s.setting == "continual")
         args = build_parser().parse_args(["demo"])
         assert str(args.out) == "runs/demo" and args.model == "tiny"
+
+
+class TestSeveralProcesses:
+    def test_analyze_under_torchrun_equals_one_process(self, tmp_path, splits, tiny):  # noqa: F811
+        """Two gloo ranks (torchrun) split the probe batches and merge: the numbers of one process."""
+        model, tok, _ = tiny
+        ref_dir, upd_dir = tmp_path / "ref", tmp_path / "upd"
+        upd = copy.deepcopy(model)
+        with torch.no_grad():
+            for p in upd.parameters():
+                p.mul_(1.05)
+        for m, d in ((model, ref_dir), (upd, upd_dir)):
+            m.save_pretrained(d)
+            tok.save_pretrained(d)
+        common = ["analyze", "--ref", str(ref_dir), "--upd", str(upd_dir), "--data", str(splits["probe"]),
+                  "--forget", str(splits["forget"]), "--device", "cpu", "--no-progress", "--diag-batch-size", "4",
+                  "--no-token-cka"]
+        assert main([*common, "--out", str(tmp_path / "one")]) == 0
+        with socket.socket() as sock:  # a free port for the rendezvous
+            sock.bind(("127.0.0.1", 0))
+            port = str(sock.getsockname()[1])
+        launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+                  "-m", "repforget_kernels.driver", *common, "--out", str(tmp_path / "two")]
+        done = subprocess.run(launch, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert done.returncode == 0, done.stderr[-2000:]
+        one = json.loads((tmp_path / "one" / "analysis.json").read_text())
+        two = json.loads((tmp_path / "two" / "analysis.json").read_text())
+        assert two["world_size"] == 2 and one["world_size"] == 1
+        for a, b in zip(one["layers"], two["layers"]):
+            for key in ("cka", "cka_debiased", "pca_similarity", "fisher_mass_ratio"):
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+
+    def test_run_refuses_several_processes(self, tmp_path, capsys, monkeypatch):
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        rc = main(["run", "--out", str(tmp_path / "out")])
+        assert rc == 2
+        assert "not sharded yet" in capsys.readouterr().err

@@ -10,9 +10,10 @@
 Input errors (missing model directory, malformed or empty JSONL, unknown method, state of another
 configuration in OUT) print one line on stderr and exit with status 2 before any report is written;
 Ctrl-C exits 130 with the finished stages kept (rerun the same command to resume).
-Multi-GPU is not wired into the CLI yet: the diagnostics merge across ranks when the caller has
-initialised torch.distributed (see diagnostics.py), but ``main`` neither initialises a process
-group nor wraps training with FSDP, so under ``accelerate launch`` every rank would run alone.
+Several processes (``torchrun --nproc_per_node N -m repforget_kernels.driver analyze ...`` or
+``accelerate launch``): ``analyze`` joins the process group from the launcher's environment, splits
+the probe batches across ranks and merges the accumulators (rank 0 writes the files). ``run`` and
+``demo`` refuse to start under several processes: their training loops are not sharded yet.
 """
 from __future__ import annotations
 
@@ -104,6 +105,33 @@ def _device(arg: Optional[str]) -> str:
     if arg is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
     return arg
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _join_process_group(device: str) -> tuple[str, bool]:
+    """Under a launcher (WORLD_SIZE > 1): join the process group (NCCL on CUDA, gloo on CPU), one GPU per
+    local rank. Returns (device, whether this is rank 0). A single process returns (device, True)."""
+    import torch
+    import torch.distributed as dist
+
+    if _world_size() <= 1:
+        return device, True
+    if device.startswith("cuda"):
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return device, dist.get_rank() == 0
+
+
+def _single_process(command: str) -> None:
+    if _world_size() > 1:
+        raise UsageError(f"{command} runs in one process (WORLD_SIZE={_world_size()}): its training loops are not "
+                         "sharded yet; only analyze splits its work across processes")
 
 
 def _diag_config(args):
@@ -199,6 +227,7 @@ def _threads(model: str) -> None:
 
 
 def cmd_demo(args) -> int:
+    _single_process("demo")
     args.model = "tiny"
     _threads(args.model)
     pipe = _pipeline(args, None)
@@ -208,6 +237,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_run(args) -> int:
+    _single_process("run")
     specs = _specs(args)
     _check_model(args.model)
     examples, sources = _examples(args)
@@ -237,9 +267,10 @@ def cmd_analyze(args) -> int:
     probe_items = load_jsonl(args.data, "probe")
     forget_items = load_jsonl(args.forget, "forget") if args.forget is not None else probe_items
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "analysis.json").unlink(missing_ok=True)
-    device = _device(args.device)
+    device, is_main = _join_process_group(_device(args.device))
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "analysis.json").unlink(missing_ok=True)
     opts = dict(cache_dir=args.cache_dir, device=device, seed=args.seed, progress=not args.no_progress)
     ref, tokenizer, ref_info = load_model(args.ref, **opts)
     upd, _, upd_info = load_model(args.upd, **opts)
@@ -251,7 +282,10 @@ def cmd_analyze(args) -> int:
     torch.manual_seed(args.seed)
     result = diagnose(ref, upd, probe, forget, cfg)
     analysis = dict(result, ref=str(args.ref), upd=str(args.upd), n_probe=len(probe_items),
-                    config=asdict(cfg), models={"ref": ref_info, "upd": upd_info}, versions=versions())
+                    config=asdict(cfg), models={"ref": ref_info, "upd": upd_info}, versions=versions(),
+                    world_size=_world_size())
+    if not is_main:  # every rank holds the merged numbers; rank 0 writes them
+        return 0
     atomic_write_text(out / "analysis.md", render_analysis_markdown(analysis))
     plot_layers(analysis, out)
     atomic_write_json(out / "analysis.json", dict(analysis, complete=True))
@@ -290,6 +324,17 @@ def main(argv: Optional[list] = None) -> int:
         print(f"repforget: interrupted; finished stages are kept in {out}/state: rerun the same command to resume",
               file=sys.stderr)
         return 130
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Destroy the process group :func:`_join_process_group` created (a no-op in one process)."""
+    if _world_size() > 1:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
