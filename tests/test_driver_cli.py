@@ -92,6 +92,21 @@ class TestErrors:
         assert_error(capsys, rc, out, "different configuration")
 
 
+@pytest.fixture
+def checkpoints(tmp_path, tiny):
+    """(ref_dir, upd_dir): the tiny model and a copy with every weight scaled by 1.05, saved as HF checkpoints."""
+    model, tok, _ = tiny
+    ref_dir, upd_dir = tmp_path / "ref", tmp_path / "upd"
+    upd = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in upd.parameters():
+            p.mul_(1.05)
+    for m, d in ((model, ref_dir), (upd, upd_dir)):
+        m.save_pretrained(d)
+        tok.save_pretrained(d)
+    return ref_dir, upd_dir
+
+
 class TestCommands:
     def test_run_writes_a_complete_report(self, tmp_path, capsys, splits, tiny, tiny_cache):  # noqa: F811
         out = tmp_path / "out"
@@ -106,16 +121,8 @@ class TestCommands:
         printed = capsys.readouterr().out
         assert "ga_lr0.003_single" in printed and "thresholds:" in printed
 
-    def test_analyze_two_checkpoints(self, tmp_path, capsys, splits, tiny):  # noqa: F811
-        model, tok, _ = tiny
-        ref_dir, upd_dir = tmp_path / "ref", tmp_path / "upd"
-        upd = copy.deepcopy(model)
-        with torch.no_grad():
-            for p in upd.parameters():
-                p.mul_(1.05)
-        for m, d in ((model, ref_dir), (upd, upd_dir)):
-            m.save_pretrained(d)
-            tok.save_pretrained(d)
+    def test_analyze_two_checkpoints(self, tmp_path, capsys, splits, checkpoints):
+        ref_dir, upd_dir = checkpoints
         out = tmp_path / "analysis"
         rc = main(["analyze", "--ref", str(ref_dir), "--upd", str(upd_dir), "--data", str(splits["probe"]),
                    "--forget", str(splits["forget"]), "--out", str(out), "--device", "cpu", "--no-progress"])
@@ -143,17 +150,9 @@ class TestCommands:
 
 
 class TestSeveralProcesses:
-    def test_analyze_under_torchrun_equals_one_process(self, tmp_path, splits, tiny):  # noqa: F811
+    def test_analyze_under_torchrun_equals_one_process(self, tmp_path, splits, checkpoints):
         """Two gloo ranks (torchrun) split the probe batches and merge: the numbers of one process."""
-        model, tok, _ = tiny
-        ref_dir, upd_dir = tmp_path / "ref", tmp_path / "upd"
-        upd = copy.deepcopy(model)
-        with torch.no_grad():
-            for p in upd.parameters():
-                p.mul_(1.05)
-        for m, d in ((model, ref_dir), (upd, upd_dir)):
-            m.save_pretrained(d)
-            tok.save_pretrained(d)
+        ref_dir, upd_dir = checkpoints
         common = ["analyze", "--ref", str(ref_dir), "--upd", str(upd_dir), "--data", str(splits["probe"]),
                   "--forget", str(splits["forget"]), "--device", "cpu", "--no-progress", "--diag-batch-size", "4",
                   "--no-token-cka"]
