@@ -164,6 +164,16 @@ class TestStreamingCKA:
             assert s.n == 60
             np.testing.assert_allclose(R.to_f64(s.compute()), want, rtol=0, atol=1e-4)
 
+    def test_merge_across_dtypes_and_large_offsets(self, gen, backend):
+        x, y = _pair(gen, 50, 9, 7, dtype=torch.float64)
+        x[:, 0] += 12345.678  # an offset float32 cannot hold exactly
+        a = StreamingCKA(debiased=True, backend=backend).update(x[:20].float(), y[:20].float())
+        b = StreamingCKA(debiased=True, backend=backend).update(x[20:], y[20:])
+        merged = a.merge(b)
+        assert merged.compute().dtype == torch.float64  # any float64 chunk makes the result float64
+        want = R.linear_cka_ref(torch.cat([x[:20].float().double(), x[20:]]), torch.cat([y[:20].float().double(), y[20:]]), True)
+        np.testing.assert_allclose(R.to_f64(merged.compute()), want, rtol=0, atol=1e-5)
+
     def test_layers_mode_and_state_dict(self, gen, backend):
         x = randn(3, 33, 10, gen=gen)
         y = randn(3, 33, 6, gen=gen) + x[..., :1]
