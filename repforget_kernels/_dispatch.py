@@ -26,7 +26,7 @@ from typing import Callable, Optional
 
 import torch
 
-__all__ = ["BACKENDS", "register", "kernel", "backend_available", "resolve_backend", "registered"]
+__all__ = ["BACKENDS", "register", "kernel", "backend_available", "resolve_backend", "registered", "interpreting"]
 
 BACKENDS = ("torch", "cpp", "triton", "cuda")
 _PREFERENCE = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
@@ -70,7 +70,8 @@ def _load(backend: str) -> None:
             raise
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
+    """True under TRITON_INTERPRET=1 (Triton kernels run on CPU tensors through the interpreter)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
@@ -95,7 +96,7 @@ def backend_available(backend: str, device: torch.device) -> tuple[bool, str]:
             import triton  # noqa: F401
         except ImportError:
             return False, "triton is not installed"
-        if device.type == "cuda" or (device.type == "cpu" and _interpreting()):
+        if device.type == "cuda" or (device.type == "cpu" and interpreting()):
             return True, ""
         return False, f"triton kernels need CUDA tensors (or TRITON_INTERPRET=1 on CPU), got a {device.type} tensor"
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

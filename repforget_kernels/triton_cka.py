@@ -27,23 +27,17 @@ cuBLAS DGEMM on a GPU):
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import kernel, register
+from ._dispatch import interpreting, kernel, register
 
-__all__ = ["shifted_gemm", "new_output", "interpreting", "dot_code", "num_programs_target"]
+__all__ = ["shifted_gemm", "new_output", "dot_code", "num_programs_target"]
 
 
 # --------------------------------------------------------------------------- host helpers
-
-
-def interpreting() -> bool:
-    """True under TRITON_INTERPRET=1 (kernels run on CPU tensors through the interpreter)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def new_output(shape, device, dtype=torch.float32) -> torch.Tensor:

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from . import triton_cka as _tc
-from ._dispatch import kernel, register
+from ._dispatch import interpreting, kernel, register
 from .triton_cka import _dot_acc, _dot_operand
 
 __all__: list[str] = []
@@ -86,7 +86,7 @@ def _per_sample_linear_fisher_triton(x, grad_out, mask, out):
         return kernel("per_sample_linear_fisher", x.device, "torch")(x, grad_out, mask, out)
     B, T, n_in = x.shape
     n_out = grad_out.shape[-1]
-    interp = _tc.interpreting()
+    interp = interpreting()
     code = _tc.dot_code(x.dtype, grad_out.dtype)
     cfg = _fisher_config(code, interp)
     m = x if mask is None else mask.to(torch.uint8)  # (B, T)
@@ -159,7 +159,7 @@ def _square_accumulate_triton(accs, grads, scale):
     if not groups:
         return None
     device = accs[0].device
-    block = 128 if _tc.interpreting() else 4096
+    block = 128 if interpreting() else 4096
     for (acc_dtype, grad_dtype), key in groups.items():
         acc_t, grad_t, numel_t, owner, start, aligned = _block_tables(tuple(key), block, device)
         scale_t = torch.full((1,), float(scale), dtype=acc_dtype, device=device)
