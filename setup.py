@@ -101,7 +101,8 @@ setup(
     install_requires=["numpy", "torch>=2.4"],
     extras_require={
         "driver": ["transformers", "tokenizers", "tqdm", "matplotlib"],
-        "test": ["pytest", "pytest-benchmark", "triton"],  # triton: its kernels are tested under TRITON_INTERPRET=1
+        # triton: its kernels are tested under TRITON_INTERPRET=1; accelerate: the shipped FSDP launch config is tested
+        "test": ["pytest", "pytest-benchmark", "triton", "accelerate"],
         "bench": ["pytest-benchmark", "pytorch-cka", "ckatorch"],
         # only the launcher for `accelerate launch` (multi-GPU driver runs); never imported
         "multigpu": ["accelerate"],

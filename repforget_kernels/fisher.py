@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import Mapping, Optional, Sequence
+from typing import Iterator, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -748,11 +748,17 @@ class DiagonalFisher:
 
     def compute(self) -> dict:
         """{name: accumulated squares / sequences seen}, float32 (float64 for float64 params)."""
+        return dict(self.iter_compute())
+
+    def iter_compute(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The pairs of :meth:`compute` one parameter at a time, in ``params`` order: only one result
+        tensor exists at a time (beside the float32 sums), where ``compute`` holds a second copy of them all."""
         if self._broken:
             raise RuntimeError("an earlier update failed midway; this DiagonalFisher is inconsistent, create a new one")
         if self._n == 0:
             raise ValueError("no sequence seen yet: call update(batch) first")
-        return {n: f / self._n for n, f in self._fisher.items()}
+        n = self._n
+        return ((name, f / n) for name, f in self._fisher.items())
 
     # ----------------------------------------------------------------- estimators
 

@@ -7,13 +7,16 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+import repforget_kernels.driver as driver_package
 from repforget_kernels.driver.cli import build_parser, demo_specs, main
 
 from test_driver_diagnostics import small_corpus
+from test_driver_pipeline import assert_stages_match
 
 
 def write_jsonl(path, items):
@@ -149,6 +152,39 @@ class TestCommands:
         assert str(args.out) == "runs/demo" and args.model == "tiny"
 
 
+def _free_port() -> str:
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
+
+
+def launch(args: list, launcher: str = "torchrun") -> subprocess.CompletedProcess:
+    """``python -m repforget_kernels.driver ARGS`` in two CPU (gloo) processes, under torchrun or under
+    ``accelerate launch`` with the shipped FSDP config."""
+    if launcher == "torchrun":
+        head = ["torch.distributed.run", "--nproc_per_node", "2", "--master_port", _free_port()]
+    else:
+        config = Path(driver_package.__file__).parent / "configs" / "accelerate_fsdp.yaml"
+        head = ["accelerate.commands.launch", "--config_file", str(config), "--num_processes", "2",
+                "--main_process_port", _free_port()]
+    return subprocess.run([sys.executable, "-m", *head, "-m", "repforget_kernels.driver", *args],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+# SGD at a large rate moves the weights a lot, with float rounding between the ranks staying at its level
+RUN_ARGS = ["run", "--method", "ga_gd", "npo", "--lr", "0.5", "--relearn-lr", "0.5", "--optimizer", "sgd",
+            "--setting", "continual", "--requests", "2", "--batch-size", "4", "--device", "cpu", "--no-progress",
+            "--diag-batch-size", "4"]
+
+
+@pytest.fixture
+def one_process_run(tmp_path, splits, checkpoints):
+    """(arguments, report of one process) of RUN_ARGS on the saved tiny model (a directory: gradient checkpointing on)."""
+    args = [*RUN_ARGS, "--model", str(checkpoints[0]), *split_args(splits)]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    return args, json.loads((tmp_path / "one" / "report.json").read_text())
+
+
 class TestSeveralProcesses:
     def test_analyze_under_torchrun_equals_one_process(self, tmp_path, splits, checkpoints):
         """Two gloo ranks (torchrun) split the probe batches and merge: the numbers of one process."""
@@ -157,13 +193,7 @@ class TestSeveralProcesses:
                   "--forget", str(splits["forget"]), "--device", "cpu", "--no-progress", "--diag-batch-size", "4",
                   "--no-token-cka"]
         assert main([*common, "--out", str(tmp_path / "one")]) == 0
-        with socket.socket() as sock:  # a free port for the rendezvous
-            sock.bind(("127.0.0.1", 0))
-            port = str(sock.getsockname()[1])
-        launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
-                  "-m", "repforget_kernels.driver", *common, "--out", str(tmp_path / "two")]
-        done = subprocess.run(launch, capture_output=True, text=True, timeout=300,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        done = launch([*common, "--out", str(tmp_path / "two")])
         assert done.returncode == 0, done.stderr[-2000:]
         one = json.loads((tmp_path / "one" / "analysis.json").read_text())
         two = json.loads((tmp_path / "two" / "analysis.json").read_text())
@@ -172,8 +202,30 @@ class TestSeveralProcesses:
             for key in ("cka", "cka_debiased", "pca_similarity", "fisher_mass_ratio"):
                 assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
 
-    def test_run_refuses_several_processes(self, tmp_path, capsys, monkeypatch):
-        monkeypatch.setenv("WORLD_SIZE", "2")
-        rc = main(["run", "--out", str(tmp_path / "out")])
-        assert rc == 2
-        assert "not sharded yet" in capsys.readouterr().err
+    @pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+    def test_run_on_two_processes_equals_one_process(self, tmp_path, one_process_run, launcher):
+        """FSDP2-sharded training on two gloo ranks, continual then relearned: the report of one process."""
+        if launcher == "accelerate":
+            pytest.importorskip("accelerate")
+        args, one = one_process_run
+        done = launch([*args, "--out", str(tmp_path / "two")], launcher)
+        assert done.returncode == 0, done.stderr[-2000:]
+        two = json.loads((tmp_path / "two" / "report.json").read_text())
+        assert (one["config"]["world_size"], two["config"]["world_size"]) == (1, 2)
+        assert two["complete"] and done.stdout.count("report:") == 1  # rank 0 alone prints and writes
+        assert one["runs"][0]["stages"][2]["forget_acc"] < one["runs"][0]["stages"][0]["forget_acc"]
+        assert_stages_match(one, two)
+
+    @pytest.mark.parametrize("env, argv, fragment", [
+        ({"WORLD_SIZE": "2"}, ["--optimizer", "adafactor"], "--optimizer adafactor"),
+        ({"WORLD_SIZE": "2", "ACCELERATE_MIXED_PRECISION": "fp16"}, [], "ACCELERATE_MIXED_PRECISION='fp16'"),
+        ({"WORLD_SIZE": "2", "FSDP_OFFLOAD_PARAMS": "true"}, [], "FSDP_OFFLOAD_PARAMS"),
+    ])
+    def test_settings_several_processes_cannot_honour_fail_before_any_work(self, tmp_path, capsys, monkeypatch,
+                                                                           splits, env, argv, fragment):
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        out = tmp_path / "out"
+        rc = main(["run", *argv, "--out", str(out), "--cache-dir", str(tmp_path), *split_args(splits)])
+        assert_error(capsys, rc, out, fragment)
+        assert not (out / "state").exists()

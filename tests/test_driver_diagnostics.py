@@ -198,6 +198,26 @@ class TestAgainstPublicAPI:
         assert bool((want > 0).all())
         torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
 
+    def test_subsample_is_every_step_th_value_of_the_block(self, random_pair):
+        """Per parameter, as the summaries are taken: the same entries as striding the block's concatenation."""
+        from repforget_kernels.driver.data import iterate_batches
+
+        ref, _, enc = random_pair
+        samples = 97  # a stride that crosses parameter boundaries at uneven offsets
+        mass, subs = D.fisher_by_layer(ref, enc["forget"], batch_size=4, samples=samples)
+        names = [[n for n, p in ref.named_parameters() if any(p is q for q in layer.parameters())]
+                 for layer in decoder_layers(ref)]
+        fisher = DiagonalFisher(ref, params=[n for layer in names for n in layer])
+        for batch in iterate_batches(enc["forget"], 4):
+            fisher.update(batch)
+        values = fisher.compute()
+        for i, layer in enumerate(names):
+            flat = torch.cat([values[n].flatten() for n in layer])
+            step = -(-flat.numel() // samples)
+            assert subs[i].numel() <= samples
+            torch.testing.assert_close(subs[i], flat[::step], rtol=1e-5, atol=0)
+            assert float(mass[i]) == pytest.approx(float(flat.double().sum()), rel=1e-5)
+
     def test_each_call_leaves_model_mode_and_grads(self, random_pair):
         ref, upd, enc = random_pair
         upd.train()
@@ -219,11 +239,6 @@ class TestHelpers:
         assert D.spearman(torch.ones(5), torch.arange(5.0)) != D.spearman(torch.ones(5), torch.arange(5.0))
         with pytest.raises(ValueError, match="same length"):
             D.spearman(torch.ones(4), torch.ones(5))
-
-    def test_strided_subsample_is_deterministic_and_bounded(self):
-        v = torch.arange(1001.0)
-        s = D._strided(v, 100)
-        assert s.numel() <= 100 and s[0] == 0 and torch.equal(s, D._strided(v, 100))
 
     def test_layer_without_variance_gives_none_not_crash(self):
         gen = torch.Generator().manual_seed(0)

@@ -1,6 +1,6 @@
 """Driver diagnostics under torch.distributed: two gloo processes on CPU, each running its share of the
-probe and forget batches, give the numbers of one process (pooled rows all-gathered, StreamingCKA
-all-reduced, Fisher sums added across ranks)."""
+probe and forget batches, give the numbers of one process (pooled rows and per-example scores gathered
+back in order, StreamingCKA all-reduced, Fisher sums added across ranks)."""
 from __future__ import annotations
 
 import socket
@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from repforget_kernels.driver import diagnostics as D
+from repforget_kernels.driver.evaluate import split_scores
 
 from test_driver_diagnostics import random_models
 
@@ -18,17 +19,23 @@ CFG = D.DiagnosticsConfig(batch_size=3, fisher_samples=5000)
 
 
 def _diagnose():
+    """Everything the two ranks split: pooled and token rows (the latter cut at an awkward 50 rows, inside a
+    batch of rank 1), a probe pass with fewer batches than ranks, all diagnostics, and split_scores."""
     ref, upd, enc = random_models()
-    rows = D.pooled_activations(ref, enc["probe"], batch_size=CFG.batch_size)
-    return rows, D.diagnose(ref, upd, enc["probe"], enc["forget"], CFG)
+    rows = {"mean": D.pooled_activations(ref, enc["probe"], batch_size=CFG.batch_size),
+            "tokens": D.pooled_activations(ref, enc["probe"], sample="tokens", batch_size=CFG.batch_size,
+                                           max_token_rows=50),
+            "one_batch": D.pooled_activations(ref, enc["probe"], sample="last", batch_size=64)}
+    scores = split_scores(upd, enc["holdout"], batch_size=CFG.batch_size)
+    return rows, scores, D.diagnose(ref, upd, enc["probe"], enc["forget"], CFG)
 
 
 def _worker(rank: int, world: int, port: int, path: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        rows, out = _diagnose()
-        torch.save({"rows": rows, "out": out}, f"{path}.{rank}")
+        rows, scores, out = _diagnose()
+        torch.save({"rows": rows, "scores": scores, "out": out}, f"{path}.{rank}")
     finally:
         dist.destroy_process_group()
 
@@ -49,16 +56,16 @@ def _close(a, b, tol):
 
 class TestTwoGlooProcesses:
     def test_same_numbers_as_one_process(self, tmp_path):
-        rows_one, want = _diagnose()
+        rows_one, scores_one, want = _diagnose()
         path = str(tmp_path / "rank")
         mp.spawn(_worker, args=(2, _free_port(), path), nprocs=2, join=True)
         got = [torch.load(f"{path}.{r}", weights_only=False) for r in range(2)]
-        n = rows_one.shape[1]
+        assert rows_one["tokens"].shape[1] == 50
         for g in got:
-            # rank-major gather: rank 0 holds batches 0, 2, 4, ..., rank 1 holds 1, 3, 5, ...
-            b = CFG.batch_size
-            order = [i for k in (0, 1) for start in range(k * b, n, 2 * b) for i in range(start, min(start + b, n))]
-            torch.testing.assert_close(g["rows"], rows_one[:, order])
+            for sample, rows in rows_one.items():  # gathered back in probe order: the very same rows
+                torch.testing.assert_close(g["rows"][sample], rows, rtol=0, atol=0)
+            for key, value in scores_one.items():  # per-example scores, in row order
+                torch.testing.assert_close(g["scores"][key], value, rtol=0, atol=0)
             for row_got, row_want in zip(g["out"]["layers"], want["layers"]):
                 for key, value in row_want.items():
                     tol = 1e-3 if key == "fisher_rank_corr" else 1e-5

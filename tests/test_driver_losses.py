@@ -186,6 +186,38 @@ class TestNPO:
             assert got[b].item() == pytest.approx(float(want), abs=1e-5)
 
 
+class TestDenominators:
+    """A batch split in row shares, each loss taken with the whole batch's count, adds up to the batch's loss."""
+
+    @pytest.mark.parametrize("rows", [([0], [1]), ([0, 1], [])])
+    def test_shares_add_up_to_the_whole_batch(self, rows):
+        logits, labels, mask = _batch()
+        ref = torch.log_softmax(torch.randn(logits.shape, generator=torch.Generator().manual_seed(1)), -1)
+        seq, ref_seq = torch.tensor([-3.0, -5.0]), torch.tensor([-2.5, -6.0])
+        tokens, positions = int((labels[:, 1:] != -100).sum()), int(mask[:, 1:].sum())
+        whole = [nll_loss(logits, labels), kl_loss(logits, ref, mask), npo_loss(seq, ref_seq, 0.5)]
+        parts = [[nll_loss(logits[r], labels[r], tokens), kl_loss(logits[r], ref[r], mask[r], positions),
+                  npo_loss(seq[r], ref_seq[r], 0.5, 2)] for r in rows if r]
+        for i, want in enumerate(whole):
+            assert sum(p[i] for p in parts).item() == pytest.approx(want.item(), abs=1e-6)
+
+    def test_denominator_rescales_and_allows_no_own_token(self):
+        logits, labels, _ = _batch()
+        own = int((labels[:, 1:] != -100).sum())
+        assert nll_loss(logits, labels, 10).item() == pytest.approx(nll_loss(logits, labels).item() * own / 10, abs=1e-6)
+        assert nll_loss(torch.zeros(1, 3, 4), torch.full((1, 3), -100), 4).item() == 0.0  # a share without tokens
+
+    @pytest.mark.parametrize("bad", [0, -1.0])
+    def test_bad_denominator(self, bad):
+        logits, labels, mask = _batch()
+        with pytest.raises(ValueError, match="denominator must be > 0"):
+            nll_loss(logits, labels, bad)
+        with pytest.raises(ValueError, match="denominator must be > 0"):
+            kl_loss(logits, logits, mask, bad)
+        with pytest.raises(ValueError, match="denominator must be > 0"):
+            npo_loss(torch.zeros(2), torch.zeros(2), 0.1, bad)
+
+
 class TestRandomLabels:
     def test_answers_come_from_other_items(self, splits):
         enc = splits["forget"]

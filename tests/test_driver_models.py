@@ -186,20 +186,44 @@ class TestMemoryPlan:
         plan = memory_plan(cfg)
         p = plan["params"]
         assert 7.5e9 < p < 7.7e9  # Qwen2.5-7B: 7.62B parameters
-        assert plan["bytes"]["weights"] == plan["bytes"]["gradients"] == plan["bytes"]["kl_reference"] == 2 * p
-        assert plan["bytes"]["optimizer"] == 4 * p
-        assert plan["total"] == sum(plan["bytes"].values())
-        assert plan["total_without_kl"] < plan["budget"] < plan["total"] and not plan["fits_80gb"]
-        assert "GA+KL" in plan["advice"] and "sgd" in plan["advice"]
-        sgd = memory_plan(cfg, optimizer="sgd")
-        assert sgd["fits_80gb"] and sgd["bytes"]["optimizer"] == 0
-        ada = memory_plan(cfg, optimizer="adafactor")
-        assert 0 < ada["bytes"]["optimizer"] < 0.01 * p
+        b, d = plan["bytes"], plan["diagnostics_bytes"]
+        assert b["weights"] == b["gradients"] == b["kl_reference"] == b["reference"] == 2 * p
+        assert b["optimizer"] == 4 * p and d["weights"] == d["reference"] == 2 * p
+        assert d["token_cka"] == 8 * 3 * 3584**2 * 28  # 8.6 GB of float64 StreamingCKA state
+        assert 4 * 6.4e9 < d["fisher"] < 4 * 6.7e9  # float32 sums of the 6.5B block parameters
+        assert plan["training"] == sum(b.values())
+        assert plan["diagnostics"] == 4 * p + max(d["fisher"] + d["activations"] + d["logits"], d["token_cka"])
+        assert plan["total"] == max(plan["training"], plan["diagnostics"])
+        assert plan["total_without_kl"] == max(plan["training"] - 2 * p, plan["diagnostics"])
         assert plan["kl_cache_bytes_per_token"] == 4 * 152064
 
-    def test_yi_fits_with_adamw(self):
-        plan = memory_plan(LlamaConfig(**YI_6B))
-        assert 6.0e9 < plan["params"] < 6.1e9 and plan["fits_80gb"]
+    def test_what_fits_one_gpu(self):
+        cfg = Qwen2Config(**QWEN25_7B)
+        adamw = memory_plan(cfg, batch_size=8)
+        assert not adamw["fits_80gb"] and adamw["total_without_kl"] > adamw["budget"]
+        assert "sgd" in adamw["advice"] and "--no-token-cka" in adamw["advice"]
+        parked = memory_plan(cfg, batch_size=8, token_cka=False)  # the original waits in host memory
+        assert parked["bytes"]["reference"] == parked["diagnostics_bytes"]["token_cka"] == 0
+        assert parked["total_without_kl"] <= parked["budget"] < parked["total"] and "GA+KL" in parked["advice"]
+        sgd = memory_plan(cfg, optimizer="sgd", batch_size=8)
+        assert sgd["fits_80gb"] and sgd["bytes"]["optimizer"] == 0
+        ada = memory_plan(cfg, optimizer="adafactor", batch_size=8)
+        assert ada["fits_80gb"] and 0 < ada["bytes"]["optimizer"] < 0.01 * ada["params"]
+        yi = memory_plan(LlamaConfig(**YI_6B), batch_size=8)
+        assert 6.0e9 < yi["params"] < 6.1e9 and yi["total_without_kl"] <= yi["budget"] < yi["total"]
+
+    def test_sharded_over_several_gpus(self):
+        cfg = Qwen2Config(**QWEN25_7B)
+        one, four = memory_plan(cfg, batch_size=8), memory_plan(cfg, batch_size=8, gpus=4)
+        p, b = four["params"], four["bytes"]
+        block = (b["gradients"] - 4 * p // 4) // 2
+        assert 2.2e8 < block < 2.4e8  # one decoder block: 233M parameters
+        assert b["weights"] == 4 * p // 4 + 4 * block and b["optimizer"] == 8 * p // 4
+        assert b["activations"] == memory_plan(cfg, batch_size=2)["bytes"]["activations"]  # the batch is split
+        assert four["diagnostics_bytes"]["weights"] == 4 * p // 4 + 2 * p  # shards + a gathered replica
+        assert four["fits_80gb"] and not one["fits_80gb"]
+        assert not memory_plan(cfg, batch_size=8, gpus=2)["fits_80gb"]
+        assert "each of 4 GPUs" in four["advice"]
 
     def test_checkpointing_and_batch_scale_activations(self):
         cfg = LlamaConfig(**YI_6B)
@@ -207,9 +231,13 @@ class TestMemoryPlan:
         off = memory_plan(cfg, batch_size=4, seq_len=1024, gradient_checkpointing=False)["bytes"]["activations"]
         assert on < off / 10
         assert memory_plan(cfg, batch_size=8, seq_len=1024)["bytes"]["activations"] == 2 * on
+        small, large = (memory_plan(cfg, diag_batch_size=k)["diagnostics_bytes"] for k in (1, 4))
+        assert large["activations"] == 4 * small["activations"] and large["logits"] == 4 * small["logits"]
 
     @pytest.mark.parametrize("kwargs, match", [({"optimizer": "lion"}, "optimizer"), ({"batch_size": 0}, "batch_size"),
-                                               ({"seq_len": 1.5}, "seq_len")])
+                                               ({"seq_len": 1.5}, "seq_len"), ({"gpus": 0}, "gpus"),
+                                               ({"diag_batch_size": True}, "diag_batch_size"),
+                                               ({"optimizer": "adafactor", "gpus": 2}, "adafactor")])
     def test_bad_arguments(self, kwargs, match):
         with pytest.raises(ValueError, match=match):
             memory_plan(LlamaConfig(**YI_6B), **kwargs)

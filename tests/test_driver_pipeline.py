@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -119,6 +120,76 @@ class TestResume:
         changed = [RunSpec("ga", 3e-3, "single", batch_size=2, relearn_lr=3e-3)]
         with pytest.raises(StateMismatch, match="different settings"):
             Pipeline(config(out, tiny_cache)).run(changed)
+
+
+# Runs for two gloo processes: SGD at a large rate, so the ranks' float rounding stays at that level
+DIST_SPECS = [RunSpec("ga_gd", 0.5, "continual", requests=2, batch_size=4, relearn_lr=0.5, optimizer="sgd"),
+              RunSpec("npo", 0.5, "single", batch_size=4, relearn_lr=0.5, optimizer="sgd")]
+
+
+def assert_stages_match(one: dict, two: dict) -> None:
+    """Two reports of the same runs: equal accuracies and verdicts, every other number within float rounding
+    (the histogram bins are left out: a value on a bin edge may fall either side)."""
+    assert [r["run_id"] for r in one["runs"]] == [r["run_id"] for r in two["runs"]]
+    for a, b in zip(one["runs"], two["runs"]):
+        assert a["verdict"]["behaviour"]["label"] == b["verdict"]["behaviour"]["label"]
+        assert a["verdict"]["structure"]["label"] == b["verdict"]["structure"]["label"]
+        for sa, sb in zip(a["stages"], b["stages"], strict=True):
+            assert (sa["name"], sa["forget_acc"], sa["retain_acc"]) == (sb["name"], sb["forget_acc"], sb["retain_acc"])
+            assert sb["perplexity"] == pytest.approx(sa["perplexity"], rel=1e-4)
+            assert sb["mia_auc"] == pytest.approx(sa["mia_auc"], abs=1e-9)
+            if sa["train"] is not None:
+                assert sb["train"] == pytest.approx(sa["train"], rel=1e-4)
+            for la, lb in zip(sa["layers"], sb["layers"], strict=True):
+                for key in ("cka", "cka_debiased", "cka_tokens", "pca_similarity", "fisher_mass_ratio",
+                            "fisher_rank_corr"):
+                    assert lb[key] == pytest.approx(la[key], rel=1e-3, abs=1e-5), (sa["name"], la["layer"], key)
+                assert lb["pca_shift"] == pytest.approx(la["pca_shift"], rel=1e-2, abs=1e-4)
+            assert sb["fisher"]["mass_ratio"] == pytest.approx(sa["fisher"]["mass_ratio"], rel=1e-3)
+
+
+def _resume_worker(rank: int, world: int, port: int, out: str, cache: str) -> None:
+    """Both ranks stop after the first stage, then rerun the same command: rank 0 saves what the rerun computed."""
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        def stop(run_id, stage):
+            if stage == "unlearned_1":
+                raise Interrupt
+
+        with pytest.raises(Interrupt):
+            Pipeline(config(Path(out), Path(cache)), on_stage_done=stop).run(DIST_SPECS)
+        checkpoints = sorted(p.name for p in (Path(out) / "state").rglob("*.pt"))
+        seen = []
+        report = Pipeline(config(Path(out), Path(cache)), on_stage_done=lambda r, s: seen.append(s)).run(DIST_SPECS)
+        if rank == 0:
+            torch.save({"report": report, "seen": seen, "checkpoints": checkpoints}, Path(out) / "rank0.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+class TestSeveralProcesses:
+    def test_interrupted_sharded_run_resumes_to_the_one_process_report(self, tmp_path, tiny, tiny_cache):  # noqa: F811
+        import socket
+
+        import torch
+        import torch.multiprocessing as mp
+
+        want = Pipeline(config(tmp_path / "one", tiny_cache)).run(DIST_SPECS)
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        mp.spawn(_resume_worker, args=(2, port, str(tmp_path / "two"), str(tiny_cache)), nprocs=2, join=True)
+        got = torch.load(tmp_path / "two" / "rank0.pt", weights_only=False)
+        assert got["checkpoints"] == ["1_unlearned_1.pt", "reference.pt"]  # the full master weights of stage 1
+        assert got["seen"] == ["unlearned_2", "relearned", "unlearned", "relearned"]  # only what was left
+        report = json.loads((tmp_path / "two" / "report.json").read_text())
+        assert report["complete"] and report["config"]["world_size"] == 2
+        assert want["runs"][0]["stages"][2]["forget_acc"] < want["runs"][0]["stages"][0]["forget_acc"]
+        assert_stages_match(want, got["report"])
 
 
 def stage(name, f, r, cka=1.0, pca=1.0):

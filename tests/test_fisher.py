@@ -414,6 +414,21 @@ class TestDiagonalFisher:
         got = DiagonalFisher(model, params=names).update(_batch(gen)).compute()
         assert list(got) == names
 
+    def test_iter_compute_gives_compute_one_parameter_at_a_time(self, gen):
+        model = _tiny("llama")
+        fisher = DiagonalFisher(model)
+        with pytest.raises(ValueError, match="no sequence seen"):
+            fisher.iter_compute()  # raises at the call, not at the first next()
+        fisher.update(_batch(gen))
+        pairs = fisher.iter_compute()
+        name, first = next(pairs)
+        assert name == next(iter(fisher.compute()))
+        rest = list(pairs)
+        want = fisher.compute()
+        assert [name] + [n for n, _ in rest] == list(want)
+        for n, value in [(name, first)] + rest:
+            torch.testing.assert_close(value, want[n], rtol=0, atol=0)
+
     def test_per_sample_false_squares_the_batch_gradient(self, gen):
         model = _tiny("llama")
         batch = _batch(gen, labels=True)

@@ -32,3 +32,21 @@ class TestReadme:
         # "equals linear_cka(x, y, debiased=True)" and the shapes the comments state
         torch.testing.assert_close(env["s"].compute(), linear_cka(env["x"], env["y"], debiased=True), rtol=0, atol=1e-5)
         assert env["pca"].components.shape == (6, 4, 64)
+
+    def test_memory_table_is_what_memory_plan_says(self):
+        from transformers import LlamaConfig, Qwen2Config
+
+        from repforget_kernels.driver.models import memory_plan
+        from test_driver_models import QWEN25_7B, YI_6B
+
+        configs = {"Qwen2.5-7B": Qwen2Config(**QWEN25_7B), "Yi-6B": LlamaConfig(**YI_6B)}
+        rows = re.findall(r"^\| (Qwen2\.5-7B|Yi-6B) \| (\d+) \| (\w+) \| (on|off) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| (.+) \|$",
+                          (ROOT / "README.md").read_text(), re.M)
+        assert len(rows) == 7
+        for name, gpus, optimizer, tc, kl, others, diag, fits in rows:
+            p = memory_plan(configs[name], optimizer=optimizer, batch_size=8, seq_len=512, gpus=int(gpus),
+                            token_cka=tc == "on", diag_batch_size=2)
+            assert (kl, others, diag) == (f"{p['training'] / 1e9:.1f}", f"{(p['training'] - p['bytes']['kl_reference']) / 1e9:.1f}",
+                                          f"{p['diagnostics'] / 1e9:.1f}")
+            want = "every method" if p["fits_80gb"] else "GA, GA+GD, NPO, RLabel" if p["total_without_kl"] <= p["budget"] else "none"
+            assert fits == want

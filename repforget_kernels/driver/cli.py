@@ -10,10 +10,13 @@
 Input errors (missing model directory, malformed or empty JSONL, unknown method, state of another
 configuration in OUT) print one line on stderr and exit with status 2 before any report is written;
 Ctrl-C exits 130 with the finished stages kept (rerun the same command to resume).
-Several processes (``torchrun --nproc_per_node N -m repforget_kernels.driver analyze ...`` or
-``accelerate launch``): ``analyze`` joins the process group from the launcher's environment, splits
-the probe batches across ranks and merges the accumulators (rank 0 writes the files). ``run`` and
-``demo`` refuse to start under several processes: their training loops are not sharded yet.
+Several processes (``torchrun --nproc_per_node N -m repforget_kernels.driver run|demo|analyze ...``
+or ``accelerate launch --config_file repforget_kernels/driver/configs/accelerate_fsdp.yaml -m
+repforget_kernels.driver ...``): every command joins the process group from the launcher's
+environment (one GPU per local rank, NCCL; gloo on CPU). ``run`` and ``demo`` shard each trainee with
+FSDP2 and train it data-parallel (``distributed``, ``train``); evaluation and diagnostics split their
+batches across ranks and merge the results; rank 0 writes the files, which hold the numbers one
+process would produce (up to float rounding of the reductions).
 """
 from __future__ import annotations
 
@@ -107,31 +110,14 @@ def _device(arg: Optional[str]) -> str:
     return arg
 
 
-def _world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+def _fsdp_settings():
+    """FSDP settings from the launcher's environment (accelerate's config), as a UsageError when unusable."""
+    from .distributed import FSDPSettings
 
-
-def _join_process_group(device: str) -> tuple[str, bool]:
-    """Under a launcher (WORLD_SIZE > 1): join the process group (NCCL on CUDA, gloo on CPU), one GPU per
-    local rank. Returns (device, whether this is rank 0). A single process returns (device, True)."""
-    import torch
-    import torch.distributed as dist
-
-    if _world_size() <= 1:
-        return device, True
-    if device.startswith("cuda"):
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        device = f"cuda:{local}"
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return device, dist.get_rank() == 0
-
-
-def _single_process(command: str) -> None:
-    if _world_size() > 1:
-        raise UsageError(f"{command} runs in one process (WORLD_SIZE={_world_size()}): its training loops are not "
-                         "sharded yet; only analyze splits its work across processes")
+    try:
+        return FSDPSettings.from_env()
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _diag_config(args):
@@ -167,12 +153,17 @@ def _examples(args) -> tuple:
     return corpus, sources
 
 
-def _pipeline(args, specs, examples=None, sources=None):
+def _pipeline(args, examples=None, sources=None):
+    """The Pipeline of ``demo`` / ``run``, after joining the process group under a launcher."""
+    from .distributed import join_process_group
     from .pipeline import Pipeline, PipelineConfig
 
-    cfg = PipelineConfig(out=args.out, model=args.model, cache_dir=args.cache_dir, device=_device(args.device),
+    fsdp = _fsdp_settings()
+    device, is_main = join_process_group(_device(args.device))
+    cfg = PipelineConfig(out=args.out, model=args.model, cache_dir=args.cache_dir, device=device,
                          seed=args.seed, max_length=getattr(args, "max_length", 64), diagnostics=_diag_config(args),
-                         examples=examples, data_sources=sources or {}, progress=not args.no_progress)
+                         examples=examples, data_sources=sources or {}, progress=is_main and not args.no_progress,
+                         fsdp=fsdp)
     return Pipeline(cfg)
 
 
@@ -204,6 +195,10 @@ def demo_specs() -> list:
 
 
 def _print_summary(report: dict, out: Path) -> None:
+    from .distributed import is_main
+
+    if not is_main():
+        return
     print(f"report: {out / 'report.json'} and {out / 'report.md'}")
     print("thresholds: " + ", ".join(f"{k}={v}" for k, v in report["thresholds"].items()))
     for run in report["runs"]:
@@ -227,24 +222,27 @@ def _threads(model: str) -> None:
 
 
 def cmd_demo(args) -> int:
-    _single_process("demo")
     args.model = "tiny"
     _threads(args.model)
-    pipe = _pipeline(args, None)
+    pipe = _pipeline(args)
     report = pipe.run(demo_specs())
     _print_summary(report, args.out)
     return 0
 
 
 def cmd_run(args) -> int:
-    _single_process("run")
+    from .distributed import launched_world_size
+
     specs = _specs(args)
+    if args.optimizer == "adafactor" and launched_world_size() > 1:
+        raise UsageError("--optimizer adafactor does not run on FSDP-sharded parameters (several processes): "
+                         "use adamw (its states are sharded too) or sgd")
     _check_model(args.model)
     examples, sources = _examples(args)
     if args.setting == "continual" and not 1 <= args.requests <= len(examples["forget"]):
         raise UsageError(f"--requests must be in [1, {len(examples['forget'])}] (forget items), got {args.requests}")
     _threads(args.model)
-    pipe = _pipeline(args, specs, examples, sources)
+    pipe = _pipeline(args, examples, sources)
     report = pipe.run(specs)
     _print_summary(report, args.out)
     return 0
@@ -255,6 +253,7 @@ def cmd_analyze(args) -> int:
 
     from .data import encode, load_jsonl
     from .diagnostics import diagnose
+    from .distributed import join_process_group, launched_world_size
     from .models import decoder_layers, load_model
     from .plots import plot_layers
     from .report import atomic_write_json, atomic_write_text, render_analysis_markdown, versions
@@ -267,7 +266,7 @@ def cmd_analyze(args) -> int:
     probe_items = load_jsonl(args.data, "probe")
     forget_items = load_jsonl(args.forget, "forget") if args.forget is not None else probe_items
     out = Path(args.out)
-    device, is_main = _join_process_group(_device(args.device))
+    device, is_main = join_process_group(_device(args.device))
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "analysis.json").unlink(missing_ok=True)
@@ -283,7 +282,7 @@ def cmd_analyze(args) -> int:
     result = diagnose(ref, upd, probe, forget, cfg)
     analysis = dict(result, ref=str(args.ref), upd=str(args.upd), n_probe=len(probe_items),
                     config=asdict(cfg), models={"ref": ref_info, "upd": upd_info}, versions=versions(),
-                    world_size=_world_size())
+                    world_size=launched_world_size())
     if not is_main:  # every rank holds the merged numbers; rank 0 writes them
         return 0
     atomic_write_text(out / "analysis.md", render_analysis_markdown(analysis))
@@ -325,16 +324,9 @@ def main(argv: Optional[list] = None) -> int:
               file=sys.stderr)
         return 130
     finally:
-        _leave_process_group()
+        from .distributed import leave_process_group
 
-
-def _leave_process_group() -> None:
-    """Destroy the process group :func:`_join_process_group` created (a no-op in one process)."""
-    if _world_size() > 1:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        leave_process_group()
 
 
 if __name__ == "__main__":

@@ -19,9 +19,11 @@ over the block's parameters), mass ratio updated / reference, Spearman rank corr
 deterministic strided subsample, and a ``fisher_histogram`` of the same subsample.
 
 Under ``torch.distributed`` (e.g. ``accelerate launch``), each rank runs its share of the probe
-and forget batches; pooled rows are all-gathered, StreamingCKA accumulators merged with
-``all_reduce`` and Fisher sums added across ranks, so every rank ends with the one-process numbers
-(up to float rounding of the reduction order).
+and forget batches; pooled rows are gathered back in probe order (the very rows of one process),
+StreamingCKA accumulators merged with ``all_reduce`` and Fisher sums added across ranks one
+parameter at a time, so every rank ends with the one-process numbers (up to float rounding of the
+reduction order). The models here are plain (unsharded): the pipeline diagnoses a sharded trainee
+through a gathered replica.
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ from repforget_kernels import (
 )
 
 from .data import iterate_batches
+from .distributed import all_sum, gather_batch_rows, rank_batches, world
 from .models import decoder_layers
 from .report import json_safe
 
@@ -143,22 +146,6 @@ def _to(batch: dict, device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def _rank_batches(data: dict, batch_size: int) -> Iterator[dict]:
-    """This rank's share of the batches (every batch on a single process): batch i goes to rank i mod world."""
-    rank, world = _world()
-    for i, batch in enumerate(iterate_batches(data, batch_size)):
-        if i % world == rank:
-            yield batch
-
-
-def _world() -> tuple:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 class _eval_mode:
     """Put a model in eval mode for the block, restoring its training flag after."""
 
@@ -186,48 +173,41 @@ def pooled_activations(model, probe: dict, *, sample: str = "mean", batch_size: 
         sample: ``mean`` | ``last`` | ``first`` (one row per sequence) or ``tokens`` (every real token,
             the first ``max_token_rows`` rows per layer kept).
     Returns:
-        (L, n, d) float32 on CPU (all ranks' rows, rank-major, under torch.distributed).
+        (L, n, d) float32 on CPU, in probe order (also under torch.distributed, where each rank runs
+        its share of the batches and keeps exactly the rows one process would).
     Cost: one forward pass over the probe set; memory: the (L, n, d) result plus one batch.
     """
     layers = decoder_layers(model)
+    keep = _rows_kept(probe, sample, batch_size, max_token_rows)  # rows of each batch in the result
     per_layer = [[] for _ in layers]
-    kept = [0] * len(layers)
-    mask_box = {}
+    box = {}
 
     def reduce(i: int, hidden: torch.Tensor) -> None:
-        rows = pool_tokens(hidden, mask_box["mask"], sample=sample)  # (B, d) or (n_real, d)
-        if sample == "tokens":
-            rows = rows[: max(0, max_token_rows - kept[i])]
-            kept[i] += rows.shape[0]
-        per_layer[i].append(rows.float().cpu())
+        rows = pool_tokens(hidden, box["mask"], sample=sample)  # (B, d) or (n_real, d)
+        per_layer[i].append(rows[: keep[box["index"]]].float().cpu())
 
     dev = _device_of(model)
     with _eval_mode(model), LayerHooks(layers, reduce):
-        for batch in _rank_batches(probe, batch_size):
+        for index, batch in rank_batches(probe, batch_size):
             batch = _to(batch, dev)
-            mask_box["mask"] = batch["attention_mask"]
+            box["mask"], box["index"] = batch["attention_mask"], index
             model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    local = torch.stack([torch.cat(rows) for rows in per_layer])  # (L, n_local, d)
-    rows = _all_gather_rows(local)
-    return rows[:, :max_token_rows] if sample == "tokens" else rows
+    width = model.config.hidden_size
+    local = torch.stack([torch.cat(rows) if rows else torch.zeros(0, width) for rows in per_layer])  # (L, n_local, d)
+    return gather_batch_rows(local, keep)
 
 
-def _all_gather_rows(local: torch.Tensor) -> torch.Tensor:
-    """Concatenate (L, n_r, d) blocks of every rank along rows, rank-major: -> (L, sum n_r, d)."""
-    import torch.distributed as dist
-
-    if _world()[1] == 1:
-        return local
-    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    n = torch.tensor([local.shape[1]], device=dev)
-    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, n)
-    n_max = int(max(s.item() for s in sizes))
-    padded = torch.zeros(local.shape[0], n_max, local.shape[2], dtype=local.dtype, device=dev)  # (L, n_max, d)
-    padded[:, : local.shape[1]] = local.to(dev)
-    blocks = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(blocks, padded)
-    return torch.cat([b[:, : int(s.item())] for b, s in zip(blocks, sizes)], dim=1).cpu()
+def _rows_kept(probe: dict, sample: str, batch_size: int, max_token_rows: int) -> list:
+    """Rows each probe batch contributes: its sequences, or for ``tokens`` its real tokens up to the first
+    ``max_token_rows`` token rows of the whole probe set (in batch order)."""
+    if sample != "tokens":
+        return [b["input_ids"].shape[0] for b in iterate_batches(probe, batch_size)]
+    keep, seen = [], 0
+    for b in iterate_batches(probe, batch_size):
+        take = min(int(b["attention_mask"].sum()), max(0, max_token_rows - seen))
+        keep.append(take)
+        seen += take
+    return keep
 
 
 @torch.no_grad()
@@ -256,14 +236,14 @@ def token_cka(ref_model, upd_model, probe: dict, *, batch_size: int = 16, debias
 
     ref_dev, upd_dev = _device_of(ref_model), _device_of(upd_model)
     with _eval_mode(ref_model), _eval_mode(upd_model):
-        for batch in _rank_batches(probe, batch_size):
+        for _, batch in rank_batches(probe, batch_size):
             for model, layers, fn, key, dev in ((ref_model, ref_layers, keep, "ref", ref_dev),
                                                 (upd_model, upd_layers, feed, "upd", upd_dev)):
                 b = _to(batch, dev)
                 mask_box[key] = b["attention_mask"]
                 with LayerHooks(layers, fn):
                     model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
-    if _world()[1] > 1:
+    if world()[1] > 1:
         for acc in accs:
             acc.all_reduce()
     return torch.stack([acc.compute().float().cpu() for acc in accs])
@@ -285,12 +265,6 @@ def _layer_param_names(model) -> list:
     return names
 
 
-def _strided(v: torch.Tensor, m: int) -> torch.Tensor:
-    """At most m entries of a flat tensor, evenly strided from index 0 (deterministic): (<= m,)."""
-    step = max(1, math.ceil(v.numel() / m))
-    return v[::step]
-
-
 def fisher_by_layer(model, forget: dict, *, batch_size: int = 16, samples: int = 100_000) -> tuple:
     """Empirical diagonal Fisher of the decoder blocks on forget data, summarised per layer.
 
@@ -301,7 +275,8 @@ def fisher_by_layer(model, forget: dict, *, batch_size: int = 16, samples: int =
         (mass (L,) float64 = sum of F over each block's parameters,
          list of L (m_l,) float32 strided subsamples of the block's F values, m_l <= ``samples``).
     Under torch.distributed, each rank's Fisher (times its sequence count) is summed over ranks.
-    Cost: one forward + per-sample backward per forget batch; memory: one float32 copy of the blocks.
+    Cost: one forward + per-sample backward per forget batch; memory: one float32 copy of the blocks
+    (the summaries are taken one parameter at a time).
     """
     names = _layer_param_names(model)
     wanted = [n for layer in names for n in layer]
@@ -310,32 +285,32 @@ def fisher_by_layer(model, forget: dict, *, batch_size: int = 16, samples: int =
     with _eval_mode(model):
         fisher = DiagonalFisher(model, params=wanted, labels="data", per_sample=True)  # blocks only
         seen = 0
-        for batch in _rank_batches(forget, batch_size):
+        for _, batch in rank_batches(forget, batch_size):
             fisher.update(_to(batch, dev))
             seen += batch["input_ids"].shape[0]
-        values = fisher.compute() if seen else {n: torch.zeros_like(params[n], dtype=torch.float32) for n in wanted}
-    values = _reduce_fisher(values, seen, wanted)
-    mass = torch.tensor([sum(float(values[n].sum(dtype=torch.float64)) for n in layer) for layer in names],
-                        dtype=torch.float64)  # (L,)
-    subs = [_strided(torch.cat([values[n].flatten() for n in layer]).float().cpu(), samples) for layer in names]
-    return mass, subs
+    owner = {n: i for i, layer in enumerate(names) for n in layer}
+    steps = [max(1, math.ceil(sum(params[n].numel() for n in layer) / samples)) for layer in names]
+    offsets = [0] * len(names)
+    mass = torch.zeros(len(names), dtype=torch.float64)  # (L,)
+    subs = [[] for _ in names]
+    for n, value in _merged_fisher(fisher, seen, wanted, params):
+        i, flat = owner[n], value.flatten()
+        mass[i] += float(flat.sum(dtype=torch.float64))
+        subs[i].append(flat[(-offsets[i]) % steps[i]::steps[i]].float().cpu())  # every steps[i]-th of the block
+        offsets[i] += flat.numel()
+    return mass, [torch.cat(s) for s in subs]
 
 
-def _reduce_fisher(values: dict, seen: int, names: list) -> dict:
-    """Average the per-rank Fisher means weighted by sequence counts (identity on a single process)."""
-    import torch.distributed as dist
-
-    if _world()[1] == 1:
-        return values
-    dev = values[names[0]].device
-    total = torch.tensor([float(seen)], dtype=torch.float64, device=dev)
-    dist.all_reduce(total)
-    out = {}
-    for n in names:
-        t = values[n].to(torch.float64) * seen
-        dist.all_reduce(t)
-        out[n] = (t / total).float()
-    return out
+def _merged_fisher(fisher: DiagonalFisher, seen: int, names: list, params: dict) -> Iterator[tuple]:
+    """(name, F) per parameter in ``names`` order: this process's Fisher, or under torch.distributed the
+    ranks' Fisher means weighted by their sequence counts (a rank without forget batches adds zeros)."""
+    if world()[1] == 1:
+        yield from fisher.iter_compute()
+        return
+    total = float(all_sum(torch.tensor(float(seen), dtype=torch.float64)))
+    local = fisher.iter_compute() if seen else ((n, torch.zeros_like(params[n], dtype=torch.float32)) for n in names)
+    for n, value in local:
+        yield n, (all_sum(value.to(torch.float64) * seen) / total).float()
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:

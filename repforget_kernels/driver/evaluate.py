@@ -13,6 +13,9 @@ All per-example numbers of a split come from ONE forward pass per batch (``split
   ``min_k_plus_plus`` = the same on z_t = (log p(x_t) - mu_t) / sigma_t with mu_t = E_{z~p_t} log p_t(z)
               and sigma_t^2 = Var_{z~p_t} log p_t(z) over the vocabulary at position t (Zhang et al. 2024).
 - MIA AUC: roc_auc(scores on forget = members, scores on holdout = non-members).
+
+Under torch.distributed each rank scores its share of the batches (``distributed.rank_batches``) and
+the per-batch results are gathered in batch order, so every rank holds the one-process numbers.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ import zlib
 
 import torch
 
-from .data import iterate_batches
+from .distributed import gather_in_order, rank_batches
 from .losses import forward_logits, next_token_logprobs
 
 __all__ = ["MIN_K", "roc_auc", "split_scores", "evaluate"]
@@ -89,14 +92,15 @@ def split_scores(model, encoded: dict, *, batch_size: int = 16, tokenizer=None, 
     """Per-example numbers of one split, one forward pass per batch, eval mode, float32 reductions.
 
     Returns {"correct" (N,) and "tokens" (N,) supervised-token counts, "nll" (N,) summed answer NLL,
-    and the four MIA scores (N,) float64 ("loss", "zlib", "min_k", "min_k_plus_plus")}, on CPU.
+    and the four MIA scores (N,) float64 ("loss", "zlib", "min_k", "min_k_plus_plus")}, on CPU, in row
+    order (under torch.distributed: every rank's batches, gathered).
     """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    parts: dict[str, list[torch.Tensor]] = {key: [] for key in ("correct", "tokens", "nll", *_MIA)}
+    parts: list[tuple[int, dict]] = []  # (batch index, {key: (B,) tensor})
     try:
-        for batch in iterate_batches(encoded, batch_size):
+        for index, batch in rank_batches(encoded, batch_size):
             batch = {key: value.to(device) for key, value in batch.items()}
             logp_all, logp, mask = next_token_logprobs(forward_logits(model, batch), batch["labels"])  # (B, T-1, V), (B, T-1) x2
             target = batch["labels"][:, 1:]  # (B, T-1)
@@ -104,16 +108,19 @@ def split_scores(model, encoded: dict, *, batch_size: int = 16, tokenizer=None, 
             z[mask] = _standardised(logp_all[mask], logp[mask])
             tokens = mask.sum(1)  # (B,)
             nll = -(logp.masked_fill(~mask, 0.0)).sum(1)  # (B,)
-            parts["correct"].append(((logp_all.argmax(-1) == target) & mask).sum(1).cpu())
-            parts["tokens"].append(tokens.cpu())
-            parts["nll"].append(nll.double().cpu())
-            parts["loss"].append((-nll / tokens.clamp_min(1)).double().cpu())
-            parts["zlib"].append(-nll.double().cpu() / _zlib_lengths(batch, tokenizer))
-            parts["min_k"].append(_min_k(logp, mask, k).double().cpu())
-            parts["min_k_plus_plus"].append(_min_k(z, mask, k).double().cpu())
+            parts.append((index, {
+                "correct": ((logp_all.argmax(-1) == target) & mask).sum(1).cpu(),
+                "tokens": tokens.cpu(),
+                "nll": nll.double().cpu(),
+                "loss": (-nll / tokens.clamp_min(1)).double().cpu(),
+                "zlib": -nll.double().cpu() / _zlib_lengths(batch, tokenizer),
+                "min_k": _min_k(logp, mask, k).double().cpu(),
+                "min_k_plus_plus": _min_k(z, mask, k).double().cpu(),
+            }))
     finally:
         model.train(was_training)
-    return {key: torch.cat(value) for key, value in parts.items()}
+    batches = gather_in_order(parts)
+    return {key: torch.cat([b[key] for b in batches]) for key in ("correct", "tokens", "nll", *_MIA)}
 
 
 def evaluate(model, splits: dict[str, dict], *, batch_size: int = 16, tokenizer=None) -> dict:

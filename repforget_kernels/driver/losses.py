@@ -15,7 +15,10 @@ Methods (``METHODS``), each a loss to minimise:
 - ``rlabel``: NLL(forget with each answer replaced by the answer of another forget item)
 
 NLL is the mean over supervised tokens of the batch; KL is the mean over real (non-padding)
-next-token positions of sum_v p_orig(v) (log p_orig(v) - log p_theta(v)).
+next-token positions of sum_v p_orig(v) (log p_orig(v) - log p_theta(v)); NPO is a mean over
+sequences. Each loss takes an optional ``denominator`` replacing the batch's own count (tokens,
+positions or sequences): data-parallel training computes each rank's share of a batch with the whole
+batch's count, so the ranks' losses add up to the loss of the whole batch.
 """
 from __future__ import annotations
 
@@ -73,50 +76,61 @@ def sequence_logprob(model, batch: dict) -> torch.Tensor:
     return logp.sum(1)
 
 
-def nll_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Scalar float32: mean negative log-likelihood over the supervised tokens of the batch.
+def _divisor(count: torch.Tensor, denominator, what: str):
+    """``denominator`` if given (a positive count), else ``count``; ValueError when the divisor is 0."""
+    if denominator is None:
+        if int(count) == 0:
+            raise ValueError(what)
+        return count
+    if not denominator > 0:
+        raise ValueError(f"denominator must be > 0, got {denominator!r}")
+    return denominator
 
-    logits (B, T, V), labels (B, T) with -100 masked. Raises ValueError if no token is supervised.
+
+def nll_loss(logits: torch.Tensor, labels: torch.Tensor, denominator=None) -> torch.Tensor:
+    """Scalar float32: negative log-likelihood summed over the supervised tokens, divided by their count.
+
+    logits (B, T, V), labels (B, T) with -100 masked. ``denominator`` replaces the count (see the module
+    docstring). Raises ValueError if no token is supervised and no denominator is given.
     """
     logp, mask = token_logprobs(logits, labels)
-    count = mask.sum()
-    if int(count) == 0:
-        raise ValueError("labels supervise no token (all -100 after the shift): nothing to learn from")
-    return -logp.sum() / count
+    return -logp.sum() / _divisor(mask.sum(), denominator,
+                                  "labels supervise no token (all -100 after the shift): nothing to learn from")
 
 
-def ga_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def ga_loss(logits: torch.Tensor, labels: torch.Tensor, denominator=None) -> torch.Tensor:
     """Gradient ascent: -nll_loss (minimising it maximises the forget NLL)."""
-    return -nll_loss(logits, labels)
+    return -nll_loss(logits, labels, denominator)
 
 
-def kl_loss(logits: torch.Tensor, ref_logprobs: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def kl_loss(logits: torch.Tensor, ref_logprobs: torch.Tensor, attention_mask: torch.Tensor,
+            denominator=None) -> torch.Tensor:
     """Scalar float32: mean over real next-token positions of KL(p_ref || p_theta) over the vocabulary.
 
     logits (B, T, V) of the trained model; ref_logprobs (B, T, V) log-softmax of the frozen original at
     the same positions (only [:, :-1] is read); attention_mask (B, T) with 1 = real token. Position t
-    counts when token t+1 is real. Cost O(B T V).
+    counts when token t+1 is real; ``denominator`` replaces the count of such positions. Cost O(B T V).
     """
     mask = attention_mask[:, 1:].bool()  # (B, T-1)
     logq = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
     logp = ref_logprobs[:, :-1].float()  # (B, T-1, V)
     per_pos = (logp.exp() * (logp - logq)).sum(-1)  # (B, T-1)
-    count = mask.sum()
-    if int(count) == 0:
-        raise ValueError("attention_mask has no real next-token position: KL is undefined")
+    count = _divisor(mask.sum(), denominator, "attention_mask has no real next-token position: KL is undefined")
     return per_pos.masked_fill(~mask, 0.0).sum() / count
 
 
-def npo_loss(seq_logp: torch.Tensor, ref_seq_logp: torch.Tensor, beta: float) -> torch.Tensor:
+def npo_loss(seq_logp: torch.Tensor, ref_seq_logp: torch.Tensor, beta: float, denominator=None) -> torch.Tensor:
     """Scalar: -(2/beta) mean_s log sigmoid(-beta (seq_logp_s - ref_seq_logp_s)).
 
     seq_logp (B,) sequence log-probs under the trained model, ref_seq_logp (B,) under the reference
-    (cached before unlearning). At seq_logp == ref_seq_logp the loss is (2/beta) log 2.
+    (cached before unlearning). At seq_logp == ref_seq_logp the loss is (2/beta) log 2. ``denominator``
+    replaces the number of sequences B in the mean.
     """
     if not beta > 0:
         raise ValueError(f"beta must be > 0, got {beta!r}")
     log_ratio = seq_logp.float() - ref_seq_logp.float()  # (B,)
-    return -(2.0 / beta) * F.logsigmoid(-beta * log_ratio).mean()
+    count = _divisor(torch.tensor(log_ratio.numel()), denominator, "seq_logp is empty: NPO is undefined")
+    return -(2.0 / beta) * F.logsigmoid(-beta * log_ratio).sum() / count
 
 
 def _rows(encoded: dict) -> list[tuple[list[int], list[int]]]:

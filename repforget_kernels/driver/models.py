@@ -289,65 +289,106 @@ def _param_shapes(config) -> list[tuple[int, ...]]:
     return shapes
 
 
-_OPTIMIZER_BYTES = {  # optimizer state bytes per parameter (bf16 weights, no fp32 master copy)
-    "adamw": 4,        # torch AdamW keeps exp_avg and exp_avg_sq in the parameter dtype: 2 x bf16
-    "sgd": 0,          # plain SGD without momentum
-}
+def _plan_arguments(optimizer, sizes: dict) -> None:
+    if optimizer not in ("adamw", "sgd", "adafactor"):
+        raise ValueError(f"optimizer must be one of ('adamw', 'sgd', 'adafactor'), got {optimizer!r}")
+    for name, value in sizes.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if sizes["gpus"] > 1 and optimizer == "adafactor":
+        raise ValueError("optimizer 'adafactor' does not run on FSDP-sharded parameters (gpus > 1): use adamw or sgd")
 
 
 def memory_plan(config, *, optimizer: str = "adamw", gradient_checkpointing: bool = True, batch_size: int = 1,
-                seq_len: int = 512) -> dict:
-    """Bytes needed to unlearn a Llama/Qwen2-style model on one GPU in bf16, and whether it fits 80 GB.
+                seq_len: int = 512, gpus: int = 1, token_cka: bool = True, diag_batch_size: int = 2) -> dict:
+    """Bytes per GPU to unlearn and diagnose a Llama/Qwen2-style model with the driver, and whether it fits 80 GB.
 
-    Items (bytes): "weights" 2P, "gradients" 2P (bf16), "optimizer" per ``optimizer`` (TrainConfig.optimizer:
-    "adamw": 4P bf16 states, "adafactor": 4 bytes x (rows + cols) per matrix, "sgd": 0),
-    "activations" (with checkpointing: every layer's bf16 input B T h plus one layer recomputed,
-    ~B T (34 h + 5 heads T) bytes (Korthikanti et al. 2022); without: that per layer), "logits"
-    (float32 logits and their gradient, 2 x 4 B T V), "npo_reference" (4 bytes per forget sequence:
-    cached sequence log-probs, 10k sequences counted), "kl_reference" (frozen bf16 copy, 2P: the KL
-    methods only; caching log-softmax on retain would cost 4 V bytes per token). "total" sums all
-    items (the worst case, a KL method); "total_without_kl" drops the frozen copy. "fits_80gb" compares
-    the total with 90% of 80e9 bytes (CUDA context and fragmentation headroom).
+    One GPU (``gpus=1``): bf16 weights, gradients and optimizer states (no float32 master copy).
+    Several (``gpus=N``, FSDP2 through ``distributed.shard_model``): float32 master weights, gradients
+    and optimizer states sharded N ways, bf16 compute, the global batch split N ways.
+
+    Training, "bytes" (summed into "training"): "weights" 2P | 4P/N + two gathered bf16 blocks
+    (computing, prefetched); "gradients" 2P | 4P/N + one block's bf16 gradients; "optimizer": "adamw"
+    4P (two bf16 states) | 8P/N (two float32 states), "adafactor" 4 bytes x (rows + cols) per matrix
+    (one GPU only), "sgd" 0; "activations": with checkpointing every layer's bf16 input b T h plus one
+    layer recomputed, ~b T (34 h + 5 heads T) bytes per layer (Korthikanti et al. 2022), without it
+    that for every layer, for the local batch b = ceil(batch_size / N); "logits": float32 logits and
+    their gradient, 2 x 4 b T V; "npo_reference": 4 bytes per forget sequence (10k counted);
+    "kl_reference": a frozen bf16 copy, 2P, for GA+KL / NPO+KL (caching the log-softmax would cost 4 V
+    bytes per retain token); "reference": the original model kept on the GPU for token-level CKA, 2P
+    (0 with ``token_cka=False``: the pipeline parks it in host memory).
+
+    Diagnostics after each stage, "diagnostics_bytes" (optimizer states, gradients and the KL copy are
+    freed): "weights" 2P | 4P/N + a gathered bf16 replica 2P; "reference" as above; the Fisher pass,
+    "fisher" (float32 sums for every decoder-block parameter plus per-sample work of one float32
+    weight matrix), "activations" (every layer's, eval mode does not checkpoint) and "logits" (bf16
+    logits, float32 log-softmax and its gradient, 10 bytes per vocabulary entry) for one
+    ``diag_batch_size`` x T batch; then the token-level CKA, "token_cka" (float64 StreamingCKA state,
+    8 x 3 h^2 bytes per layer). "diagnostics" = weights + reference + the larger of the two passes.
+
+    Returns {"params", "gpus", "bytes", "diagnostics_bytes", "training", "diagnostics", "total" (the
+    peak of the two phases, worst case a KL method), "total_without_kl", "budget" (90% of 80e9: CUDA
+    context and fragmentation headroom), "fits_80gb", "kl_cache_bytes_per_token", "advice"}.
     """
-    if optimizer not in (*_OPTIMIZER_BYTES, "adafactor"):
-        raise ValueError(f"optimizer must be one of {(*_OPTIMIZER_BYTES, 'adafactor')}, got {optimizer!r}")
-    for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    _plan_arguments(optimizer, {"batch_size": batch_size, "seq_len": seq_len, "gpus": gpus,
+                                "diag_batch_size": diag_batch_size})
     shapes = _param_shapes(config)
     params = sum(torch.Size(s).numel() for s in shapes)
+    h, layers, heads, vocab = config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.vocab_size
+    block_shapes = [s for s in shapes[1:-1] if s[0] != vocab]  # the decoder blocks' (and the final norm's)
+    block = sum(torch.Size(s).numel() for s in block_shapes) // layers  # parameters per block
+    sharded = gpus > 1
     if optimizer == "adafactor":
         opt = 4 * sum(sum(s) if len(s) == 2 else s[0] for s in shapes)
     else:
-        opt = _OPTIMIZER_BYTES[optimizer] * params
-    h, layers, heads = config.hidden_size, config.num_hidden_layers, config.num_attention_heads
-    tokens = batch_size * seq_len
-    one_layer = tokens * (34 * h + 5 * heads * seq_len)
-    activations = layers * tokens * h * 2 + one_layer if gradient_checkpointing else layers * one_layer
-    items = {"weights": 2 * params, "gradients": 2 * params, "optimizer": opt, "activations": activations,
-             "logits": 2 * 4 * tokens * config.vocab_size, "npo_reference": 4 * 10_000, "kl_reference": 2 * params}
-    total = sum(items.values())
+        opt = {"adamw": 8 * params // gpus if sharded else 4 * params, "sgd": 0}[optimizer]
+
+    def layer_activations(tokens: int) -> int:
+        return tokens * (34 * h + 5 * heads * seq_len)
+
+    tokens = -(-batch_size // gpus) * seq_len
+    activations = layers * tokens * h * 2 + layer_activations(tokens) if gradient_checkpointing         else layers * layer_activations(tokens)
+    reference = 2 * params if token_cka else 0
+    train = {"weights": 4 * params // gpus + 2 * 2 * block if sharded else 2 * params,
+             "gradients": 4 * params // gpus + 2 * block if sharded else 2 * params,
+             "optimizer": opt, "activations": activations, "logits": 2 * 4 * tokens * vocab,
+             "npo_reference": 4 * 10_000, "kl_reference": 2 * params, "reference": reference}
+    diag_tokens = diag_batch_size * seq_len
+    diag = {"weights": 4 * params // gpus + 2 * params if sharded else 2 * params, "reference": reference,
+            "fisher": 4 * block * layers + 4 * max(torch.Size(s).numel() for s in block_shapes),
+            "activations": layers * layer_activations(diag_tokens), "logits": 10 * diag_tokens * vocab,
+            "token_cka": 8 * 3 * h * h * layers if token_cka else 0}
+    training = sum(train.values())
+    diagnostics = diag["weights"] + reference + max(diag["fisher"] + diag["activations"] + diag["logits"],
+                                                    diag["token_cka"])
     budget = int(0.9 * 80e9)
-    plan = {"params": params, "bytes": items, "total": total, "total_without_kl": total - items["kl_reference"],
-            "budget": budget, "fits_80gb": total <= budget,
-            "kl_cache_bytes_per_token": 4 * config.vocab_size}
-    plan["advice"] = _advice(plan, optimizer, gradient_checkpointing)
+    plan = {"params": params, "gpus": gpus, "bytes": train, "diagnostics_bytes": diag, "training": training,
+            "diagnostics": diagnostics, "total": max(training, diagnostics),
+            "total_without_kl": max(training - train["kl_reference"], diagnostics),
+            "budget": budget, "kl_cache_bytes_per_token": 4 * vocab}
+    plan["fits_80gb"] = plan["total"] <= budget
+    plan["advice"] = _advice(plan, optimizer, gradient_checkpointing, token_cka)
     return plan
 
 
-def _advice(plan: dict, optimizer: str, gradient_checkpointing: bool) -> str:
+def _advice(plan: dict, optimizer: str, gradient_checkpointing: bool, token_cka: bool) -> str:
     gb = lambda b: f"{b / 1e9:.1f} GB"  # noqa: E731
-    head = (f"{plan['params'] / 1e9:.2f}B params, bf16 weights {gb(plan['bytes']['weights'])}, optimizer "
-            f"'{optimizer}' {gb(plan['bytes']['optimizer'])}, gradient checkpointing "
-            f"{'on' if gradient_checkpointing else 'off'}: total {gb(plan['total'])} with the KL reference copy, "
-            f"{gb(plan['total_without_kl'])} without (budget {gb(plan['budget'])}). ")
-    head += ("Weights, gradients and states are bf16 (no fp32 master copy): an update under half a bf16 ulp (~0.2% of "
-             "the weight) rounds away, and Adam steps are ~lr, so with weights ~0.01-0.05 an lr below ~1e-4 loses "
-             "most updates; for smaller lr use FSDP mixed precision (fp32 master weights) on several GPUs. ")
+    where = "one GPU" if plan["gpus"] == 1 else f"each of {plan['gpus']} GPUs (FSDP, float32 master weights)"
+    head = (f"{plan['params'] / 1e9:.2f}B params on {where}, optimizer '{optimizer}' "
+            f"{gb(plan['bytes']['optimizer'])}, gradient checkpointing {'on' if gradient_checkpointing else 'off'}, "
+            f"token CKA {'on' if token_cka else 'off'}: training {gb(plan['training'])} with the KL copy, "
+            f"{gb(plan['training'] - plan['bytes']['kl_reference'])} without; diagnostics {gb(plan['diagnostics'])} "
+            f"(budget {gb(plan['budget'])}). ")
+    if plan["gpus"] == 1:
+        head += ("Weights, gradients and states are bf16 (no fp32 master copy): an update under half a bf16 ulp "
+                 "(~0.2% of the weight) rounds away, and Adam steps are ~lr, so with weights ~0.01-0.05 an lr below "
+                 "~1e-4 loses most updates; for smaller lr shard over several GPUs (float32 master weights). ")
     if plan["fits_80gb"]:
-        return head + "Fits one 80 GB GPU for every method."
+        return head + "Fits an 80 GB GPU for every method."
     if plan["total_without_kl"] <= plan["budget"]:
         return head + ("Fits for GA, GA+GD, NPO and RLabel (NPO reference log-probs are cached, no second model); "
-                       "for GA+KL / NPO+KL use optimizer 'sgd' or 'adafactor', or shard with FSDP.")
-    return head + ("Does not fit: use optimizer 'sgd' or 'adafactor', gradient checkpointing, a smaller batch or "
-                   "sequence, or shard over several GPUs with the shipped FSDP config.")
+                       "for GA+KL / NPO+KL " + ("use optimizer 'sgd' or 'adafactor', or " if plan["gpus"] == 1 else "")
+                       + "shard over more GPUs or skip token-level CKA (--no-token-cka).")
+    return head + ("Does not fit: " + ("use optimizer 'sgd' or 'adafactor', " if plan["gpus"] == 1 else "")
+                   + "skip token-level CKA (--no-token-cka), use a smaller batch or sequence, or shard over "
+                   "(more) GPUs with the shipped FSDP config.")

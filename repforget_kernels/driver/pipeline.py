@@ -14,9 +14,21 @@ none). Rerunning the same command skips finished stages, restarts from the last 
 produces the same report (each stage seeds torch with (seed, stage index), so the numbers do not
 depend on where a run was interrupted). Ctrl-C or an error leaves finished stages intact; the
 report (``report.json`` last) is written only when every run is finished.
+
+Memory: the original model stays on the device for token-level CKA; without it (``token_cka=False``)
+it moves to host memory after the original stage, and each run copies it back to the device.
+
+Several processes (``torchrun`` / ``accelerate launch``, process group joined by the CLI): every
+rank holds the original model; each run's trainee is sharded with FSDP2 (``distributed.shard_model``,
+``cfg.fsdp``) and trained data-parallel (``train``); each stage's evaluation and diagnostics run on a
+plain replica gathered from the shards, with the batches split across ranks and the results merged,
+so every rank computes the one-process record. Rank 0 pretrains the tiny model (the others wait and
+load it from the cache), decides what is already finished, and writes every file; the checkpoints
+hold the full float32 master weights, so a resumed run continues from exactly where it stopped.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 from dataclasses import asdict, dataclass, field
@@ -28,6 +40,18 @@ from tqdm.auto import tqdm
 
 from .data import encode, make_corpus
 from .diagnostics import DiagnosticsConfig, Snapshot, compare, snapshot, token_cka
+from .distributed import (
+    FSDPSettings,
+    broadcast,
+    full_state_dict,
+    is_main,
+    is_sharded,
+    load_full_state_dict,
+    main_rank_first,
+    plain_copy,
+    shard_model,
+    world,
+)
 from .evaluate import evaluate
 from .losses import METHODS
 from .models import load_model
@@ -101,6 +125,7 @@ class PipelineConfig:
     """Everything shared by the runs of one output directory.
 
     examples: {split: list of items} (``make_corpus(seed)`` when None); model: ``tiny`` | path | preset.
+    fsdp: how the trainee is sharded under several processes (unused in one process).
     """
 
     out: Path
@@ -115,6 +140,7 @@ class PipelineConfig:
     examples: Optional[dict] = None
     data_sources: dict = field(default_factory=dict)
     progress: bool = True
+    fsdp: FSDPSettings = field(default_factory=FSDPSettings)
 
     def fingerprint(self) -> dict:
         """The parts of the config the stored state depends on (JSON-ready)."""
@@ -161,7 +187,7 @@ class Pipeline:
             if theirs != mine:
                 raise StateMismatch(f"{self.state} holds a run with a different configuration; "
                                     "use another --out or delete that directory")
-        else:
+        elif is_main():
             atomic_write_json(path, mine)
 
     def _claim_run(self, spec: RunSpec) -> Path:
@@ -169,7 +195,7 @@ class Pipeline:
         path = run_dir / "spec.json"
         if path.exists() and _read_json(path) != asdict(spec):
             raise StateMismatch(f"{run_dir} holds run {spec.run_id} with different settings; use another --out")
-        if not path.exists():
+        if not path.exists() and is_main():
             atomic_write_json(path, asdict(spec))
         return run_dir
 
@@ -179,12 +205,15 @@ class Pipeline:
         if len({s.run_id for s in specs}) != len(specs):
             raise ValueError("two runs share a run id (same method, lr, setting and relearn data)")
         self.out.mkdir(parents=True, exist_ok=True)
-        clear_report(self.out)
+        if is_main():
+            clear_report(self.out)
         self._claim_state()
         for spec in specs:
             self._claim_run(spec)
         self._load()
         original = self._original_stage()
+        if not self.cfg.diagnostics.token_cka:  # from here on the original only seeds each run's copy
+            self.reference.to("cpu")
         runs = []
         for spec in tqdm(specs, desc="runs", disable=not self.cfg.progress):
             stages = [original] + self._run_stages(spec)
@@ -193,23 +222,32 @@ class Pipeline:
                          "stages": stages, "verdict": verdict(stages, self.cfg.thresholds)})
         report = {"kind": "repforget-report", "config": self._config_json(), "versions": versions(),
                   "thresholds": dict(THRESHOLDS, **self.cfg.thresholds), "runs": runs}
-        write_report(self.out, report)
+        if is_main():
+            write_report(self.out, report)
         return report
 
     def _config_json(self) -> dict:
         c = self.cfg
-        return dict(c.fingerprint(), sample=c.diagnostics.sample, device=str(c.device),
+        return dict(c.fingerprint(), sample=c.diagnostics.sample, device=str(c.device), world_size=world()[1],
                     model_info=self.info, n_items={k: len(v) for k, v in self.examples.items()})
 
     def _load(self) -> None:
         c = self.cfg
-        self.reference, self.tokenizer, self.info = load_model(c.model, cache_dir=c.cache_dir, device=c.device,
-                                                               seed=c.seed, corpus=self.examples, progress=c.progress)
+        # the tiny model may need pretraining: rank 0 fills the cache, the others then read it
+        with main_rank_first() if c.model == "tiny" else contextlib.nullcontext():
+            self.reference, self.tokenizer, self.info = load_model(
+                c.model, cache_dir=c.cache_dir, device=c.device, seed=c.seed, corpus=self.examples,
+                progress=c.progress)
         self.encoded = {k: encode(self.tokenizer, v, max_length=c.max_length) for k, v in self.examples.items()}
 
     def _evaluate(self, model) -> dict:
         splits = {k: self.encoded[k] for k in ("forget", "retain", "holdout", "probe") if k in self.encoded}
         return evaluate(model, splits, batch_size=self.cfg.eval_batch_size, tokenizer=self.tokenizer)
+
+    def _measure(self, model) -> dict:
+        """Evaluation and diagnostics of a stage's model (a sharded trainee through a gathered plain replica)."""
+        plain = plain_copy(model) if is_sharded(model) else model
+        return dict(**self._evaluate(plain), **self._diagnose(plain))
 
     def _diagnose(self, model) -> dict:
         dcfg = self.cfg.diagnostics
@@ -221,18 +259,20 @@ class Pipeline:
     def _original_stage(self) -> dict:
         """The original model's stage record (and reference snapshot), computed once per OUT."""
         path, snap_path = self.state / "original.json", self.state / "reference.pt"
-        if snap_path.exists():
+        if broadcast(snap_path.exists()):
             self.ref_snapshot = Snapshot(**torch.load(snap_path, weights_only=True))
         else:
             torch.manual_seed(self.cfg.seed)
             self.ref_snapshot = snapshot(self.reference, self.encoded["probe"], self.encoded["forget"],
                                          self.cfg.diagnostics)
-            atomic_torch_save(self.ref_snapshot.state_dict(), snap_path)
-        if path.exists():
+            if is_main():
+                atomic_torch_save(self.ref_snapshot.state_dict(), snap_path)
+        if broadcast(path.exists()):
             return _read_json(path)
         torch.manual_seed(self.cfg.seed)
-        record = dict(name="original", train=None, **self._evaluate(self.reference), **self._diagnose(self.reference))
-        atomic_write_json(path, record)
+        record = dict(name="original", train=None, **self._measure(self.reference))
+        if is_main():
+            atomic_write_json(path, record)
         return record
 
     def _run_stages(self, spec: RunSpec) -> list:
@@ -243,6 +283,7 @@ class Pipeline:
         done = 0
         while done < len(names) and files[done].exists():
             done += 1
+        done = broadcast(done)  # rank 0's view of the state decides
         records = [_read_json(f) for f in files[:done]]
         if done == len(names):
             return records
@@ -252,12 +293,14 @@ class Pipeline:
         for i in range(done, len(names)):
             torch.manual_seed(self.cfg.seed * 1000 + i + 1)
             train = self._train_stage(model, spec, names[i], requests)
-            record = dict(name=names[i], train=train, **self._evaluate(model), **self._diagnose(model))
-            if i + 1 < len(names):
-                atomic_torch_save(model.state_dict(), run_dir / f"{i + 1}_{names[i]}.pt")
-            atomic_write_json(files[i], record)
-            if i > 0:
-                (run_dir / f"{i}_{names[i - 1]}.pt").unlink(missing_ok=True)
+            record = dict(name=names[i], train=train, **self._measure(model))
+            checkpoint = full_state_dict(model) if i + 1 < len(names) else None  # every rank takes part
+            if is_main():
+                if checkpoint is not None:
+                    atomic_torch_save(checkpoint, run_dir / f"{i + 1}_{names[i]}.pt")
+                atomic_write_json(files[i], record)
+                if i > 0:
+                    (run_dir / f"{i}_{names[i - 1]}.pt").unlink(missing_ok=True)
             records.append(record)
             bar.update(1)
             self.on_stage_done(spec.run_id, names[i])
@@ -265,11 +308,14 @@ class Pipeline:
         return records
 
     def _model_at(self, run_dir: Path, names: list, done: int):
-        """A trainable copy of the original, with the checkpoint of stage ``done`` (1-based) loaded if any."""
-        model = copy.deepcopy(self.reference)
+        """A trainable copy of the original (sharded under several processes), with the checkpoint of stage
+        ``done`` (1-based) loaded if any."""
+        model = copy.deepcopy(self.reference).to(self.cfg.device)
+        if world()[1] > 1:
+            shard_model(model, self.cfg.fsdp)
         if done > 0:
             ckpt = run_dir / f"{done}_{names[done - 1]}.pt"
-            model.load_state_dict(torch.load(ckpt, map_location=self.cfg.device, weights_only=True))
+            load_full_state_dict(model, torch.load(ckpt, map_location=self.cfg.device, weights_only=True))
         return model
 
     def _requests(self, spec: RunSpec) -> list:

@@ -9,10 +9,16 @@ second model held for NPO:
   floats, under 2 MB); above that (7B vocabularies: 152k logits per token, tens of GB for a retain
   set) a frozen copy of the original model is kept instead (bf16 weights, no gradients, no optimizer
   state: + 2 bytes per parameter, see models.memory_plan) and its log-softmax computed per batch.
+
+Several processes: a model sharded with ``distributed.shard_model`` (FSDP2) is trained data-parallel.
+Every rank walks the same global batches (same seeds) and computes each loss term on its share of
+the rows with the global batch's count (tokens, positions or sequences) as the denominator, so the
+ranks' gradients add up to the one-process gradient of the same batch; gradient clipping sees the
+global norm and the optimizer updates each rank's shard. Reference quantities are computed by every
+rank on every batch, and a frozen KL copy is a plain (gathered) replica on each rank.
 """
 from __future__ import annotations
 
-import copy
 import itertools
 import math
 from dataclasses import dataclass
@@ -21,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import iterate_batches
+from .distributed import all_sum, is_sharded, plain_copy, rank_share, world
 from .losses import (
     METHODS,
     forward_logits,
@@ -113,7 +120,7 @@ def _kl_reference(model, retain: dict, cfg: TrainConfig):
     vocab = model.get_output_embeddings().weight.shape[0]
     if n * width * vocab * 4 <= KL_CACHE_BYTES:
         return {**retain, "ref_logprobs": reference_logprobs(model, retain, cfg.batch_size, full=True)}, None
-    frozen = copy.deepcopy(model).eval().requires_grad_(False)
+    frozen = plain_copy(model).eval().requires_grad_(False)
     return retain, frozen
 
 
@@ -123,34 +130,74 @@ def _retain_stream(retain: dict, cfg: TrainConfig):
         yield from iterate_batches(retain, cfg.batch_size, shuffle=True, seed=cfg.seed * 1000 + epoch + 1)
 
 
-def _step_loss(model, method: str, batch: dict, retain_batch, frozen, cfg: TrainConfig) -> torch.Tensor:
-    """The method's loss on one forget batch (and one retain batch where the method uses it)."""
+# The count each loss term is a mean over, per batch: supervised tokens (NLL, GA), real next-token
+# positions (KL) or sequences (NPO).
+_UNITS = {
+    "tokens": lambda batch: int((batch["labels"][:, 1:] != -100).sum()),
+    "positions": lambda batch: int(batch["attention_mask"][:, 1:].sum()),
+    "sequences": lambda batch: int(batch["input_ids"].shape[0]),
+}
+
+
+def _units(method: str) -> tuple[str, str]:
+    """(units of the forget term, units of the retain term) of ``method``."""
+    return ("sequences" if method in ("npo", "npo_kl") else "tokens"), ("tokens" if method == "ga_gd" else "positions")
+
+
+def _loss_terms(model, method: str, batch: dict, retain_batch, frozen, cfg: TrainConfig,
+                denominators=(None, None)) -> list:
+    """[forget term] or [forget term, retain term] of the method's loss on one forget batch (and one retain
+    batch where the method uses it); the loss is their sum. ``denominators``: see losses (None: own count)."""
     logits = forward_logits(model, batch)  # (B, T, V)
     if method in ("npo", "npo_kl"):
         seq_logp = token_logprobs(logits, batch["labels"])[0].sum(1)  # (B,)
-        loss = npo_loss(seq_logp, batch["ref_logp"], cfg.beta)
+        terms = [npo_loss(seq_logp, batch["ref_logp"], cfg.beta, denominators[0])]
     elif method == "rlabel":
-        loss = nll_loss(logits, batch["labels"])
+        terms = [nll_loss(logits, batch["labels"], denominators[0])]
     else:
-        loss = ga_loss(logits, batch["labels"])
+        terms = [ga_loss(logits, batch["labels"], denominators[0])]
     if retain_batch is None:
-        return loss
+        return terms
     retain_logits = forward_logits(model, retain_batch)  # (B, T, V)
     if method == "ga_gd":
-        return loss + nll_loss(retain_logits, retain_batch["labels"])
+        return terms + [nll_loss(retain_logits, retain_batch["labels"], denominators[1])]
     if frozen is not None:
         with torch.no_grad():
             ref = torch.log_softmax(forward_logits(frozen, retain_batch).float(), dim=-1)  # (B, T, V)
     else:
         ref = retain_batch["ref_logprobs"]
-    return loss + kl_loss(retain_logits, ref, retain_batch["attention_mask"])
+    return terms + [kl_loss(retain_logits, ref, retain_batch["attention_mask"], denominators[1])]
+
+
+def _step(model, batches: list, units: tuple, terms_fn) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss to back-propagate, the step's loss value) for the global ``batches`` of one step.
+
+    ``terms_fn(batches, denominators)`` returns one loss term per batch. One process: the sum of the
+    terms on the whole batches. Sharded model: the terms on this rank's share of each batch with the
+    whole batch's count (``units``) as denominator (0 for a rank without rows), summed and multiplied
+    by the world size, since FSDP averages the ranks' gradients; the value is summed over ranks.
+    """
+    device = _device(model)
+    if not is_sharded(model):
+        loss = sum(terms_fn([_to(b, device) for b in batches], [None] * len(batches)))
+        return loss, loss.detach()
+    shares = [rank_share(b) for b in batches]
+    denominators = [_UNITS[unit](b) for unit, b in zip(units, batches)]
+    terms = terms_fn([_to(share, device) for share, _ in shares], denominators)
+    local = sum(term * float(real) for term, (_, real) in zip(terms, shares))
+    return local * world()[1], all_sum(local.detach())
 
 
 def _optimise(model, batches_per_epoch: int, make_epoch, step_fn, cfg: TrainConfig, desc: str) -> dict:
-    """The shared AdamW loop: epochs x batches (capped by max_steps), clip, step; returns steps and last loss."""
+    """The shared loop: epochs x batches (capped by max_steps), clip, step; returns steps and last loss.
+
+    ``step_fn(batch)`` returns (loss to back-propagate, loss value), see :func:`_step`."""
     total = cfg.epochs * batches_per_epoch
     if cfg.max_steps is not None:
         total = min(total, cfg.max_steps)
+    if cfg.optimizer == "adafactor" and is_sharded(model):
+        raise ValueError("optimizer 'adafactor' does not run on FSDP-sharded parameters (its factored second "
+                         "moments need whole matrices): use 'adamw' or 'sgd'")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _OPTIMIZERS[cfg.optimizer](params, cfg.lr)
     was_training = model.training
@@ -160,13 +207,13 @@ def _optimise(model, batches_per_epoch: int, make_epoch, step_fn, cfg: TrainConf
         with tqdm(total=total, desc=desc, disable=not cfg.progress, leave=False) as bar:
             for epoch in range(cfg.epochs):
                 for batch in itertools.islice(make_epoch(epoch), total - steps):
-                    loss = step_fn(batch)
+                    loss, value = step_fn(batch)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     torch.nn.utils.clip_grad_norm_(params, _GRAD_CLIP)
                     optimizer.step()
                     steps += 1
-                    loss_value = float(loss.detach())
+                    loss_value = float(value)
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss_value:.4f}")
     finally:
@@ -191,7 +238,6 @@ def unlearn(model, method: str, forget: dict, retain: dict | None, cfg: TrainCon
         raise ValueError(f"method {method!r} needs retain data, got retain=None")
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
-    device = _device(model)
     if method in ("npo", "npo_kl"):
         forget = {**forget, "ref_logp": reference_logprobs(model, forget, cfg.batch_size, full=False)}
     if method == "rlabel":
@@ -201,9 +247,13 @@ def unlearn(model, method: str, forget: dict, retain: dict | None, cfg: TrainCon
         retain, frozen = _kl_reference(model, retain, cfg)
     stream = _retain_stream(retain, cfg) if method in _USES_RETAIN else None
 
+    def terms(batches, denominators):
+        retain_batch = batches[1] if len(batches) > 1 else None
+        return _loss_terms(model, method, batches[0], retain_batch, frozen, cfg, denominators)
+
     def step(batch):
-        retain_batch = _to(next(stream), device) if stream is not None else None
-        return _step_loss(model, method, _to(batch, device), retain_batch, frozen, cfg)
+        batches = [batch] if stream is None else [batch, next(stream)]
+        return _step(model, batches, _units(method), terms)
 
     def epoch_batches(epoch):
         return iterate_batches(forget, cfg.batch_size, shuffle=True, seed=cfg.seed * 1000 + epoch)
@@ -217,11 +267,12 @@ def relearn(model, data: dict, cfg: TrainConfig) -> dict:
     """Plain NLL fine-tuning on ``data`` (an encode() output), in place; returns {"steps", "final_loss"}."""
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
-    device = _device(model)
+
+    def terms(batches, denominators):
+        return [nll_loss(forward_logits(model, batches[0]), batches[0]["labels"], denominators[0])]
 
     def step(batch):
-        batch = _to(batch, device)
-        return nll_loss(forward_logits(model, batch), batch["labels"])
+        return _step(model, [batch], ("tokens",), terms)
 
     def epoch_batches(epoch):
         return iterate_batches(data, cfg.batch_size, shuffle=True, seed=cfg.seed * 1000 + epoch)
