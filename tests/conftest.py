@@ -55,6 +55,15 @@ def gen() -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little") if os.environ.get("REPFORGET_TEST_RANDOM") else 1234)
 
 
+def free_port() -> int:
+    """A free local TCP port, for the rendezvous of test process groups."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def randn(*shape, gen: torch.Generator, dtype=None, device=None) -> torch.Tensor:
     """Standard normal draws on CPU (reproducible), moved to the test device and dtype."""
     t = torch.randn(*shape, generator=gen, dtype=torch.float64)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -11,7 +10,7 @@ import torch
 from repforget_kernels import StreamingCKA, cka_matrix, linear_cka
 from repforget_kernels import reference as R
 
-from conftest import DTYPE, TOL, randn
+from conftest import DTYPE, TOL, free_port, randn
 
 # (n, dx, dy): n > d, n < d, odd sizes that are multiples of no block size
 SHAPES = [(37, 13, 29), (11, 40, 23), (67, 5, 71)]
@@ -211,12 +210,6 @@ class TestStreamingCKA:
             StreamingCKA(layers=0)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _all_reduce_worker(rank, world, port, x, y, out):
     import torch.distributed as dist
 
@@ -235,7 +228,7 @@ class TestAllReduce:
     def test_three_gloo_ranks_equal_one_process(self, gen):
         x = randn(2, 43, 7, gen=gen, dtype=torch.float32)
         y = randn(2, 43, 5, gen=gen, dtype=torch.float32) + x[..., :1] + 100.0
-        world, port = 3, _free_port()
+        world, port = 3, free_port()
         out = torch.multiprocessing.Manager().dict()
         torch.multiprocessing.spawn(_all_reduce_worker, args=(world, port, x, y, out), nprocs=world, join=True)
         seen = torch.cat([torch.arange(s, min(s + 5, 43)) for r in range(2) for s in range(r * 5, 43, world * 5)])

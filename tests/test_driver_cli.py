@@ -4,7 +4,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ import torch
 import repforget_kernels.driver as driver_package
 from repforget_kernels.driver.cli import build_parser, demo_specs, main
 
+from conftest import free_port
 from test_driver_diagnostics import small_corpus
 from test_driver_pipeline import assert_stages_match
 
@@ -152,21 +152,15 @@ class TestCommands:
         assert str(args.out) == "runs/demo" and args.model == "tiny"
 
 
-def _free_port() -> str:
-    with socket.socket() as sock:  # a free port for the rendezvous
-        sock.bind(("127.0.0.1", 0))
-        return str(sock.getsockname()[1])
-
-
 def launch(args: list, launcher: str = "torchrun") -> subprocess.CompletedProcess:
     """``python -m repforget_kernels.driver ARGS`` in two CPU (gloo) processes, under torchrun or under
     ``accelerate launch`` with the shipped FSDP config."""
     if launcher == "torchrun":
-        head = ["torch.distributed.run", "--nproc_per_node", "2", "--master_port", _free_port()]
+        head = ["torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
     else:
         config = Path(driver_package.__file__).parent / "configs" / "accelerate_fsdp.yaml"
         head = ["accelerate.commands.launch", "--config_file", str(config), "--num_processes", "2",
-                "--main_process_port", _free_port()]
+                "--main_process_port", str(free_port())]
     return subprocess.run([sys.executable, "-m", *head, "-m", "repforget_kernels.driver", *args],
                           capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
 

@@ -3,7 +3,6 @@ probe and forget batches, give the numbers of one process (pooled rows and per-e
 back in order, StreamingCKA all-reduced, Fisher sums added across ranks)."""
 from __future__ import annotations
 
-import socket
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ import torch.multiprocessing as mp
 from repforget_kernels.driver import diagnostics as D
 from repforget_kernels.driver.evaluate import split_scores
 
+from conftest import free_port
 from test_driver_diagnostics import random_models
 
 CFG = D.DiagnosticsConfig(batch_size=3, fisher_samples=5000)
@@ -40,12 +40,6 @@ def _worker(rank: int, world: int, port: int, path: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _close(a, b, tol):
     if a is None or b is None:
         return a is b
@@ -58,7 +52,7 @@ class TestTwoGlooProcesses:
     def test_same_numbers_as_one_process(self, tmp_path):
         rows_one, scores_one, want = _diagnose()
         path = str(tmp_path / "rank")
-        mp.spawn(_worker, args=(2, _free_port(), path), nprocs=2, join=True)
+        mp.spawn(_worker, args=(2, free_port(), path), nprocs=2, join=True)
         got = [torch.load(f"{path}.{r}", weights_only=False) for r in range(2)]
         assert rows_one["tokens"].shape[1] == 50
         for g in got:

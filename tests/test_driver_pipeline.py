@@ -11,6 +11,7 @@ from repforget_kernels.driver.pipeline import Pipeline, PipelineConfig, RunSpec,
 from repforget_kernels.driver.plots import PLOTS
 from repforget_kernels.driver.report import THRESHOLDS, verdict
 
+from conftest import free_port
 from test_driver_diagnostics import small_corpus
 
 SPECS = [RunSpec("ga", 3e-3, "single", batch_size=4, relearn_lr=3e-3),
@@ -128,24 +129,26 @@ DIST_SPECS = [RunSpec("ga_gd", 0.5, "continual", requests=2, batch_size=4, relea
 
 
 def assert_stages_match(one: dict, two: dict) -> None:
-    """Two reports of the same runs: equal accuracies and verdicts, every other number within float rounding
-    (the histogram bins are left out: a value on a bin edge may fall either side)."""
+    """Two reports of the same runs, one process and two: equal accuracies, MIA AUCs and verdicts, every other
+    number within about 5x the float rounding measured between them on the test configurations (rel 4e-5 on
+    Fisher masses and token CKA, 1e-5 on losses, 6e-5 absolute on PCA shifts, whose directions move most).
+    The histogram bins are left out: a value on a bin edge may fall either side."""
     assert [r["run_id"] for r in one["runs"]] == [r["run_id"] for r in two["runs"]]
     for a, b in zip(one["runs"], two["runs"]):
         assert a["verdict"]["behaviour"]["label"] == b["verdict"]["behaviour"]["label"]
         assert a["verdict"]["structure"]["label"] == b["verdict"]["structure"]["label"]
         for sa, sb in zip(a["stages"], b["stages"], strict=True):
             assert (sa["name"], sa["forget_acc"], sa["retain_acc"]) == (sb["name"], sb["forget_acc"], sb["retain_acc"])
-            assert sb["perplexity"] == pytest.approx(sa["perplexity"], rel=1e-4)
             assert sb["mia_auc"] == pytest.approx(sa["mia_auc"], abs=1e-9)
+            assert sb["perplexity"] == pytest.approx(sa["perplexity"], rel=1e-4)
             if sa["train"] is not None:
                 assert sb["train"] == pytest.approx(sa["train"], rel=1e-4)
             for la, lb in zip(sa["layers"], sb["layers"], strict=True):
-                for key in ("cka", "cka_debiased", "cka_tokens", "pca_similarity", "fisher_mass_ratio",
-                            "fisher_rank_corr"):
-                    assert lb[key] == pytest.approx(la[key], rel=1e-3, abs=1e-5), (sa["name"], la["layer"], key)
-                assert lb["pca_shift"] == pytest.approx(la["pca_shift"], rel=1e-2, abs=1e-4)
-            assert sb["fisher"]["mass_ratio"] == pytest.approx(sa["fisher"]["mass_ratio"], rel=1e-3)
+                for key in ("cka", "cka_debiased", "cka_tokens", "pca_similarity", "fisher_rank_corr"):
+                    assert lb[key] == pytest.approx(la[key], rel=2e-4, abs=1e-6), (sa["name"], la["layer"], key)
+                assert lb["fisher_mass_ratio"] == pytest.approx(la["fisher_mass_ratio"], rel=3e-4)
+                assert lb["pca_shift"] == pytest.approx(la["pca_shift"], abs=3e-4)
+            assert sb["fisher"]["mass_ratio"] == pytest.approx(sa["fisher"]["mass_ratio"], rel=3e-4)
 
 
 def _resume_worker(rank: int, world: int, port: int, out: str, cache: str) -> None:
@@ -173,16 +176,11 @@ def _resume_worker(rank: int, world: int, port: int, out: str, cache: str) -> No
 
 class TestSeveralProcesses:
     def test_interrupted_sharded_run_resumes_to_the_one_process_report(self, tmp_path, tiny, tiny_cache):  # noqa: F811
-        import socket
-
         import torch
         import torch.multiprocessing as mp
 
         want = Pipeline(config(tmp_path / "one", tiny_cache)).run(DIST_SPECS)
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        mp.spawn(_resume_worker, args=(2, port, str(tmp_path / "two"), str(tiny_cache)), nprocs=2, join=True)
+        mp.spawn(_resume_worker, args=(2, free_port(), str(tmp_path / "two"), str(tiny_cache)), nprocs=2, join=True)
         got = torch.load(tmp_path / "two" / "rank0.pt", weights_only=False)
         assert got["checkpoints"] == ["1_unlearned_1.pt", "reference.pt"]  # the full master weights of stage 1
         assert got["seen"] == ["unlearned_2", "relearned", "unlearned", "relearned"]  # only what was left

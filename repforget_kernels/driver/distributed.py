@@ -116,21 +116,25 @@ def local_only():
 @contextlib.contextmanager
 def main_rank_first():
     """Rank 0 runs the block (alone, :func:`local_only`) before the other ranks run it: for work that fills a
-    cache the others then read (pretraining the tiny model). A no-op wrapper in one process."""
-    import torch.distributed as dist
-
+    cache the others then read (pretraining the tiny model). If rank 0 fails in the block, the other ranks
+    raise RuntimeError instead of running it. A no-op wrapper in one process."""
     rank, size = world()
     if size == 1:
         yield
         return
-    if rank != 0:
-        dist.barrier()
-    try:
+    if rank == 0:
+        try:
+            with local_only():
+                yield
+        except BaseException:
+            broadcast(False)
+            raise
+        broadcast(True)
+    else:
+        if not broadcast(None):
+            raise RuntimeError("rank 0 failed in the work it does before the other ranks (see its error)")
         with local_only():
             yield
-    finally:
-        if rank == 0:
-            dist.barrier()
 
 
 def _collective_device() -> torch.device:
@@ -262,7 +266,8 @@ class FSDPSettings:
 
         ACCELERATE_MIXED_PRECISION: ``bf16`` (default) -> float32 masters; ``no`` -> the loaded dtype.
         FSDP_RESHARD_AFTER_FORWARD (or FSDP_SHARDING_STRATEGY): ``true`` / FULL_SHARD (default) or
-        ``false`` / SHARD_GRAD_OP. FSDP_OFFLOAD_PARAMS must be false. Raises ValueError naming the
+        ``false`` / SHARD_GRAD_OP. FSDP_OFFLOAD_PARAMS and FSDP_CPU_RAM_EFFICIENT_LOADING (which makes
+        transformers load real weights on rank 0 only) must be false. Raises ValueError naming the
         variable for any value the driver cannot honour.
         """
         env = os.environ if env is None else env
@@ -283,8 +288,11 @@ class FSDPSettings:
             else:
                 raise ValueError(f"{var}={value!r} is not supported by the driver: use true / FULL_SHARD or "
                                  "false / SHARD_GRAD_OP")
-        if env.get("FSDP_OFFLOAD_PARAMS", "false").lower() not in ("false", "0", ""):
-            raise ValueError("FSDP_OFFLOAD_PARAMS=true is not supported by the driver: set fsdp_offload_params: false")
+        for var, key in (("FSDP_OFFLOAD_PARAMS", "fsdp_offload_params"),
+                         ("FSDP_CPU_RAM_EFFICIENT_LOADING", "fsdp_cpu_ram_efficient_loading")):
+            if env.get(var, "false").lower() not in ("false", "0", ""):
+                raise ValueError(f"{var}={env[var]} is not supported by the driver (every rank loads the weights "
+                                 f"itself and keeps its shards on the GPU): set {key}: false")
         return cls(master_dtype=torch.float32 if precision == "bf16" else None, reshard_after_forward=reshard)
 
 
@@ -393,10 +401,11 @@ def full_state_dict(model) -> dict:
 
 
 def load_full_state_dict(model, state: dict) -> None:
-    """Load a :func:`full_state_dict` (every rank passes the same one) into a plain or sharded model."""
+    """Load a :func:`full_state_dict` into a plain model, or into a sharded one (a collective): there rank 0
+    passes the full state dict (on CPU is fine) and the other ranks pass {}; each rank receives its shards."""
     if not is_sharded(model):
         model.load_state_dict(state)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))

@@ -272,8 +272,9 @@ def decoder_layers(model) -> list[torch.nn.Module]:
     return list(max(candidates, key=len))
 
 
-def _param_shapes(config) -> list[tuple[int, ...]]:
-    """Shapes of every parameter of a Llama/Qwen2-style decoder from its config (biases on q/k/v for Qwen2)."""
+def _param_shapes(config) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
+    """(shapes of every parameter, shapes of one decoder block's) of a Llama/Qwen2-style decoder from its
+    config (biases on q/k/v for Qwen2)."""
     h, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     heads = config.num_attention_heads
     kv = getattr(config, "num_key_value_heads", None) or heads
@@ -286,7 +287,7 @@ def _param_shapes(config) -> list[tuple[int, ...]]:
     shapes = [(config.vocab_size, h)] + per_layer * layers + [(h,)]
     if not getattr(config, "tie_word_embeddings", False):
         shapes.append((config.vocab_size, h))
-    return shapes
+    return shapes, per_layer
 
 
 def _plan_arguments(optimizer, sizes: dict) -> None:
@@ -308,7 +309,9 @@ def memory_plan(config, *, optimizer: str = "adamw", gradient_checkpointing: boo
     and optimizer states sharded N ways, bf16 compute, the global batch split N ways.
 
     Training, "bytes" (summed into "training"): "weights" 2P | 4P/N + two gathered bf16 blocks
-    (computing, prefetched); "gradients" 2P | 4P/N + one block's bf16 gradients; "optimizer": "adamw"
+    (computing, prefetched) + the gathered bf16 root group (embeddings, final norm, head: FSDP2 does
+    not reshard the root after forward); "gradients" 2P | 4P/N + the bf16 gradients of one block and
+    of the root (FULL_SHARD, the default; SHARD_GRAD_OP is not modelled); "optimizer": "adamw"
     4P (two bf16 states) | 8P/N (two float32 states), "adafactor" 4 bytes x (rows + cols) per matrix
     (one GPU only), "sgd" 0; "activations": with checkpointing every layer's bf16 input b T h plus one
     layer recomputed, ~b T (34 h + 5 heads T) bytes per layer (Korthikanti et al. 2022), without it
@@ -332,11 +335,10 @@ def memory_plan(config, *, optimizer: str = "adamw", gradient_checkpointing: boo
     """
     _plan_arguments(optimizer, {"batch_size": batch_size, "seq_len": seq_len, "gpus": gpus,
                                 "diag_batch_size": diag_batch_size})
-    shapes = _param_shapes(config)
+    shapes, block_shapes = _param_shapes(config)
     params = sum(torch.Size(s).numel() for s in shapes)
     h, layers, heads, vocab = config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.vocab_size
-    block_shapes = [s for s in shapes[1:-1] if s[0] != vocab]  # the decoder blocks' (and the final norm's)
-    block = sum(torch.Size(s).numel() for s in block_shapes) // layers  # parameters per block
+    block = sum(torch.Size(s).numel() for s in block_shapes)  # parameters per decoder block
     sharded = gpus > 1
     if optimizer == "adafactor":
         opt = 4 * sum(sum(s) if len(s) == 2 else s[0] for s in shapes)
@@ -347,10 +349,14 @@ def memory_plan(config, *, optimizer: str = "adamw", gradient_checkpointing: boo
         return tokens * (34 * h + 5 * heads * seq_len)
 
     tokens = -(-batch_size // gpus) * seq_len
-    activations = layers * tokens * h * 2 + layer_activations(tokens) if gradient_checkpointing         else layers * layer_activations(tokens)
+    if gradient_checkpointing:
+        activations = layers * tokens * h * 2 + layer_activations(tokens)
+    else:
+        activations = layers * layer_activations(tokens)
     reference = 2 * params if token_cka else 0
-    train = {"weights": 4 * params // gpus + 2 * 2 * block if sharded else 2 * params,
-             "gradients": 4 * params // gpus + 2 * block if sharded else 2 * params,
+    root = params - layers * block  # embeddings, final norm, head: FSDP2 keeps the root group gathered
+    train = {"weights": 4 * params // gpus + 2 * (2 * block + root) if sharded else 2 * params,
+             "gradients": 4 * params // gpus + 2 * (block + root) if sharded else 2 * params,
              "optimizer": opt, "activations": activations, "logits": 2 * 4 * tokens * vocab,
              "npo_reference": 4 * 10_000, "kl_reference": 2 * params, "reference": reference}
     diag_tokens = diag_batch_size * seq_len

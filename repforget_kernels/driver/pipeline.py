@@ -315,7 +315,10 @@ class Pipeline:
             shard_model(model, self.cfg.fsdp)
         if done > 0:
             ckpt = run_dir / f"{done}_{names[done - 1]}.pt"
-            load_full_state_dict(model, torch.load(ckpt, map_location=self.cfg.device, weights_only=True))
+            # read into host memory; a sharded model gets rank 0's copy scattered to every rank's shards
+            state = {} if is_sharded(model) and not is_main() else torch.load(ckpt, map_location="cpu",
+                                                                               weights_only=True)
+            load_full_state_dict(model, state)
         return model
 
     def _requests(self, spec: RunSpec) -> list:

@@ -191,7 +191,8 @@ def _step(model, batches: list, units: tuple, terms_fn) -> tuple[torch.Tensor, t
 def _optimise(model, batches_per_epoch: int, make_epoch, step_fn, cfg: TrainConfig, desc: str) -> dict:
     """The shared loop: epochs x batches (capped by max_steps), clip, step; returns steps and last loss.
 
-    ``step_fn(batch)`` returns (loss to back-propagate, loss value), see :func:`_step`."""
+    ``step_fn(batch)`` returns (loss to back-propagate, loss value), see :func:`_step`. Gradients are
+    freed when the loop ends (``.grad`` is None), so they cost nothing during evaluation."""
     total = cfg.epochs * batches_per_epoch
     if cfg.max_steps is not None:
         total = min(total, cfg.max_steps)
@@ -217,6 +218,7 @@ def _optimise(model, batches_per_epoch: int, make_epoch, step_fn, cfg: TrainConf
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss_value:.4f}")
     finally:
+        optimizer.zero_grad(set_to_none=True)  # the last step's gradients are not kept past training
         model.train(was_training)
     return {"steps": steps, "final_loss": loss_value}
 
