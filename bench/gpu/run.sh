@@ -2,7 +2,8 @@
 # GPU proof for issue 3: one command on the device machine (Python 3.12, torch + CUDA, triton,
 # nvcc; no network). Builds the extension offline, runs the whole test suite on CUDA tensors,
 # then times every kernel (bench/gpu/bench_gpu.py): table last, JSON + logs in $OUT.
-# Budget (H100, < 6 min in all): build <= 100 s, tests <= 120 s, benchmarks <= 130 s.
+# Budget (H100, < 7 min in all): build <= 100 s, tests <= 180 s (the two-process CPU tests of the
+# driver add about a minute), benchmarks <= 130 s.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT="${OUT:-$(mktemp -d)}"
@@ -20,7 +21,7 @@ tail -3 "$OUT/build.log"
 python -c "from repforget_kernels import _cuda_ops, _cpp_ops; print('cuda ops:', _cuda_ops.available()); print('cpp ops:', _cpp_ops.available())" | tee -a "$OUT/gpu.txt"
 
 echo "== tests on CUDA tensors"
-REPFORGET_TEST_DEVICE=cuda timeout 120 python -m pytest -x -q -p no:cacheprovider tests >"$OUT/tests.log" 2>&1
+REPFORGET_TEST_DEVICE=cuda timeout 180 python -m pytest -x -q -p no:cacheprovider tests >"$OUT/tests.log" 2>&1
 tests_rc=$?
 tail -15 "$OUT/tests.log"
 
