@@ -9,6 +9,7 @@ kernels run (slowly) on CPU tensors and are tested like every other backend.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -53,6 +54,19 @@ def dtype() -> torch.dtype:
 def gen() -> torch.Generator:
     """A fresh, seeded CPU generator per test; tensors are drawn on CPU then moved to DEVICE."""
     return torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little") if os.environ.get("REPFORGET_TEST_RANDOM") else 1234)
+
+
+@contextlib.contextmanager
+def gloo_group(rank: int, world: int, port: int):
+    """Inside a spawned test worker: one thread, a gloo process group of ``world`` ranks on ``port``, destroyed on exit."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def free_port() -> int:

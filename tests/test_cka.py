@@ -1,7 +1,6 @@
 """Linear CKA, CKA matrices and streaming CKA against the float64 references, on every backend."""
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest
@@ -10,7 +9,7 @@ import torch
 from repforget_kernels import StreamingCKA, cka_matrix, linear_cka
 from repforget_kernels import reference as R
 
-from conftest import DTYPE, TOL, free_port, randn
+from conftest import DTYPE, TOL, free_port, gloo_group, randn
 
 # (n, dx, dy): n > d, n < d, odd sizes that are multiples of no block size
 SHAPES = [(37, 13, 29), (11, 40, 23), (67, 5, 71)]
@@ -211,17 +210,14 @@ class TestStreamingCKA:
 
 
 def _all_reduce_worker(rank, world, port, x, y, out):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    s = StreamingCKA(layers=2, debiased=True)
-    rows = range(rank * 5, x.shape[1], world * 5)  # interleaved chunks of 5 rows; rank 2 of 3 sees none
-    for start in rows:
-        if rank < 2:
-            s.update(x[:, start:start + 5], y[:, start:start + 5])
-    s.all_reduce()
-    out[rank] = s.compute()
-    dist.destroy_process_group()
+    with gloo_group(rank, world, port):
+        s = StreamingCKA(layers=2, debiased=True)
+        rows = range(rank * 5, x.shape[1], world * 5)  # interleaved chunks of 5 rows; rank 2 of 3 sees none
+        for start in rows:
+            if rank < 2:
+                s.update(x[:, start:start + 5], y[:, start:start + 5])
+        s.all_reduce()
+        out[rank] = s.compute()
 
 
 class TestAllReduce:

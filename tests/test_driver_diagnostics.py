@@ -12,7 +12,7 @@ import torch
 from repforget_kernels import DiagonalFisher, linear_cka, pca_shift, pca_similarity, pool_tokens
 from repforget_kernels.driver import diagnostics as D
 from repforget_kernels.driver.data import encode, make_corpus
-from repforget_kernels.driver.models import build_tokenizer, decoder_layers, load_model, tiny_config
+from repforget_kernels.driver.models import build_tokenizer, decoder_layers, tiny_config
 
 SMALL = dict(seed=0, n_per_domain=8, n_probe_per_domain=4)
 

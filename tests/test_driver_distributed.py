@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from repforget_kernels.driver import diagnostics as D
 from repforget_kernels.driver.evaluate import split_scores
 
-from conftest import free_port
+from conftest import free_port, gloo_group
 from test_driver_diagnostics import random_models
 
 CFG = D.DiagnosticsConfig(batch_size=3, fisher_samples=5000)
@@ -31,13 +30,9 @@ def _diagnose():
 
 
 def _worker(rank: int, world: int, port: int, path: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         rows, scores, out = _diagnose()
         torch.save({"rows": rows, "scores": scores, "out": out}, f"{path}.{rank}")
-    finally:
-        dist.destroy_process_group()
 
 
 def _close(a, b, tol):

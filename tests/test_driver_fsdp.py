@@ -13,14 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from repforget_kernels.driver import distributed as Dist
 from repforget_kernels.driver import train as T
 from repforget_kernels.driver.losses import METHODS
 
-from conftest import free_port
+from conftest import free_port, gloo_group
 from test_driver_diagnostics import random_models
 
 # (name, method or "relearn", optimizer, lr, frozen KL copy instead of the log-softmax cache)
@@ -48,14 +47,8 @@ def _spawn(worker, path, *args):
     return [torch.load(f"{path}.{r}", weights_only=False) for r in range(2)]
 
 
-def _join(rank, world, port):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-
-
 def _train_worker(rank, world, port, path):
-    _join(rank, world, port)
-    try:
+    with gloo_group(rank, world, port):
         ref, _, enc = random_models()
         out = {}
         for name, method, optimizer, lr, frozen in CASES:
@@ -63,15 +56,12 @@ def _train_worker(rank, world, port, path):
             result = _train(model, enc, method, optimizer, lr, frozen)
             out[name] = {"result": result, "state": Dist.full_state_dict(model)}
         torch.save(out, f"{path}.{rank}")
-    finally:
-        dist.destroy_process_group()
 
 
 def _copy_worker(rank, world, port, path):
     """Round trips of a sharded model (gathered copy, full state dict, loading one), bf16 with float32 masters
     (also trained), adafactor refused, and main_rank_first's order and failure."""
-    _join(rank, world, port)
-    try:
+    with gloo_group(rank, world, port):
         ref, upd, enc = random_models()
         model = Dist.shard_model(copy.deepcopy(ref))
         plain = Dist.plain_copy(model)
@@ -105,8 +95,6 @@ def _copy_worker(rank, world, port, path):
         except (KeyError, RuntimeError) as exc:
             out["failure"] = type(exc).__name__
         torch.save(out, f"{path}.{rank}")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

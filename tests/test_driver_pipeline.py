@@ -11,7 +11,7 @@ from repforget_kernels.driver.pipeline import Pipeline, PipelineConfig, RunSpec,
 from repforget_kernels.driver.plots import PLOTS
 from repforget_kernels.driver.report import THRESHOLDS, verdict
 
-from conftest import free_port
+from conftest import free_port, gloo_group
 from test_driver_diagnostics import small_corpus
 
 SPECS = [RunSpec("ga", 3e-3, "single", batch_size=4, relearn_lr=3e-3),
@@ -154,11 +154,8 @@ def assert_stages_match(one: dict, two: dict) -> None:
 def _resume_worker(rank: int, world: int, port: int, out: str, cache: str) -> None:
     """Both ranks stop after the first stage, then rerun the same command: rank 0 saves what the rerun computed."""
     import torch
-    import torch.distributed as dist
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         def stop(run_id, stage):
             if stage == "unlearned_1":
                 raise Interrupt
@@ -170,8 +167,6 @@ def _resume_worker(rank: int, world: int, port: int, out: str, cache: str) -> No
         report = Pipeline(config(Path(out), Path(cache)), on_stage_done=lambda r, s: seen.append(s)).run(DIST_SPECS)
         if rank == 0:
             torch.save({"report": report, "seen": seen, "checkpoints": checkpoints}, Path(out) / "rank0.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 class TestSeveralProcesses:

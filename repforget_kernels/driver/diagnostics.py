@@ -302,13 +302,13 @@ def fisher_by_layer(model, forget: dict, *, batch_size: int = 16, samples: int =
 
 
 def _merged_fisher(fisher: DiagonalFisher, seen: int, names: list, params: dict) -> Iterator[tuple]:
-    """(name, F) per parameter in ``names`` order: this process's Fisher, or under torch.distributed the
-    ranks' Fisher means weighted by their sequence counts (a rank without forget batches adds zeros)."""
+    """(name, F) per parameter in ``names`` order: this process's Fisher (zeros without forget batches), or
+    under torch.distributed the ranks' Fisher means weighted by their sequence counts."""
+    local = fisher.iter_compute() if seen else ((n, torch.zeros_like(params[n], dtype=torch.float32)) for n in names)
     if world()[1] == 1:
-        yield from fisher.iter_compute()
+        yield from local
         return
     total = float(all_sum(torch.tensor(float(seen), dtype=torch.float64)))
-    local = fisher.iter_compute() if seen else ((n, torch.zeros_like(params[n], dtype=torch.float32)) for n in names)
     for n, value in local:
         yield n, (all_sum(value.to(torch.float64) * seen) / total).float()
 

@@ -387,8 +387,8 @@ def plain_copy(model):
 
 
 def full_state_dict(model) -> dict:
-    """``model.state_dict()`` with full tensors on CPU: on rank 0 of a sharded model (every rank calls it,
-    the others get {}), on the only process otherwise. Tensors keep the trained dtype (float32 masters)."""
+    """A plain model's ``state_dict()`` as it is; for a sharded one (a collective: every rank calls it) the
+    same keys with full tensors on CPU on rank 0, {} on the others, in the trained dtype (float32 masters)."""
     state = model.state_dict()
     if not is_sharded(model):
         return state
