@@ -36,14 +36,17 @@ def split_args(splits, **override):
     return [a for k, p in files.items() for a in (f"--{k}", str(p))]
 
 
-def assert_error(capsys, rc, out_dir, *fragments):
+def assert_error(capsys, rc, out_dir, *fragments, report=False):
+    """Exit status 2, one line on stderr holding every fragment, and no report unless one was there before."""
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]
     assert rc == 2
-    assert len(lines) == 1 and lines[0].startswith("repforget: error: ")
+    assert len(lines) == 1 and lines[0].startswith("repforget: error: "), err
     for f in fragments:
-        assert f in lines[0]
-    assert not (out_dir / "report.json").exists()
+        assert f in lines[0], lines[0]
+    if not report:
+        assert not (out_dir / "report.json").exists()
+        assert not (out_dir / "state").exists()  # refused before any work
     return lines[0]
 
 
@@ -84,15 +87,79 @@ class TestErrors:
         assert_error(capsys, rc, out, str(tmp_path / "a"))
         assert not (out / "analysis.json").exists()
 
-    def test_old_complete_report_is_removed_when_a_run_fails(self, tmp_path, capsys, splits, tiny_cache):  # noqa: F811
+    def test_previous_report_survives_a_failed_run(self, tmp_path, capsys, splits, tiny_cache):  # noqa: F811
         out = tmp_path / "out"
-        out.mkdir()
-        (out / "state").mkdir()
-        (out / "state" / "config.json").write_text('{"model": "something else"}')
+        (out / "state").mkdir(parents=True)
+        (out / "state" / "config.json").write_text('{"model": "something else"}')  # no checksum: damaged
         (out / "report.json").write_text('{"complete": true}')
+        (out / "report.md").write_text("previous")
         rc = main(["run", "--out", str(out), "--cache-dir", str(tiny_cache), "--no-progress",
                    *split_args(splits)])
-        assert_error(capsys, rc, out, "different configuration")
+        assert_error(capsys, rc, out, "config.json is damaged", "--restart", report=True)
+        assert (out / "report.json").read_text() == '{"complete": true}'
+        assert (out / "report.md").read_text() == "previous"
+
+    def test_non_utf8_jsonl_names_the_line(self, tmp_path, capsys, splits):
+        bad = tmp_path / "latin1.jsonl"
+        bad.write_bytes('{"prompt": "a", "answer": "b"}\n{"prompt": "caf\u00e9", "answer": "x"}\n'.encode("latin-1"))
+        out = tmp_path / "out"
+        rc = main(["run", "--out", str(out), *split_args(splits, forget=bad)])
+        assert_error(capsys, rc, out, "latin1.jsonl:2", "not UTF-8")
+
+    @pytest.mark.parametrize("args,fragment", [
+        (["--lr", "inf"], "argument --lr: must be a positive finite number, got 'inf'"),
+        (["--lr", "-1e-3"], "argument --lr: must be a positive finite number, got '-1e-3'"),
+        (["--lr", "1e-3", "nan"], "argument --lr: must be a positive finite number, got 'nan'"),
+        (["--beta", "-1"], "argument --beta: must be a positive finite number, got '-1'"),
+        (["--beta", "nan"], "argument --beta"),
+        (["--max-length", "1"], "argument --max-length: must be an integer >= 2, got '1'"),
+        (["--relearn-epochs", "-1"], "argument --relearn-epochs: must be an integer >= 1"),
+        (["--relearn-lr", "0"], "argument --relearn-lr"),
+        (["--epochs", "0"], "argument --epochs"),
+        (["--batch-size", "x"], "argument --batch-size: must be an integer >= 1, got 'x'"),
+        (["--requests", "0"], "argument --requests"),
+        (["--diag-batch-size", "0"], "argument --diag-batch-size"),
+        (["--pca-k", "0"], "argument --pca-k"),
+        (["--device", "banana"], "--device must be cpu, cuda or cuda:N, got 'banana'"),
+    ])
+    def test_bad_arguments_before_any_work(self, tmp_path, capsys, splits, args, fragment):
+        out = tmp_path / "out"
+        rc = main(["run", "--out", str(out), "--no-progress", *split_args(splits), *args])
+        assert_error(capsys, rc, out, fragment)
+
+    @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+    def test_cuda_device_without_cuda(self, tmp_path, capsys, splits):
+        out = tmp_path / "out"
+        rc = main(["run", "--out", str(out), "--device", "cuda", *split_args(splits)])
+        assert_error(capsys, rc, out, "--device cuda: this machine has no CUDA GPU")
+
+    def test_out_is_a_file(self, tmp_path, capsys, splits):
+        out = tmp_path / "taken"
+        out.write_text("not a directory")
+        rc = main(["run", "--out", str(out), *split_args(splits)])
+        assert_error(capsys, rc, tmp_path / "nowhere", f"--out {out} exists and is not a directory")
+
+    @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes anywhere")
+    def test_out_unwritable(self, tmp_path, capsys, splits):
+        parent = tmp_path / "ro"
+        parent.mkdir()
+        parent.chmod(0o500)
+        try:
+            rc = main(["run", "--out", str(parent / "out"), *split_args(splits)])
+            assert_error(capsys, rc, parent / "out", "is not writable")
+        finally:
+            parent.chmod(0o700)
+
+    def test_out_unwritable_as_root_too(self, tmp_path, capsys, splits, monkeypatch):
+        import tempfile
+
+        def refuse(*args, **kwargs):
+            raise PermissionError(13, "Permission denied")
+
+        monkeypatch.setattr(tempfile, "NamedTemporaryFile", refuse)
+        out = tmp_path / "out"
+        rc = main(["run", "--out", str(out), *split_args(splits)])
+        assert_error(capsys, rc, tmp_path / "nowhere", "is not writable (Permission denied)")
 
 
 @pytest.fixture
@@ -108,6 +175,21 @@ def checkpoints(tmp_path, tiny):
         m.save_pretrained(d)
         tok.save_pretrained(d)
     return ref_dir, upd_dir
+
+
+class TestAnalyzeShapes:
+    @pytest.mark.parametrize("field,value", [("hidden_size", 64), ("vocab_size", 7)])
+    def test_models_of_another_shape_are_refused(self, tmp_path, capsys, splits, checkpoints, field, value):
+        ref_dir, upd_dir = checkpoints
+        cfg = json.loads((upd_dir / "config.json").read_text())
+        cfg[field] = value
+        (upd_dir / "config.json").write_text(json.dumps(cfg))
+        out = tmp_path / "analysis"
+        capsys.readouterr()  # the fixture's own output
+        rc = main(["analyze", "--ref", str(ref_dir), "--upd", str(upd_dir), "--data", str(splits["probe"]),
+                   "--out", str(out)])
+        assert_error(capsys, rc, out, f"--upd has {field}={value}", "not two checkpoints of one model")
+        assert not out.exists()
 
 
 class TestCommands:

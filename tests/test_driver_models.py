@@ -95,6 +95,24 @@ class TestTinyModel:
             assert torch.equal(a, b), name
         assert not [p.name for p in tiny_cache.iterdir() if p.name.startswith(".")]  # no temp dir left behind
 
+    def test_copied_cache_directory_gives_the_same_numbers(self, pretrained_tiny, tmp_path):
+        """A saved model directory round-trips: same tokenizer pipeline, same evaluation numbers."""
+        import shutil
+
+        from repforget_kernels.driver.data import encode
+        from repforget_kernels.driver.evaluate import evaluate
+
+        model, tokenizer, info, corpus = pretrained_tiny
+        copy_dir = shutil.copytree(info["path"], tmp_path / "copy")
+        loaded, tok2, _ = load_model(str(copy_dir), cache_dir=tmp_path / "unused", progress=False)
+        text = corpus["forget"][0]["prompt"] + " " + corpus["forget"][0]["answer"]
+        assert tok2.tokenize(text) == tokenizer.tokenize(text) and "<unk>" not in tokenizer.tokenize(text)
+        splits = {k: encode(tokenizer, corpus[k]) for k in ("forget", "retain")}
+        splits2 = {k: encode(tok2, corpus[k]) for k in ("forget", "retain")}
+        for k in splits:
+            assert torch.equal(splits[k]["input_ids"], splits2[k]["input_ids"])
+        assert evaluate(loaded, splits2) == evaluate(model, splits)
+
     def test_corpus_without_training_splits(self, tmp_path):
         with pytest.raises(ValueError, match="non-empty splits"):
             load_model("tiny", cache_dir=tmp_path, corpus={"forget": [], "retain": []}, progress=False)

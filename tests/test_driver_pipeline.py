@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 
 from repforget_kernels.driver.diagnostics import DiagnosticsConfig
-from repforget_kernels.driver.pipeline import Pipeline, PipelineConfig, RunSpec, StateMismatch, split_requests
+from repforget_kernels.driver.pipeline import Pipeline, PipelineConfig, RunSpec, split_requests
 from repforget_kernels.driver.plots import PLOTS
 from repforget_kernels.driver.report import THRESHOLDS, verdict
+from repforget_kernels.driver.state import StateCorrupt, StateMismatch
 
 from conftest import free_port, gloo_group
 from test_driver_diagnostics import small_corpus
@@ -87,7 +88,8 @@ class TestEndToEnd:
 class TestResume:
     def test_interrupted_run_resumes_to_the_same_report(self, tmp_path, finished, tiny_cache):  # noqa: F811
         _, want = finished
-        (tmp_path / "report.json").write_text('{"complete": true}')  # a stale report must not survive a run
+        (tmp_path / "report.json").write_text('{"complete": true, "previous": 1}')  # an earlier good report
+        (tmp_path / "report.md").write_text("previous")
 
         def stop(run_id, stage):
             if stage == "unlearned_1":
@@ -95,7 +97,9 @@ class TestResume:
 
         with pytest.raises(Interrupt):
             Pipeline(config(tmp_path, tiny_cache), on_stage_done=stop).run(SPECS)
-        assert not (tmp_path / "report.json").exists() and not (tmp_path / "report.md").exists()
+        # a run that does not finish leaves the previous report as it was
+        assert json.loads((tmp_path / "report.json").read_text()) == {"complete": True, "previous": 1}
+        assert (tmp_path / "report.md").read_text() == "previous"
         run_dir = tmp_path / "state" / SPECS[1].run_id
         assert (run_dir / "1_unlearned_1.json").exists() and (run_dir / "1_unlearned_1.pt").exists()
         assert not (run_dir / "2_unlearned_2.json").exists()
@@ -116,11 +120,86 @@ class TestResume:
         out, _ = finished
         cfg = config(out, tiny_cache)
         cfg.diagnostics = DiagnosticsConfig(sample="last")
-        with pytest.raises(StateMismatch, match="different configuration"):
+        with pytest.raises(StateMismatch, match=r"settings changed \(diagnostics\).*--restart"):
             Pipeline(cfg).run(SPECS)
         changed = [RunSpec("ga", 3e-3, "single", batch_size=2, relearn_lr=3e-3)]
         with pytest.raises(StateMismatch, match="different settings"):
             Pipeline(config(out, tiny_cache)).run(changed)
+
+
+def _copy_state(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+class TestStateIntegrity:
+    """Edited inputs, damaged state files and --restart (each a one-line error or a fresh state)."""
+
+    def test_edited_data_is_refused_naming_the_split(self, finished, tmp_path, tiny_cache):  # noqa: F811
+        out = _copy_state(finished[0], tmp_path / "out")
+        corpus = small_corpus()
+        corpus["probe"] = corpus["probe"][:-1] + [{"prompt": "Q: A new probe? A:", "answer": "yes"}]
+        cfg = config(out, tiny_cache)
+        cfg.examples = corpus
+        with pytest.raises(StateMismatch, match="data split probe changed"):
+            Pipeline(cfg).run(SPECS[:1])
+
+    def test_restart_discards_the_state(self, finished, tmp_path, tiny_cache):  # noqa: F811
+        out = _copy_state(finished[0], tmp_path / "out")
+        corpus = small_corpus()
+        corpus["probe"] = corpus["probe"][:-1]
+        cfg = config(out, tiny_cache, restart=True)
+        cfg.examples = corpus
+        seen = []
+        report = Pipeline(cfg, on_stage_done=lambda r, s: seen.append(s)).run(SPECS[:1])
+        assert seen == ["unlearned", "relearned"]  # recomputed, not read back
+        assert report["config"]["n_items"]["probe"] == len(corpus["probe"])
+        assert not (out / "state" / SPECS[1].run_id).exists()
+
+    def test_other_model_weights_are_refused(self, finished, tmp_path, tiny_cache):  # noqa: F811
+        import shutil
+
+        out = _copy_state(finished[0], tmp_path / "out")
+        pipe = Pipeline(config(out, tiny_cache))
+        pipe._load()  # noqa: SLF001 - the fingerprint needs the loaded model's directory
+        model_dir = tmp_path / "model"
+        shutil.copytree(pipe.info["path"], model_dir)
+        with open(model_dir / "model.safetensors", "r+b") as handle:  # flip the last byte of the weights
+            handle.seek(-1, 2)
+            last = handle.read(1)
+            handle.seek(-1, 2)
+            handle.write(bytes([last[0] ^ 1]))
+        pipe.info = dict(pipe.info, path=str(model_dir))
+        with pytest.raises(StateMismatch, match="model file model.safetensors changed"):
+            pipe._claim_state()  # noqa: SLF001
+
+    @pytest.mark.parametrize("damage", ["truncate", "empty", "edit"])
+    def test_damaged_record_names_the_file_and_keeps_the_report(self, finished, tmp_path, tiny_cache, damage):  # noqa: F811
+        out = _copy_state(finished[0], tmp_path / "out")
+        good = (out / "report.json").read_bytes()
+        record = out / "state" / SPECS[0].run_id / "1_unlearned.json"
+        text = record.read_text()
+        record.write_text({"truncate": text[: len(text) // 2], "empty": "",
+                           "edit": text.replace('"forget_acc": 0', '"forget_acc": 1', 1)}[damage])
+        with pytest.raises(StateCorrupt, match=r"state file .*1_unlearned\.json is damaged .*delete that file"):
+            Pipeline(config(out, tiny_cache)).run(SPECS)
+        assert (out / "report.json").read_bytes() == good
+
+    def test_damaged_checkpoint_is_detected(self, finished, tmp_path, tiny_cache):  # noqa: F811
+        out = tmp_path / "out"
+
+        def stop(run_id, stage):
+            if stage == "unlearned":
+                raise Interrupt
+
+        with pytest.raises(Interrupt):
+            Pipeline(config(out, tiny_cache), on_stage_done=stop).run(SPECS[:1])
+        ckpt = out / "state" / SPECS[0].run_id / "1_unlearned.pt"
+        ckpt.write_bytes(ckpt.read_bytes()[:-100])
+        with pytest.raises(StateCorrupt, match=r"1_unlearned\.pt is damaged \(checksum mismatch\)"):
+            Pipeline(config(out, tiny_cache)).run(SPECS[:1])
 
 
 # Runs for two gloo processes: SGD at a large rate, so the ranks' float rounding stays at that level

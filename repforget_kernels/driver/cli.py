@@ -21,8 +21,11 @@ process would produce (up to float rounding of the reductions).
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import re
 import sys
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
@@ -44,8 +47,39 @@ class UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # argparse reads "-1e-3" as an option (its negative-number pattern has no exponent), so a negative
+        # learning rate would be reported as a missing value; with this pattern it reaches the validator.
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|nan)$", re.I)
+
     def error(self, message):
         raise UsageError(message)
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (learning rates, beta)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text!r}")
+    return value
+
+
+def int_at_least(low: int):
+    """argparse type: an int >= ``low``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}")
+        return value
+    parse.__name__ = f"int >= {low}"
+    return parse
 
 
 def _common(p: argparse.ArgumentParser, out_default: Optional[Path] = None) -> None:
@@ -55,11 +89,16 @@ def _common(p: argparse.ArgumentParser, out_default: Optional[Path] = None) -> N
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sample", choices=SAMPLE_DEFINITIONS, default="mean", help="rows for CKA / PCA")
-    p.add_argument("--pca-k", type=int, default=1, help="also report the top-k subspace similarity (k > 1)")
-    p.add_argument("--diag-batch-size", type=int, default=16, help="batch size of the diagnostic passes")
+    p.add_argument("--pca-k", type=int_at_least(1), default=1, help="also report the top-k subspace similarity (k > 1)")
+    p.add_argument("--diag-batch-size", type=int_at_least(1), default=16, help="batch size of the diagnostic passes")
     p.add_argument("--no-token-cka", action="store_true", help="skip token-level CKA (saves holding the original)")
     p.add_argument("--no-fisher", action="store_true", help="skip the Fisher diagnostics")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+
+
+def _resumable(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--restart", action="store_true",
+                   help="discard OUT/state (finished stages) and start afresh instead of resuming")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,24 +107,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the tiny-model demo (GA and NPO, two lrs, single and continual)")
     _common(demo, out_default=Path("runs/demo"))
+    _resumable(demo)
     demo.set_defaults(model="tiny")
 
     run = sub.add_parser("run", help="one grid of unlearning runs")
     _common(run)
+    _resumable(run)
     run.add_argument("--model", default="tiny", help="tiny | local model directory | yi-6b | qwen2.5-7b")
     run.add_argument("--method", nargs="+", default=["npo"], help="one or more of ga ga_gd ga_kl npo npo_kl rlabel")
-    run.add_argument("--lr", type=float, nargs="+", default=[1e-3], help="one or more learning rates")
-    run.add_argument("--epochs", type=int, default=1, help="unlearning epochs per request")
-    run.add_argument("--batch-size", type=int, default=8)
-    run.add_argument("--beta", type=float, default=0.1, help="NPO temperature")
+    run.add_argument("--lr", type=positive_float, nargs="+", default=[1e-3], help="one or more learning rates")
+    run.add_argument("--epochs", type=int_at_least(1), default=1, help="unlearning epochs per request")
+    run.add_argument("--batch-size", type=int_at_least(1), default=8)
+    run.add_argument("--beta", type=positive_float, default=0.1, help="NPO temperature")
     run.add_argument("--optimizer", choices=("adamw", "sgd", "adafactor"), default="adamw",
                      help="adafactor or sgd fit a 7B run with a frozen original on one 80 GB GPU")
     run.add_argument("--setting", choices=("single", "continual"), default="single")
-    run.add_argument("--requests", type=int, default=5, help="continual: number of unlearning requests")
-    run.add_argument("--relearn-epochs", type=int, default=1)
-    run.add_argument("--relearn-lr", type=float, default=1e-3)
+    run.add_argument("--requests", type=int_at_least(1), default=5, help="continual: number of unlearning requests")
+    run.add_argument("--relearn-epochs", type=int_at_least(1), default=1)
+    run.add_argument("--relearn-lr", type=positive_float, default=1e-3)
     run.add_argument("--relearn-data", choices=("forget", "retain", "probe"), default="forget")
-    run.add_argument("--max-length", type=int, default=64, help="tokens per example")
+    run.add_argument("--max-length", type=int_at_least(2), default=64, help="tokens per example")
     for split in SPLIT_FLAGS:
         run.add_argument(f"--{split}", type=Path, default=None, help=f"JSONL for the {split} split")
 
@@ -95,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--upd", required=True, help="updated (unlearned) model directory")
     an.add_argument("--data", type=Path, required=True, help="probe JSONL")
     an.add_argument("--forget", type=Path, default=None, help="JSONL for the Fisher (default: the probe data)")
-    an.add_argument("--max-length", type=int, default=64)
+    an.add_argument("--max-length", type=int_at_least(2), default=64)
     return parser
 
 
@@ -103,11 +144,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _device(arg: Optional[str]) -> str:
+    """The device to run on: ``--device`` checked against this machine, else cuda when there is one."""
     import torch
 
     if arg is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(arg)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device must be cpu, cuda or cuda:N, got {arg!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device must be cpu, cuda or cuda:N, got {arg!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {arg}: this machine has no CUDA GPU (torch {torch.__version__}); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {arg}: only {torch.cuda.device_count()} CUDA device(s) here")
     return arg
+
+
+def _check_out(out: Path) -> None:
+    """``--out`` must be a directory this process can create and write into (checked before any work)."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".repforget-write-check-"):
+            pass
+    except OSError as exc:
+        raise UsageError(f"--out {out} is not writable ({exc.strerror or exc})") from None
 
 
 def _fsdp_settings():
@@ -123,10 +188,6 @@ def _fsdp_settings():
 def _diag_config(args):
     from .diagnostics import DiagnosticsConfig
 
-    if args.pca_k < 1:
-        raise UsageError(f"--pca-k must be >= 1, got {args.pca_k}")
-    if args.diag_batch_size < 1:
-        raise UsageError(f"--diag-batch-size must be >= 1, got {args.diag_batch_size}")
     return DiagnosticsConfig(sample=args.sample, pca_k=args.pca_k, batch_size=args.diag_batch_size,
                              token_cka=not args.no_token_cka, fisher=not args.no_fisher)
 
@@ -137,6 +198,21 @@ def _check_model(spec: str) -> None:
 
     if spec != "tiny":
         resolve_model_path(spec)
+
+
+def _check_same_shape(ref: str, upd: str) -> None:
+    """``analyze`` compares two checkpoints of one architecture: same blocks, width and vocabulary
+    (read from their config.json files, before any weight is loaded)."""
+    from transformers import AutoConfig
+
+    from .models import resolve_model_path
+
+    configs = {flag: AutoConfig.from_pretrained(resolve_model_path(spec), local_files_only=True)
+               for flag, spec in (("--ref", ref), ("--upd", upd))}
+    for field in ("num_hidden_layers", "hidden_size", "vocab_size"):
+        a, b = (getattr(c, field, None) for c in configs.values())
+        if a != b:
+            raise UsageError(f"--ref has {field}={a}, --upd has {field}={b}: not two checkpoints of one model")
 
 
 def _examples(args) -> tuple:
@@ -159,11 +235,13 @@ def _pipeline(args, examples=None, sources=None):
     from .pipeline import Pipeline, PipelineConfig
 
     fsdp = _fsdp_settings()
-    device, is_main = join_process_group(_device(args.device))
+    device = _device(args.device)
+    _check_out(args.out)
+    device, is_main = join_process_group(device)
     cfg = PipelineConfig(out=args.out, model=args.model, cache_dir=args.cache_dir, device=device,
                          seed=args.seed, max_length=getattr(args, "max_length", 64), diagnostics=_diag_config(args),
                          examples=examples, data_sources=sources or {}, progress=is_main and not args.no_progress,
-                         fsdp=fsdp)
+                         fsdp=fsdp, restart=args.restart)
     return Pipeline(cfg)
 
 
@@ -254,7 +332,7 @@ def cmd_analyze(args) -> int:
     from .data import encode, load_jsonl
     from .diagnostics import diagnose
     from .distributed import join_process_group, launched_world_size
-    from .models import decoder_layers, load_model
+    from .models import load_model
     from .plots import plot_layers
     from .report import atomic_write_json, atomic_write_text, render_analysis_markdown, versions
 
@@ -263,19 +341,16 @@ def cmd_analyze(args) -> int:
         if spec == "tiny":
             raise UsageError("analyze needs two model directories (--ref DIR --upd DIR), got 'tiny'")
         _check_model(spec)
+    _check_same_shape(args.ref, args.upd)
     probe_items = load_jsonl(args.data, "probe")
     forget_items = load_jsonl(args.forget, "forget") if args.forget is not None else probe_items
     out = Path(args.out)
-    device, is_main = join_process_group(_device(args.device))
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "analysis.json").unlink(missing_ok=True)
+    device = _device(args.device)
+    _check_out(out)
+    device, is_main = join_process_group(device)
     opts = dict(cache_dir=args.cache_dir, device=device, seed=args.seed, progress=not args.no_progress)
     ref, tokenizer, ref_info = load_model(args.ref, **opts)
     upd, _, upd_info = load_model(args.upd, **opts)
-    n_ref, n_upd = len(decoder_layers(ref)), len(decoder_layers(upd))
-    if n_ref != n_upd:
-        raise UsageError(f"--ref has {n_ref} decoder blocks, --upd has {n_upd}: not two checkpoints of one model")
     probe = encode(tokenizer, probe_items, max_length=args.max_length)
     forget = encode(tokenizer, forget_items, max_length=args.max_length)
     torch.manual_seed(args.seed)
@@ -309,14 +384,14 @@ def main(argv: Optional[list] = None) -> int:
     """Entry point of ``repforget`` and ``python -m repforget_kernels.driver``; returns the exit status."""
     from .data import DataError
     from .models import ModelNotFound
-    from .pipeline import StateMismatch
+    from .state import StateError
 
     out = None
     try:
         args = build_parser().parse_args(argv)
         out = args.out
         return COMMANDS[args.command](args)
-    except (UsageError, DataError, ModelNotFound, StateMismatch) as exc:
+    except (UsageError, DataError, ModelNotFound, StateError) as exc:
         print(f"repforget: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -200,8 +200,13 @@ def load_jsonl(path: str | Path, split: str) -> list[dict]:
     if not path.is_file():
         raise DataError(f"{path}: no such file (split '{split}')")
     items = []
-    with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for lineno, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {exc.start + 1} of the line); "
+                                "JSONL files must be UTF-8") from None
             if line.strip():
                 items.append(_parse_line(line, f"{path}:{lineno}"))
     if not items:

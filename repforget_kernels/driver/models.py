@@ -9,6 +9,7 @@ found in the local HF cache, loaded with ``local_files_only=True``.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -40,6 +41,7 @@ __all__ = [
     "tiny_config",
     "pretrain",
     "resolve_model_path",
+    "load_tokenizer",
     "load_model",
     "decoder_layers",
     "memory_plan",
@@ -158,7 +160,7 @@ def _load_tiny(cache_dir: Path, device, seed: int, corpus: dict | None, progress
     final = Path(cache_dir) / f"tiny-{_tiny_key(corpus, seed)}"
     if (final / "info.json").is_file():
         model = Qwen2ForCausalLM.from_pretrained(final, local_files_only=True, dtype=torch.float32)
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(final, local_files_only=True)
+        tokenizer = load_tokenizer(final)
         info = json.loads((final / "info.json").read_text())
         info.update(cached=True, path=str(final))
         return model.to(device), tokenizer, info
@@ -219,13 +221,40 @@ def resolve_model_path(spec: str) -> Path:
     return path
 
 
+# Encoded by both candidate tokenizers of a directory to tell whether they agree: words, digits,
+# punctuation, repeated spaces and non-ASCII text.
+_TOKENIZER_PROBE = "Q: What is the capital of Velorin? A: Marquesh, 1987 -- x = 4 ; print ( y )  naïve Ünïcode 東京"
+
+
+def load_tokenizer(path) -> PreTrainedTokenizerFast:
+    """The tokenizer saved in a model directory, exactly as saved.
+
+    ``AutoTokenizer`` picks its class from the model type and may rebuild the tokenizer from the
+    vocabulary with that class's own pre-tokenizer (a word-level tokenizer saved beside a Qwen2 config
+    comes back as a Qwen2Tokenizer that splits words into letters). When the directory holds a
+    ``tokenizer.json``, its serialised pipeline is the truth: if AutoTokenizer's class encodes a probe
+    text differently from it, the tokenizer is loaded from ``tokenizer.json`` as it is
+    (``PreTrainedTokenizerFast``). A missing pad token becomes the EOS token.
+    """
+    from tokenizers import Tokenizer as RawTokenizer
+
+    path = Path(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    serialised = path / "tokenizer.json"
+    if serialised.is_file():
+        truth = RawTokenizer.from_file(str(serialised)).encode(_TOKENIZER_PROBE, add_special_tokens=False).ids
+        if list(tokenizer(_TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]) != truth:
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def _load_local(spec: str, device):
     path = resolve_model_path(spec)
     device = torch.device(device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype).to(device)
     model.config.use_cache = False
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
@@ -242,13 +271,27 @@ def load_model(spec: str, *, cache_dir: Path, device: str | torch.device = "cpu"
     info: {"name", "params", "layers", "dtype", "pretrain": {epochs, steps, seconds, forget_acc,
     retain_acc, final_loss} for tiny, {} otherwise, "path", "cached" (tiny only)}. The model is in eval mode.
     """
-    if spec == "tiny":
-        if corpus is not None and not set(corpus) <= set(SPLITS):
-            raise ValueError(f"corpus keys must be among {SPLITS}, got {sorted(corpus)}")
-        model, tokenizer, info = _load_tiny(Path(cache_dir), device, seed, corpus, progress)
-    else:
-        model, tokenizer, info = _load_local(spec, device)
+    with _hf_progress_bars(progress):
+        if spec == "tiny":
+            if corpus is not None and not set(corpus) <= set(SPLITS):
+                raise ValueError(f"corpus keys must be among {SPLITS}, got {sorted(corpus)}")
+            model, tokenizer, info = _load_tiny(Path(cache_dir), device, seed, corpus, progress)
+        else:
+            model, tokenizer, info = _load_local(spec, device)
     return model.eval(), tokenizer, info
+
+
+@contextlib.contextmanager
+def _hf_progress_bars(enabled: bool):
+    """transformers' own progress bars (weight loading) on or off inside the block, restored after."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
 
 
 def decoder_layers(model) -> list[torch.nn.Module]:

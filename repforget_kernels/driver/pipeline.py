@@ -5,15 +5,20 @@ stage is evaluated (``evaluate.evaluate``: forget / retain accuracy, perplexity,
 diagnosed against the original model (``diagnostics``: CKA, PCA similarity and shift, Fisher), and
 each run ends with a verdict (``report.verdict``).
 
-State and resume. ``OUT/state/`` holds, each written atomically as soon as it exists:
-``config.json`` (what the state belongs to), ``original.json`` + ``reference.pt`` (the original
-model's evaluation and diagnostic snapshot), and per run ``<run_id>/spec.json``,
-``<run_id>/<i>_<stage>.json`` and ``<run_id>/<i>_<stage>.pt``, the model checkpoint of the last
-finished stage (older ones are removed once a newer stage's JSON is on disk; the final stage needs
-none). Rerunning the same command skips finished stages, restarts from the last checkpoint and
-produces the same report (each stage seeds torch with (seed, stage index), so the numbers do not
-depend on where a run was interrupted). Ctrl-C or an error leaves finished stages intact; the
-report (``report.json`` last) is written only when every run is finished.
+State and resume. ``OUT/state/`` (a :class:`state.StateDir`: every JSON self-checksummed, every
+checkpoint verified against the digest in the record written after it) holds, each written atomically
+as soon as it exists: ``config.json`` (the fingerprint the state belongs to: settings, a content
+digest of every data split and the digests of the model's files), ``reference.pt`` + ``original.json``
+(the original model's diagnostic snapshot and stage record), and per run ``<run_id>/spec.json``,
+``<run_id>/<i>_<stage>.pt`` (the model checkpoint of the last finished stage; older ones are removed
+once a newer stage's record is on disk; the final stage needs none) and ``<run_id>/<i>_<stage>.json``.
+Rerunning the same command skips finished stages, restarts from the last checkpoint and produces the
+same report (each stage seeds torch with (seed, stage index), so the numbers do not depend on where a
+run was interrupted). A fingerprint that differs (edited data, other weights, other settings) is a
+:class:`state.StateMismatch` naming what changed, a damaged file a :class:`state.StateCorrupt` naming the
+file; ``restart=True`` discards the state instead. Ctrl-C or an error leaves finished stages intact and
+the previous report untouched: report.md, the PNGs and then report.json are replaced only when every
+run is finished, each atomically.
 
 Memory: the original model stays on the device for token-level CKA; without it (``token_cka=False``)
 it moves to host memory after the original stage, and each run copies it back to the device.
@@ -30,7 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -55,25 +60,14 @@ from .distributed import (
 from .evaluate import evaluate
 from .losses import METHODS
 from .models import load_model
-from .report import (
-    THRESHOLDS,
-    atomic_torch_save,
-    atomic_write_json,
-    clear_report,
-    verdict,
-    versions,
-    write_report,
-)
+from .report import THRESHOLDS, verdict, versions, write_report
+from .state import StateDir, StateMismatch, content_digest, model_identity
 from .train import TrainConfig, relearn, unlearn
 
-__all__ = ["SETTINGS", "RELEARN_DATA", "RunSpec", "PipelineConfig", "StateMismatch", "split_requests", "Pipeline"]
+__all__ = ["SETTINGS", "RELEARN_DATA", "RunSpec", "PipelineConfig", "split_requests", "Pipeline"]
 
 SETTINGS = ("single", "continual")
 RELEARN_DATA = ("forget", "retain", "probe")
-
-
-class StateMismatch(ValueError):
-    """OUT/state belongs to a different configuration (model, data, diagnostics or run spec)."""
 
 
 @dataclass(frozen=True)
@@ -102,12 +96,14 @@ class RunSpec:
             raise ValueError(f"setting must be one of {SETTINGS}, got {self.setting!r}")
         if self.relearn_data not in RELEARN_DATA:
             raise ValueError(f"relearn_data must be one of {RELEARN_DATA}, got {self.relearn_data!r}")
-        for name in ("lr", "relearn_lr"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        for name in ("requests", "epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        for name in ("lr", "relearn_lr", "beta"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+        for name in ("requests", "epochs", "batch_size", "relearn_epochs"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
     @property
     def run_id(self) -> str:
@@ -141,12 +137,12 @@ class PipelineConfig:
     data_sources: dict = field(default_factory=dict)
     progress: bool = True
     fsdp: FSDPSettings = field(default_factory=FSDPSettings)
+    restart: bool = False
 
-    def fingerprint(self) -> dict:
-        """The parts of the config the stored state depends on (JSON-ready)."""
+    def settings(self) -> dict:
+        """The settings the stored state depends on besides the data and the model files (JSON-ready)."""
         return {"model": self.model, "seed": self.seed, "max_length": self.max_length,
-                "eval_batch_size": self.eval_batch_size, "diagnostics": asdict(self.diagnostics),
-                "data": {k: str(v) for k, v in sorted(self.data_sources.items())}}
+                "eval_batch_size": self.eval_batch_size, "diagnostics": asdict(self.diagnostics)}
 
 
 def split_requests(items: list, n: int) -> list:
@@ -158,9 +154,22 @@ def split_requests(items: list, n: int) -> list:
     return [items[bounds[i]:bounds[i + 1]] for i in range(n)]
 
 
-def _read_json(path: Path):
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
+def _fingerprint_changes(theirs: dict, mine: dict) -> list:
+    """What differs between two fingerprints, in words (data splits and model files named)."""
+    changes = []
+    for key in sorted(set(theirs) | set(mine)):
+        a, b = theirs.get(key), mine.get(key)
+        if a == b:
+            continue
+        if key in ("data", "model_files") and isinstance(a, dict) and isinstance(b, dict):
+            names = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+            what = "data split" if key == "data" else "model file"
+            changes.append(f"{what}{'s' if len(names) > 1 else ''} {', '.join(names)} changed")
+        else:
+            changes.append(f"{key} changed ({a!r} -> {b!r})" if key != "settings" else
+                           "settings changed (" + ", ".join(k for k in sorted(set(a or {}) | set(b or {}))
+                                                           if (a or {}).get(k) != (b or {}).get(k)) + ")")
+    return changes
 
 
 class Pipeline:
@@ -173,31 +182,39 @@ class Pipeline:
     def __init__(self, cfg: PipelineConfig, on_stage_done: Optional[Callable[[str, str], None]] = None):
         self.cfg = cfg
         self.out = Path(cfg.out)
-        self.state = self.out / "state"
+        self.state = StateDir(self.out / "state")
         self.on_stage_done = on_stage_done or (lambda run_id, stage: None)
         self.examples = cfg.examples if cfg.examples is not None else make_corpus(cfg.seed)
 
     # ----------------------------------------------------------------- state checks
+    def fingerprint(self) -> dict:
+        """What the stored state is computed from: the settings, a content digest of each data split and
+        the digest of each model file (so edited data or other weights never reuse old numbers)."""
+        return {"settings": self.cfg.settings(),
+                "data": {split: content_digest(items) for split, items in sorted(self.examples.items())},
+                "model_files": model_identity(self.info["path"])}
+
     def _claim_state(self) -> None:
         """Create OUT/state/config.json, or check that the one there matches this config."""
-        path = self.state / "config.json"
-        mine = self.cfg.fingerprint()
-        if path.exists():
-            theirs = _read_json(path)
+        mine = self.fingerprint()
+        if broadcast(self.state.exists("config.json")):
+            theirs = self.state.read_json("config.json", remedy="rerun with --restart (the state cannot be trusted "
+                                                                 "without it), or use another --out")
             if theirs != mine:
-                raise StateMismatch(f"{self.state} holds a run with a different configuration; "
-                                    "use another --out or delete that directory")
+                raise StateMismatch(f"{self.state.root} holds results computed from something else: "
+                                    + "; ".join(_fingerprint_changes(theirs, mine))
+                                    + ". Use another --out, or --restart to discard them")
         elif is_main():
-            atomic_write_json(path, mine)
+            self.state.write_json("config.json", mine)
 
-    def _claim_run(self, spec: RunSpec) -> Path:
-        run_dir = self.state / spec.run_id
-        path = run_dir / "spec.json"
-        if path.exists() and _read_json(path) != asdict(spec):
-            raise StateMismatch(f"{run_dir} holds run {spec.run_id} with different settings; use another --out")
-        if not path.exists() and is_main():
-            atomic_write_json(path, asdict(spec))
-        return run_dir
+    def _claim_run(self, spec: RunSpec) -> None:
+        rel = f"{spec.run_id}/spec.json"
+        if broadcast(self.state.exists(rel)):
+            if self.state.read_json(rel) != asdict(spec):
+                raise StateMismatch(f"{self.state.path(spec.run_id)} holds run {spec.run_id} with different settings; "
+                                    "use another --out, or --restart to discard it")
+        elif is_main():
+            self.state.write_json(rel, asdict(spec))
 
     # ----------------------------------------------------------------- main loop
     def run(self, specs: list) -> dict:
@@ -205,12 +222,12 @@ class Pipeline:
         if len({s.run_id for s in specs}) != len(specs):
             raise ValueError("two runs share a run id (same method, lr, setting and relearn data)")
         self.out.mkdir(parents=True, exist_ok=True)
-        if is_main():
-            clear_report(self.out)
+        if self.cfg.restart and is_main():
+            self.state.clear()
+        self._load()
         self._claim_state()
         for spec in specs:
             self._claim_run(spec)
-        self._load()
         original = self._original_stage()
         if not self.cfg.diagnostics.token_cka:  # from here on the original only seeds each run's copy
             self.reference.to("cpu")
@@ -228,8 +245,10 @@ class Pipeline:
 
     def _config_json(self) -> dict:
         c = self.cfg
-        return dict(c.fingerprint(), sample=c.diagnostics.sample, device=str(c.device), world_size=world()[1],
-                    model_info=self.info, n_items={k: len(v) for k, v in self.examples.items()})
+        return dict(c.settings(), data_digests=self.fingerprint()["data"],
+                    data={k: str(v) for k, v in sorted(c.data_sources.items())}, sample=c.diagnostics.sample,
+                    device=str(c.device), world_size=world()[1], model_info=self.info,
+                    n_items={k: len(v) for k, v in self.examples.items()})
 
     def _load(self) -> None:
         c = self.cfg
@@ -258,36 +277,33 @@ class Pipeline:
 
     def _original_stage(self) -> dict:
         """The original model's stage record (and reference snapshot), computed once per OUT."""
-        path, snap_path = self.state / "original.json", self.state / "reference.pt"
-        if broadcast(snap_path.exists()):
-            self.ref_snapshot = Snapshot(**torch.load(snap_path, weights_only=True))
-        else:
-            torch.manual_seed(self.cfg.seed)
-            self.ref_snapshot = snapshot(self.reference, self.encoded["probe"], self.encoded["forget"],
-                                         self.cfg.diagnostics)
-            if is_main():
-                atomic_torch_save(self.ref_snapshot.state_dict(), snap_path)
-        if broadcast(path.exists()):
-            return _read_json(path)
+        if broadcast(self.state.exists("original.json")):
+            saved = self.state.read_json("original.json")
+            self.ref_snapshot = Snapshot(**self.state.load_torch("reference.pt", saved["reference_sha256"]))
+            return saved["record"]
+        torch.manual_seed(self.cfg.seed)
+        self.ref_snapshot = snapshot(self.reference, self.encoded["probe"], self.encoded["forget"],
+                                     self.cfg.diagnostics)
         torch.manual_seed(self.cfg.seed)
         record = dict(name="original", train=None, **self._measure(self.reference))
         if is_main():
-            atomic_write_json(path, record)
+            digest = self.state.save_torch("reference.pt", self.ref_snapshot.state_dict())
+            self.state.write_json("original.json", {"record": record, "reference_sha256": digest})
         return record
 
     def _run_stages(self, spec: RunSpec) -> list:
         """Finished and new stage records of one run (without the shared original stage)."""
-        run_dir = self.state / spec.run_id
         names = spec.stage_names()[1:]
-        files = [run_dir / f"{i}_{name}.json" for i, name in enumerate(names, start=1)]
+        files = [f"{spec.run_id}/{i}_{name}.json" for i, name in enumerate(names, start=1)]
         done = 0
-        while done < len(names) and files[done].exists():
+        while done < len(names) and self.state.exists(files[done]):
             done += 1
         done = broadcast(done)  # rank 0's view of the state decides
-        records = [_read_json(f) for f in files[:done]]
+        saved = [self.state.read_json(f) for f in files[:done]]
+        records = [entry["record"] for entry in saved]
         if done == len(names):
             return records
-        model = self._model_at(run_dir, names, done)
+        model = self._model_at(spec.run_id, names, done, saved[-1]["checkpoint_sha256"] if saved else None)
         requests = self._requests(spec)
         bar = tqdm(total=len(names), initial=done, desc=spec.run_id, disable=not self.cfg.progress)
         for i in range(done, len(names)):
@@ -296,28 +312,29 @@ class Pipeline:
             record = dict(name=names[i], train=train, **self._measure(model))
             checkpoint = full_state_dict(model) if i + 1 < len(names) else None  # every rank takes part
             if is_main():
+                digest = None
                 if checkpoint is not None:
-                    atomic_torch_save(checkpoint, run_dir / f"{i + 1}_{names[i]}.pt")
-                atomic_write_json(files[i], record)
+                    digest = self.state.save_torch(f"{spec.run_id}/{i + 1}_{names[i]}.pt", checkpoint)
+                self.state.write_json(files[i], {"record": record, "checkpoint_sha256": digest})
                 if i > 0:
-                    (run_dir / f"{i}_{names[i - 1]}.pt").unlink(missing_ok=True)
+                    self.state.remove(f"{spec.run_id}/{i}_{names[i - 1]}.pt")
             records.append(record)
             bar.update(1)
             self.on_stage_done(spec.run_id, names[i])
         bar.close()
         return records
 
-    def _model_at(self, run_dir: Path, names: list, done: int):
+    def _model_at(self, run_id: str, names: list, done: int, digest: Optional[str]):
         """A trainable copy of the original (sharded under several processes), with the checkpoint of stage
-        ``done`` (1-based) loaded if any."""
+        ``done`` (1-based, its bytes checked against ``digest``) loaded if any."""
         model = copy.deepcopy(self.reference).to(self.cfg.device)
         if world()[1] > 1:
             shard_model(model, self.cfg.fsdp)
         if done > 0:
-            ckpt = run_dir / f"{done}_{names[done - 1]}.pt"
+            ckpt = f"{run_id}/{done}_{names[done - 1]}.pt"
             # read into host memory; a sharded model gets rank 0's copy scattered to every rank's shards
-            state = {} if is_sharded(model) and not is_main() else torch.load(ckpt, map_location="cpu",
-                                                                               weights_only=True)
+            state = {} if is_sharded(model) and not is_main() else self.state.load_torch(ckpt, digest,
+                                                                                          map_location="cpu")
             load_full_state_dict(model, state)
         return model
 

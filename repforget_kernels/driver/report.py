@@ -15,8 +15,8 @@
                            "fisher": {"mass", "mass_ref", "mass_ratio", "histogram": {"counts", "edges"}}}],
                "verdict": {"behaviour": {...}, "structure": {...}}}]}
 
-The file is written last and atomically, so a report.json on disk is always a finished one;
-:func:`clear_report` removes the previous one before a run starts.
+The file is written last and atomically, so a report.json on disk is always a finished one; a run
+that fails leaves the previous report as it was (each file is only ever replaced by a complete one).
 """
 from __future__ import annotations
 
@@ -29,22 +29,17 @@ from pathlib import Path
 from typing import Optional
 
 __all__ = [
-    "REPORT_FILES",
     "THRESHOLDS",
     "atomic_write",
     "atomic_write_text",
     "json_safe",
     "atomic_write_json",
-    "atomic_torch_save",
-    "clear_report",
     "versions",
     "verdict",
     "render_markdown",
     "render_analysis_markdown",
     "write_report",
 ]
-
-REPORT_FILES = ("report.json", "report.md")
 
 THRESHOLDS = {
     "forget_drop": 0.3,
@@ -102,21 +97,6 @@ def json_safe(obj):
 def atomic_write_json(path, obj) -> None:
     """Atomically write ``obj`` as indented strict JSON (undefined numbers, NaN / Inf, stored as None)."""
     atomic_write_text(path, json.dumps(json_safe(obj), indent=1, allow_nan=False) + "\n")
-
-
-def atomic_torch_save(obj, path) -> None:
-    """torch.save to ``path`` atomically."""
-    import torch
-
-    atomic_write(Path(path), lambda h: torch.save(obj, h))
-
-
-def clear_report(out) -> None:
-    """Remove a previous report.json / report.md from ``out`` so nothing looks complete mid-run."""
-    for name in REPORT_FILES:
-        p = Path(out) / name
-        if p.exists():
-            p.unlink()
 
 
 def versions() -> dict:
