@@ -2,12 +2,12 @@
 
 A *run* is one :class:`RunSpec` (method, learning rate, setting, relearn budget and data). Every
 stage is evaluated (``evaluate.evaluate``: forget / retain accuracy, perplexity, MIA AUCs) and
-diagnosed against the original model (``diagnostics``: CKA, PCA similarity and shift, Fisher), and
-each run ends with a verdict (``report.verdict``).
+diagnosed against the original model (``repforget_kernels.compare_models``: CKA, PCA similarity and
+shift, Fisher), and each run ends with a verdict (``report.verdict``).
 
 State and resume. ``OUT/state/`` holds, each written atomically as soon as it exists:
 ``config.json`` (what the state belongs to), ``original.json`` + ``reference.pt`` (the original
-model's evaluation and diagnostic snapshot), and per run ``<run_id>/spec.json``,
+model's evaluation and its ``ReferenceStatistics``), and per run ``<run_id>/spec.json``,
 ``<run_id>/<i>_<stage>.json`` and ``<run_id>/<i>_<stage>.pt``, the model checkpoint of the last
 finished stage (older ones are removed once a newer stage's JSON is on disk; the final stage needs
 none). Rerunning the same command skips finished stages, restarts from the last checkpoint and
@@ -38,8 +38,10 @@ from typing import Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
+from repforget_kernels import ReferenceStatistics, compare_models
+
 from .data import encode, make_corpus
-from .diagnostics import DiagnosticsConfig, Snapshot, compare, snapshot, token_cka
+from .diagnostics import DiagnosticsConfig, comparison_options, statistics_options
 from .distributed import (
     FSDPSettings,
     broadcast,
@@ -250,23 +252,24 @@ class Pipeline:
         return dict(**self._evaluate(plain), **self._diagnose(plain))
 
     def _diagnose(self, model) -> dict:
-        dcfg = self.cfg.diagnostics
-        upd = snapshot(model, self.encoded["probe"], self.encoded["forget"], dcfg)
-        tokens = token_cka(self.reference, model, self.encoded["probe"], batch_size=dcfg.batch_size) \
-            if dcfg.token_cka else None
-        return compare(self.ref_snapshot, upd, dcfg, tokens)
+        options = comparison_options(self.cfg.diagnostics, self.encoded["probe"], self.encoded["forget"])
+        return compare_models(self.ref_stats, model, **options).to_dict()
 
     def _original_stage(self) -> dict:
-        """The original model's stage record (and reference snapshot), computed once per OUT."""
-        path, snap_path = self.state / "original.json", self.state / "reference.pt"
-        if broadcast(snap_path.exists()):
-            self.ref_snapshot = Snapshot(**torch.load(snap_path, weights_only=True))
+        """The original model's stage record (and reference statistics), computed once per OUT."""
+        path, stats_path = self.state / "original.json", self.state / "reference.pt"
+        dcfg = self.cfg.diagnostics
+        token_model = self.reference if dcfg.token_cka else None  # run again per stage for token-level CKA
+        if broadcast(stats_path.exists()):
+            self.ref_stats = ReferenceStatistics.from_state_dict(torch.load(stats_path, weights_only=True),
+                                                                 model=token_model)
         else:
             torch.manual_seed(self.cfg.seed)
-            self.ref_snapshot = snapshot(self.reference, self.encoded["probe"], self.encoded["forget"],
-                                         self.cfg.diagnostics)
+            self.ref_stats = ReferenceStatistics.compute(
+                self.reference, **statistics_options(dcfg, self.encoded["probe"], self.encoded["forget"]),
+                tokens="model" if dcfg.token_cka else None)
             if is_main():
-                atomic_torch_save(self.ref_snapshot.state_dict(), snap_path)
+                atomic_torch_save(self.ref_stats.state_dict(), stats_path)
         if broadcast(path.exists()):
             return _read_json(path)
         torch.manual_seed(self.cfg.seed)
