@@ -2,15 +2,29 @@
 
 Linear CKA (biased, debiased, batched, all layer pairs, streaming), randomized PCA with
 PCA similarity and shift, and diagonal Fisher information, behind one backend dispatcher
-(torch composite, C++ on CPU, Triton / CUDA on GPU). See DESIGN.md for the definitions.
+(torch composite, C++ on CPU, Triton / CUDA on GPU); and the surface between a model and those
+kernels: per-layer activations of any causal LM (``LayerActivations``, ``collect_activations``),
+one call to compare two models (``compare_models``) and monitoring while training
+(``RepresentationMonitor``; ``repforget_kernels.integrations.transformers`` for the Trainer).
+See docs/design.md for the definitions and docs/api.md for every name.
 """
+from .activations import (
+    LayerActivations,
+    PairedStreamingCKA,
+    ProcessShare,
+    RunningMoments,
+    collect_activations,
+    decoder_layers,
+)
 from .cka import StreamingCKA, cka_matrix, linear_cka
+from .compare import ModelComparison, ReferenceStatistics, compare_models
 from .fisher import (
     DiagonalFisher,
     fisher_accumulate_,
     fisher_histogram,
     per_sample_linear_fisher,
 )
+from .monitor import RepresentationMonitor, comparison_scalars
 from .pca import PCAResult, pca_shift, pca_similarity, randomized_pca
 from .pooling import pool_tokens
 
@@ -29,4 +43,15 @@ __all__ = [
     "DiagonalFisher",
     "fisher_histogram",
     "pool_tokens",
+    "decoder_layers",
+    "LayerActivations",
+    "collect_activations",
+    "PairedStreamingCKA",
+    "RunningMoments",
+    "ProcessShare",
+    "ReferenceStatistics",
+    "ModelComparison",
+    "compare_models",
+    "RepresentationMonitor",
+    "comparison_scalars",
 ]

@@ -8,7 +8,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from repforget_kernels import collect_activations, compare_models
 from repforget_kernels.driver import diagnostics as D
+from repforget_kernels.driver.data import iterate_batches
 from repforget_kernels.driver.evaluate import split_scores
 
 from conftest import free_port, gloo_group
@@ -21,12 +23,14 @@ def _diagnose():
     """Everything the two ranks split: pooled and token rows (the latter cut at an awkward 50 rows, inside a
     batch of rank 1), a probe pass with fewer batches than ranks, all diagnostics, and split_scores."""
     ref, upd, enc = random_models()
-    rows = {"mean": D.pooled_activations(ref, enc["probe"], batch_size=CFG.batch_size),
-            "tokens": D.pooled_activations(ref, enc["probe"], sample="tokens", batch_size=CFG.batch_size,
-                                           max_token_rows=50),
-            "one_batch": D.pooled_activations(ref, enc["probe"], sample="last", batch_size=64)}
+
+    def rows(batch_size, **kw):
+        return torch.stack(collect_activations(ref, iterate_batches(enc["probe"], batch_size), share=D.RankShare(), **kw))
+
+    rows = {"mean": rows(CFG.batch_size), "tokens": rows(CFG.batch_size, sample="tokens", max_rows=50),
+            "one_batch": rows(64, sample="last")}
     scores = split_scores(upd, enc["holdout"], batch_size=CFG.batch_size)
-    return rows, scores, D.diagnose(ref, upd, enc["probe"], enc["forget"], CFG)
+    return rows, scores, compare_models(ref, upd, **D.comparison_options(CFG, enc["probe"], enc["forget"])).to_dict()
 
 
 def _worker(rank: int, world: int, port: int, path: str) -> None:

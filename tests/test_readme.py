@@ -33,6 +33,15 @@ class TestReadme:
         torch.testing.assert_close(env["s"].compute(), linear_cka(env["x"], env["y"], debiased=True), rtol=0, atol=1e-5)
         assert env["pca"].components.shape == (6, 4, 64)
 
+    def test_quick_tour_model_snippet_runs_and_its_claims_hold(self):
+        snippet = re.findall(r"```python\n(.*?)\n```", (ROOT / "README.md").read_text(), re.S)[1]
+        env = {"print": lambda *a, **k: None}
+        exec(compile(snippet, "README.md", "exec"), env)
+        assert env["result"].cka.shape == env["result"].cka_tokens.shape == env["result"].pca_similarity.shape == (4,)
+        assert len(env["report"]["layers"]) == 4
+        assert env["scalars"]["repr/cka/layer_0"] == float(env["result"].cka[0])
+        assert env["monitor"].step(env["tuned"], 99) is None
+
     def test_memory_table_is_what_memory_plan_says(self):
         from transformers import LlamaConfig, Qwen2Config
 

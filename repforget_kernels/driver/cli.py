@@ -329,8 +329,10 @@ def cmd_run(args) -> int:
 def cmd_analyze(args) -> int:
     import torch
 
+    from repforget_kernels import compare_models
+
     from .data import encode, load_jsonl
-    from .diagnostics import diagnose
+    from .diagnostics import comparison_options
     from .distributed import join_process_group, launched_world_size
     from .models import load_model
     from .plots import plot_layers
@@ -354,7 +356,7 @@ def cmd_analyze(args) -> int:
     probe = encode(tokenizer, probe_items, max_length=args.max_length)
     forget = encode(tokenizer, forget_items, max_length=args.max_length)
     torch.manual_seed(args.seed)
-    result = diagnose(ref, upd, probe, forget, cfg)
+    result = compare_models(ref, upd, **comparison_options(cfg, probe, forget)).to_dict()
     analysis = dict(result, ref=str(args.ref), upd=str(args.upd), n_probe=len(probe_items),
                     config=asdict(cfg), models={"ref": ref_info, "upd": upd_info}, versions=versions(),
                     world_size=launched_world_size())

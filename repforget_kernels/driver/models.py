@@ -29,6 +29,8 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from repforget_kernels.activations import decoder_layers
+
 from .data import SPLITS, encode, make_corpus
 from .evaluate import evaluate
 from .train import TrainConfig, relearn
@@ -43,7 +45,7 @@ __all__ = [
     "resolve_model_path",
     "load_tokenizer",
     "load_model",
-    "decoder_layers",
+    "decoder_layers",  # the library's (repforget_kernels.decoder_layers), re-exported for the driver
     "memory_plan",
 ]
 
@@ -292,27 +294,6 @@ def _hf_progress_bars(enabled: bool):
         yield
     finally:
         (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
-
-
-def decoder_layers(model) -> list[torch.nn.Module]:
-    """The decoder blocks in order: the nn.ModuleList of ``config.num_hidden_layers`` same-class modules.
-
-    Found by structure, not by parameter names: among all ModuleLists whose children share one class,
-    the one with exactly num_hidden_layers children (the longest one when the config lacks that field).
-    Raises ValueError when none qualifies.
-    """
-    want = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    candidates = []
-    for _, module in model.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) > 0:
-            if len({type(child) for child in module}) == 1:
-                candidates.append(module)
-    if want is not None:
-        candidates = [m for m in candidates if len(m) == want]
-    if not candidates:
-        raise ValueError(f"no ModuleList of {want if want is not None else 'identical'} decoder blocks found "
-                         f"in {type(model).__name__}")
-    return list(max(candidates, key=len))
 
 
 def _param_shapes(config) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:

@@ -2,14 +2,14 @@
 
 A *run* is one :class:`RunSpec` (method, learning rate, setting, relearn budget and data). Every
 stage is evaluated (``evaluate.evaluate``: forget / retain accuracy, perplexity, MIA AUCs) and
-diagnosed against the original model (``diagnostics``: CKA, PCA similarity and shift, Fisher), and
-each run ends with a verdict (``report.verdict``).
+diagnosed against the original model (``repforget_kernels.compare_models``: CKA, PCA similarity and
+shift, Fisher), and each run ends with a verdict (``report.verdict``).
 
 State and resume. ``OUT/state/`` (a :class:`state.StateDir`: every JSON self-checksummed, every
 checkpoint verified against the digest in the record written after it) holds, each written atomically
 as soon as it exists: ``config.json`` (the fingerprint the state belongs to: settings, a content
 digest of every data split and the digests of the model's files), ``reference.pt`` + ``original.json``
-(the original model's diagnostic snapshot and stage record), and per run ``<run_id>/spec.json``,
+(the original model's ``ReferenceStatistics`` and stage record), and per run ``<run_id>/spec.json``,
 ``<run_id>/<i>_<stage>.pt`` (the model checkpoint of the last finished stage; older ones are removed
 once a newer stage's record is on disk; the final stage needs none) and ``<run_id>/<i>_<stage>.json``.
 Rerunning the same command skips finished stages, restarts from the last checkpoint and produces the
@@ -43,8 +43,10 @@ from typing import Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
+from repforget_kernels import ReferenceStatistics, compare_models
+
 from .data import encode, make_corpus
-from .diagnostics import DiagnosticsConfig, Snapshot, compare, snapshot, token_cka
+from .diagnostics import DiagnosticsConfig, comparison_options, statistics_options
 from .distributed import (
     FSDPSettings,
     broadcast,
@@ -269,25 +271,26 @@ class Pipeline:
         return dict(**self._evaluate(plain), **self._diagnose(plain))
 
     def _diagnose(self, model) -> dict:
-        dcfg = self.cfg.diagnostics
-        upd = snapshot(model, self.encoded["probe"], self.encoded["forget"], dcfg)
-        tokens = token_cka(self.reference, model, self.encoded["probe"], batch_size=dcfg.batch_size) \
-            if dcfg.token_cka else None
-        return compare(self.ref_snapshot, upd, dcfg, tokens)
+        options = comparison_options(self.cfg.diagnostics, self.encoded["probe"], self.encoded["forget"])
+        return compare_models(self.ref_stats, model, **options).to_dict()
 
     def _original_stage(self) -> dict:
-        """The original model's stage record (and reference snapshot), computed once per OUT."""
+        """The original model's stage record (and reference statistics), computed once per OUT."""
+        dcfg = self.cfg.diagnostics
+        token_model = self.reference if dcfg.token_cka else None  # run again per stage for token-level CKA
         if broadcast(self.state.exists("original.json")):
             saved = self.state.read_json("original.json")
-            self.ref_snapshot = Snapshot(**self.state.load_torch("reference.pt", saved["reference_sha256"]))
+            stats = self.state.load_torch("reference.pt", saved["reference_sha256"])
+            self.ref_stats = ReferenceStatistics.from_state_dict(stats, model=token_model)
             return saved["record"]
         torch.manual_seed(self.cfg.seed)
-        self.ref_snapshot = snapshot(self.reference, self.encoded["probe"], self.encoded["forget"],
-                                     self.cfg.diagnostics)
+        self.ref_stats = ReferenceStatistics.compute(
+            self.reference, **statistics_options(dcfg, self.encoded["probe"], self.encoded["forget"]),
+            tokens="model" if dcfg.token_cka else None)
         torch.manual_seed(self.cfg.seed)
         record = dict(name="original", train=None, **self._measure(self.reference))
         if is_main():
-            digest = self.state.save_torch("reference.pt", self.ref_snapshot.state_dict())
+            digest = self.state.save_torch("reference.pt", self.ref_stats.state_dict())
             self.state.write_json("original.json", {"record": record, "reference_sha256": digest})
         return record
 
