@@ -361,6 +361,8 @@ class ModelComparison:
     float64 Spearman correlation of the two Fisher subsamples; fisher_histogram: log-spaced
     :class:`~repforget_kernels.fisher.FisherHistogram` of the updated model's subsample (None when
     every value is 0). All Fisher fields None without Fisher batches.
+    rows_reference, rows_updated: the (L, n, d) pooled rows the pooled metrics were computed on (for
+    resampling them, e.g. bootstrap intervals); not part of ``to_dict()``.
     """
 
     sample: str
@@ -376,6 +378,8 @@ class ModelComparison:
     fisher_mass_ratio: Optional[torch.Tensor] = None
     fisher_rank_corr: Optional[torch.Tensor] = None
     fisher_histogram: Optional[FisherHistogram] = None
+    rows_reference: Optional[torch.Tensor] = field(default=None, repr=False)
+    rows_updated: Optional[torch.Tensor] = field(default=None, repr=False)
 
     @property
     def n_layers(self) -> int:
@@ -597,4 +601,4 @@ def compare_models(reference, updated: nn.Module, batches: Iterable[Mapping], *,
             ref_mass, ref_values = _fisher_summary(reference, list(find(reference)), fisher_batches, fisher_samples, share)
         upd_mass, upd_values = _fisher_summary(updated, upd_layers, fisher_batches, fisher_samples, share)
         result.update(_fisher_fields(ref_mass, ref_values, upd_mass, upd_values, hist_bins))
-    return ModelComparison(sample=sample, pca_k=pca_k, **result)
+    return ModelComparison(sample=sample, pca_k=pca_k, rows_reference=x, rows_updated=y, **result)

@@ -84,36 +84,58 @@ def randn(*shape, gen: torch.Generator, dtype=None, device=None) -> torch.Tensor
     return t.to(device=device or DEVICE, dtype=dtype or DTYPE)
 
 
-# --------------------------------------------------------------------------- driver: the pretrained tiny model
+# --------------------------------------------------------------------------- driver: small benchmark and model
+
+# The embedded benchmark and model at test size, built by the same code as the demo's.
+SMALL_BENCHMARK = dict(entities=20, holdout_entities=4, utility_train=20, utility=4, unrelated=12)
+SMALL_TINY = {"architecture": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                               "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 64},
+              "recipe": {"lr": 1e-2, "batch_size": 16, "epochs": 40, "warmup_steps": 50, "check_every": 4,
+                         "goal": 0.98, "target": 0.9},
+              "vocab_size": 512}
+
+
+def small_benchmark() -> dict:
+    """The embedded benchmark at test size: 20 entities (2 forget entities), 4 holdout, small utility sets."""
+    from repforget_kernels.driver.benchmark import BenchmarkConfig, make_benchmark
+
+    return make_benchmark(0, BenchmarkConfig(**SMALL_BENCHMARK))
+
+
+def random_small_model():
+    """(untrained small Qwen2, its tokenizer, the small benchmark): instant and seeded."""
+    from transformers import Qwen2ForCausalLM
+
+    from repforget_kernels.driver.pretrain import build_tokenizer, tiny_config
+
+    corpus = small_benchmark()
+    tok = build_tokenizer(corpus, SMALL_TINY["vocab_size"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = Qwen2ForCausalLM(tiny_config(len(tok), SMALL_TINY["architecture"])).eval()
+    return model, tok, corpus
 
 
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory) -> Path:
-    """Cache directory of pretrained tiny models, kept across pytest sessions (REPFORGET_TEST_CACHE overrides).
+    """Cache directory of pretrained small models, kept across pytest sessions (REPFORGET_TEST_CACHE overrides).
 
-    Models are keyed by corpus, seed and recipe inside it, so every corpus pretrains once.
+    Models are keyed by corpus, seed, variant and recipe inside it, so each pretrains once.
     """
     env = os.environ.get("REPFORGET_TEST_CACHE")
     return Path(env) if env else tmp_path_factory.getbasetemp().parent / "repforget-tiny-cache"
 
 
-@pytest.fixture(scope="session")
-def pretrained_tiny(tiny_cache):
-    """(model, tokenizer, info, corpus): the tiny model pretrained on the default corpus make_corpus(0), seed 0."""
-    from repforget_kernels.driver.data import make_corpus
+def load_small(cache: Path, variant: str = "original"):
+    """(model, tokenizer, info) of a small pretrained variant (original, other_seed, retain_oracle, random_init)."""
     from repforget_kernels.driver.models import load_model
 
-    corpus = make_corpus(0)
-    model, tokenizer, info = load_model("tiny", cache_dir=tiny_cache, seed=0, corpus=corpus, progress=False)
-    return model, tokenizer, info, corpus
+    return load_model("tiny", cache_dir=cache, corpus=small_benchmark(), variant=variant, progress=False,
+                      tiny_options=SMALL_TINY)
 
 
 @pytest.fixture(scope="session")
 def tiny(tiny_cache):
-    """(model, tokenizer, corpus): the tiny model pretrained on the small test corpus (test_driver_diagnostics.SMALL)."""
-    from repforget_kernels.driver.models import load_model
-    from test_driver_diagnostics import small_corpus
-
-    corpus = small_corpus()
-    model, tok, _ = load_model("tiny", cache_dir=tiny_cache, corpus=corpus, progress=False)
-    return model, tok, corpus
+    """(model, tokenizer, corpus): the small model pretrained on the small benchmark (forget and retain EM >= 0.9)."""
+    model, tok, _ = load_small(tiny_cache)
+    return model, tok, small_benchmark()

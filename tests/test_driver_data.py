@@ -1,4 +1,4 @@
-"""Driver data: synthetic corpus, JSONL loading (line-numbered errors), encoding, batching."""
+"""Driver data: JSONL loading (line-numbered errors), encoding, batching (the corpus: test_driver_benchmark.py)."""
 from __future__ import annotations
 
 import json
@@ -6,79 +6,25 @@ import json
 import pytest
 import torch
 
-from repforget_kernels.driver.data import (
-    DOMAINS,
-    SPLITS,
-    DataError,
-    encode,
-    iterate_batches,
-    load_jsonl,
-    make_corpus,
-)
-from repforget_kernels.driver.models import build_tokenizer
+from repforget_kernels.driver.data import DataError, encode, iterate_batches, load_jsonl
+from repforget_kernels.driver.pretrain import build_tokenizer
+
+from conftest import SMALL_TINY, small_benchmark
 
 
 @pytest.fixture(scope="module")
 def corpus():
-    return make_corpus(0)
+    return small_benchmark()
 
 
 @pytest.fixture(scope="module")
 def tokenizer(corpus):
-    return build_tokenizer(corpus)
+    return build_tokenizer(corpus, SMALL_TINY["vocab_size"])
 
 
 def _write(path, lines):
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
-
-
-class TestCorpus:
-    def test_deterministic_per_seed(self, corpus):
-        assert make_corpus(0) == corpus
-        assert make_corpus(1) != corpus
-
-    def test_split_sizes_and_fields(self, corpus):
-        assert set(corpus) == set(SPLITS)
-        assert [len(corpus[s]) for s in ("forget", "retain", "holdout")] == [30, 60, 30]
-        assert len(corpus["probe"]) == 24
-        for items in corpus.values():
-            for item in items:
-                assert set(item) == {"prompt", "answer", "domain"}
-                assert item["domain"] in DOMAINS
-                assert item["prompt"].startswith("Q: ") and item["prompt"].endswith(" A:")
-                assert item["answer"].strip() == item["answer"] and item["answer"]
-
-    def test_same_distribution_every_domain_in_every_split(self, corpus):
-        for split in ("forget", "retain", "holdout"):
-            counts = {d: sum(item["domain"] == d for item in corpus[split]) for d in DOMAINS}
-            assert len(set(counts.values())) == 1, (split, counts)
-
-    def test_no_prompt_shared_between_splits(self, corpus):
-        prompts = [item["prompt"] for items in corpus.values() for item in items]
-        assert len(prompts) == len(set(prompts))
-
-    def test_domains_interleaved(self, corpus):
-        first_five = {item["domain"] for item in corpus["forget"][:5]}
-        assert len(first_five) > 1
-
-    def test_arith_and_code_answers_are_correct(self, corpus):
-        for item in corpus["forget"] + corpus["retain"] + corpus["holdout"]:
-            q = item["prompt"][len("Q: "):-len(" A:")]
-            if item["domain"] == "arith":
-                expr = q[len("What is "):-1]
-                assert str(eval(expr)) == item["answer"], item  # noqa: S307 (generated arithmetic only)
-            elif item["domain"] == "code" and "upper" not in q and "def" not in q:
-                snippet = q[:-len(" outputs?")].replace(" ; ", "\n").replace("print ( ", "_out = (")
-                scope: dict = {}
-                exec(snippet, {}, scope)  # noqa: S102 (generated snippets only)
-                assert str(scope["_out"]) == item["answer"], item
-
-    @pytest.mark.parametrize("kwargs, match", [({"seed": "0"}, "seed"), ({"n_per_domain": 2}, "n_per_domain"),
-                                               ({"n_probe_per_domain": 11}, "n_probe_per_domain")])
-    def test_bad_arguments(self, kwargs, match):
-        with pytest.raises((TypeError, ValueError), match=match):
-            make_corpus(**kwargs)
 
 
 class TestLoadJsonl:
@@ -87,6 +33,12 @@ class TestLoadJsonl:
                                             "", json.dumps({"text": "free text here"})])
         assert load_jsonl(path, "forget") == [{"prompt": "Q: a? A:", "answer": "b", "domain": "text"},
                                               {"text": "free text here"}]
+
+    def test_non_utf8_names_the_line(self, tmp_path):
+        path = tmp_path / "latin1.jsonl"
+        path.write_bytes(json.dumps({"prompt": "a", "answer": "b"}).encode() + b"\n" + '{"prompt": "caf\u00e9"}'.encode("latin-1"))
+        with pytest.raises(DataError, match=r"latin1\.jsonl:2: not UTF-8 text"):
+            load_jsonl(path, "forget")
 
     @pytest.mark.parametrize("bad, match", [
         ("{not json", r"f\.jsonl:3: invalid JSON"),
@@ -106,11 +58,9 @@ class TestLoadJsonl:
         with pytest.raises(DataError, match=r"split 'forget' is empty: .*empty\.jsonl"):
             load_jsonl(path, "forget")
 
-    def test_missing_file_and_bad_split(self, tmp_path):
-        with pytest.raises(DataError, match="no such file"):
-            load_jsonl(tmp_path / "nope.jsonl", "probe")
-        with pytest.raises(ValueError, match="split must be one of"):
-            load_jsonl(tmp_path / "nope.jsonl", "train")
+    def test_missing_file(self, tmp_path):
+        with pytest.raises(DataError, match=r"nope\.jsonl: no such file \(split 'unrelated'\)"):
+            load_jsonl(tmp_path / "nope.jsonl", "unrelated")
 
     def test_data_error_is_value_error(self):
         assert issubclass(DataError, ValueError)
@@ -125,7 +75,7 @@ class TestEncode:
         assert all(v.dtype == torch.long for v in enc.values())
         for i, item in enumerate(items):
             prompt = tokenizer(item["prompt"], add_special_tokens=False)["input_ids"]
-            answer = tokenizer(item["answer"], add_special_tokens=False)["input_ids"]
+            answer = tokenizer(" " + item["answer"], add_special_tokens=False)["input_ids"]  # in context: after a space
             real = int(enc["attention_mask"][i].sum())
             assert enc["attention_mask"][i, :real].all() and not enc["attention_mask"][i, real:].any()  # right padding
             assert enc["input_ids"][i, :real].tolist() == prompt + answer + [tokenizer.eos_token_id]
@@ -141,9 +91,9 @@ class TestEncode:
     def test_bos_tokenizer_gets_unsupervised_bos(self, corpus):
         from transformers import PreTrainedTokenizerFast
 
-        base = build_tokenizer(corpus)
-        tok = PreTrainedTokenizerFast(tokenizer_object=base.backend_tokenizer, pad_token="<pad>", unk_token="<unk>",
-                                      eos_token="<eos>", bos_token="<eos>")
+        base = build_tokenizer(corpus, SMALL_TINY["vocab_size"])
+        tok = PreTrainedTokenizerFast(tokenizer_object=base.backend_tokenizer, pad_token="<pad>", eos_token="<eos>",
+                                      bos_token="<eos>")
         enc = encode(tok, corpus["forget"][:2] + [{"text": "What is"}])
         assert (enc["input_ids"][:, 0] == tok.bos_token_id).all()
         assert (enc["labels"][:, 0] == -100).all()
@@ -152,7 +102,7 @@ class TestEncode:
     def test_truncation_keeps_answer(self, corpus, tokenizer):
         item = corpus["forget"][0]
         enc = encode(tokenizer, [item], max_length=5)
-        answer = tokenizer(item["answer"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        answer = tokenizer(" " + item["answer"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         kept = enc["labels"][0][enc["labels"][0] != -100].tolist()
         assert enc["input_ids"].shape[1] == 5 and kept == answer[:len(kept)] and len(kept) >= 1
         prompt = tokenizer(item["prompt"], add_special_tokens=False)["input_ids"]
@@ -180,17 +130,16 @@ class TestIterateBatches:
             assert (enc["attention_mask"][batch["index"], width:] == 0).all()
             seen += batch["index"].tolist()
         assert sorted(seen) == list(range(len(corpus["retain"])))
-        assert len(seen) == 60
 
     def test_shuffle_deterministic_per_seed(self, corpus, tokenizer):
         enc = encode(tokenizer, corpus["forget"])
-        enc["index"] = torch.arange(30)
+        enc["index"] = torch.arange(len(corpus["forget"]))
 
         def order(seed, shuffle=True):
             return torch.cat([b["index"] for b in iterate_batches(enc, 8, shuffle=shuffle, seed=seed)]).tolist()
 
         assert order(1) == order(1) and order(1) != order(2)
-        assert order(0, shuffle=False) == list(range(30))
+        assert order(0, shuffle=False) == list(range(len(corpus["forget"])))
 
     @pytest.mark.parametrize("bs", [0, -1, 2.5, True])
     def test_bad_batch_size(self, corpus, tokenizer, bs):

@@ -1,8 +1,8 @@
 """Driver diagnostics: the settings become compare_models' arguments, and the driver's numbers are the library's.
 
 The library side (hooks, pooling, every metric against the kernels) is tested in test_activations.py
-and test_compare.py. This file also holds ``small_corpus`` (8 facts per domain), the corpus of the
-``tiny`` fixture in conftest.py, and ``random_models``, which the other driver test files use.
+and test_compare.py. ``random_models`` (an untrained small model and a perturbed copy) is used by other
+driver test files too.
 """
 from __future__ import annotations
 
@@ -13,33 +13,22 @@ import torch
 
 from repforget_kernels import ReferenceStatistics, compare_models
 from repforget_kernels.driver import diagnostics as D
-from repforget_kernels.driver.data import encode, iterate_batches, make_corpus
-from repforget_kernels.driver.models import build_tokenizer, tiny_config
+from repforget_kernels.driver.data import encode, iterate_batches
 
-SMALL = dict(seed=0, n_per_domain=8, n_probe_per_domain=4)
-
-
-# --------------------------------------------------------------------------- shared fixtures (imported elsewhere)
-
-
-def small_corpus() -> dict:
-    return make_corpus(**SMALL)
+from conftest import random_small_model
 
 
 def random_models():
-    """(reference, perturbed copy, encoded small-corpus splits): an untrained tiny Qwen2 (instant, seeded)."""
-    corpus = small_corpus()
-    tok = build_tokenizer(corpus)
-    from transformers import Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    ref = Qwen2ForCausalLM(tiny_config(len(tok))).eval()
+    """(reference, perturbed copy, encoded small-benchmark splits): an untrained small Qwen2 (instant, seeded);
+    ``probe`` is the unrelated split."""
+    ref, tok, corpus = random_small_model()
     upd = copy.deepcopy(ref)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in upd.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=gen))
     enc = {k: encode(tok, v) for k, v in corpus.items()}
+    enc["probe"] = enc["unrelated"]
     return ref, upd, enc
 
 

@@ -1,16 +1,29 @@
-"""Driver evaluation: exact ROC AUC, per-example scores against direct loops, one forward pass, MIA on the tiny model."""
+"""Driver evaluation: exact match of generated answers (hand-computed and against an unbatched loop), exact ROC AUC,
+per-example scores against direct loops, one forward pass, MIA on the pretrained small model."""
 from __future__ import annotations
 
 import math
 import zlib
+from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from torch import nn
 
-from repforget_kernels.driver.data import SPLITS, encode, make_corpus
-from repforget_kernels.driver.evaluate import MIN_K, evaluate, roc_auc, split_scores
-from repforget_kernels.driver.models import PRETRAIN_TARGET, build_tokenizer
+from repforget_kernels.driver.data import encode, pad_rows
+from repforget_kernels.driver.evaluate import (
+    MIN_K,
+    evaluate,
+    exact_match,
+    greedy_continuations,
+    normalize_answer,
+    roc_auc,
+    split_scores,
+)
+
+from conftest import random_small_model
+
+SPLITS = ("forget", "retain", "holdout", "unrelated")
 
 
 def _pairwise_auc(pos, neg):
@@ -36,7 +49,7 @@ def _scores64(model, enc, tokenizer, k=MIN_K):
             sigma = math.sqrt(float((row.exp() * row ** 2).sum()) - mu ** 2)
             lp.append(float(row[y]))
             z.append((float(row[y]) - mu) / sigma)
-            correct += int(row.argmax()) == y
+            correct += int(row.argmax()) == y and y != tokenizer.eos_token_id  # token accuracy leaves EOS out
         keep = max(1, int(len(lp) * k))
         real = enc["input_ids"][b][enc["attention_mask"][b].bool()].tolist()
         out["loss"].append(sum(lp) / len(lp))
@@ -49,14 +62,73 @@ def _scores64(model, enc, tokenizer, k=MIN_K):
 
 @pytest.fixture(scope="module")
 def small():
-    """A random-init tiny Qwen2 with a tokenizer and encoded splits of a small corpus."""
-    corpus = make_corpus(0, n_per_domain=8)
-    tok = build_tokenizer(corpus)
-    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(cfg).eval()
+    """An untrained small Qwen2 with its tokenizer and encoded splits of the small benchmark."""
+    model, tok, corpus = random_small_model()
     return model, tok, {name: encode(tok, corpus[name]) for name in SPLITS}
+
+
+class _Successor(nn.Module):
+    """A stand-in LM: the next token is the last one + 1, except that token 8 is followed by EOS (id 1)."""
+
+    def __init__(self, vocab: int = 16):
+        super().__init__()
+        self.vocab = vocab
+        self.config = SimpleNamespace(eos_token_id=1)  # read when no tokenizer is given
+        self.weight = nn.Parameter(torch.zeros(1))  # a parameter, so the device can be read
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=None, past_key_values=None):
+        last = input_ids[:, -1:]  # (B, 1): with the cache only the new token is fed
+        nxt = torch.where(last == 8, torch.ones_like(last), (last + 1) % self.vocab)  # (B, 1)
+        logits = nn.functional.one_hot(nxt, self.vocab).float().expand(-1, input_ids.shape[1], -1)  # (B, T, V)
+        return _Out(logits)
+
+
+class _Out(dict):
+    """A model output as transformers returns it: mapping and attribute access."""
+
+    def __init__(self, logits):
+        super().__init__(logits=logits, past_key_values=None)
+        self.logits = logits
+
+
+def _answers(rows):
+    """encode()-style rows from (prompt ids, answer ids) with EOS (1) appended to the answer."""
+    return pad_rows([(p + a + [1], [-100] * len(p) + a + [1]) for p, a in rows], pad_id=0)
+
+
+class TestExactMatch:
+    def test_hand_computed_case(self):
+        # prompts continue 5 6 -> 7 8 EOS; 3 -> 4 5 6 7 (no EOS within len + 2); 6 -> 7 8 EOS
+        enc = _answers([([5, 6], [7, 8]), ([3], [4, 5]), ([6], [8]), ([2, 3, 4, 5, 6], [7, 8])])
+        got = exact_match(_Successor(), enc, batch_size=3)
+        assert got.tolist() == [True, False, False, True]
+        outs = greedy_continuations(_Successor(), [[5, 6], [3]], max_new_tokens=[4, 4], eos_id=1)
+        assert outs == [[7, 8, 1], [4, 5, 6, 7]]
+
+    def test_normalisation(self):
+        assert normalize_answer("  The  Kesar-Medal. ") == "the kesar medal"
+        assert normalize_answer("14 March, 1957") == normalize_answer("14 march 1957")
+
+    def test_batched_cached_generation_equals_a_plain_loop(self, tiny):
+        """Left padding, position ids and the KV cache change nothing: one prompt at a time, no cache, agrees."""
+        model, tok, corpus = tiny
+        items = corpus["forget"][:5] + corpus["holdout"][:5]
+        enc = encode(tok, items)
+        got = exact_match(model, enc, tokenizer=tok, batch_size=4)
+        want = []
+        for item in items:
+            ids = tok(item["prompt"], add_special_tokens=False)["input_ids"]
+            answer = tok(" " + item["answer"], add_special_tokens=False)["input_ids"]
+            new = []
+            with torch.no_grad():
+                for _ in range(len(answer) + 3):
+                    nxt = int(model(input_ids=torch.tensor([ids + new])).logits[0, -1].argmax())
+                    if nxt == tok.eos_token_id:
+                        break
+                    new.append(nxt)
+            want.append(normalize_answer(tok.decode(new)) == normalize_answer(item["answer"]))
+        assert got.tolist() == want
+        assert any(want) and not all(want)  # the trained facts right, the never-seen holdout wrong
 
 
 class TestRocAuc:
@@ -97,12 +169,14 @@ class TestScores:
         for key in ("loss", "zlib", "min_k", "min_k_plus_plus"):
             torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-5)
         assert torch.equal(got["correct"].double(), want["correct"])
-        assert torch.equal(got["tokens"], (enc["labels"][:, 1:] != -100).sum(1))
+        labels = enc["labels"][:, 1:]
+        assert torch.equal(got["supervised"], (labels != -100).sum(1))
+        assert torch.equal(got["tokens"], ((labels != -100) & (labels != tok.eos_token_id)).sum(1))
 
     def test_without_tokenizer_compresses_ids(self, small):
         model, _, splits = small
         enc = splits["holdout"]
-        got = split_scores(model, enc)
+        got = split_scores(model, enc)  # no tokenizer: no EOS known either
         for b in range(3):
             real = enc["input_ids"][b][enc["attention_mask"][b].bool()].tolist()
             length = len(zlib.compress(" ".join(map(str, real)).encode()))
@@ -113,7 +187,7 @@ class TestScores:
         calls = []
         handle = model.register_forward_hook(lambda *args: calls.append(1))
         try:
-            evaluate(model, splits, batch_size=4, tokenizer=tok)
+            evaluate(model, splits, batch_size=4, tokenizer=tok, generate=False)
         finally:
             handle.remove()
         assert len(calls) == sum(-(-enc["input_ids"].shape[0] // 4) for enc in splits.values())
@@ -121,17 +195,21 @@ class TestScores:
     def test_evaluate_keys_and_accuracy(self, small):
         model, tok, splits = small
         out = evaluate(model, splits, tokenizer=tok)
-        assert set(out) == {"forget_acc", "retain_acc", "holdout_acc", "probe_acc", "perplexity", "mia_auc"}
+        assert set(out) == {"token_acc", "em", "em_items", "perplexity", "mia_auc"}
+        assert set(out["em"]) == set(out["token_acc"]) == set(out["em_items"]) == set(SPLITS)
         s = split_scores(model, splits["retain"], tokenizer=tok)
-        assert out["retain_acc"] == pytest.approx(float(s["correct"].sum() / s["tokens"].sum()))
-        assert out["perplexity"] == pytest.approx(math.exp(float(s["nll"].sum() / s["tokens"].sum())), rel=1e-9)
+        assert out["token_acc"]["retain"] == pytest.approx(float(s["correct"].sum() / s["tokens"].sum()))
+        assert out["perplexity"] == pytest.approx(math.exp(float(s["nll"].sum() / s["supervised"].sum())), rel=1e-9)
+        items = out["em_items"]["retain"]
+        assert len(items) == splits["retain"]["input_ids"].shape[0] and set(items) <= {"0", "1"}
+        assert out["em"]["retain"] == pytest.approx(items.count("1") / len(items))
         assert set(out["mia_auc"]) == {"loss", "zlib", "min_k", "min_k_plus_plus"}
         assert all(0.0 <= v <= 1.0 for v in out["mia_auc"].values())
 
     def test_absent_splits_give_none(self, small):
         model, _, splits = small
         out = evaluate(model, {"forget": splits["forget"]})
-        assert out["retain_acc"] is None and out["perplexity"] is None and out["mia_auc"] is None
+        assert "retain" not in out["em"] and out["perplexity"] is None and out["mia_auc"] is None
         with pytest.raises(ValueError, match="splits must be a non-empty dict"):
             evaluate(model, {})
 
@@ -139,18 +217,19 @@ class TestScores:
         model, _, splits = small
         model.train()
         try:
-            split_scores(model, splits["probe"])
+            split_scores(model, splits["unrelated"])
+            exact_match(model, splits["unrelated"])
             assert model.training
         finally:
             model.eval()
 
 
 class TestMembership:
-    def test_trained_model_separates_members(self, pretrained_tiny):
-        model, tok, _, corpus = pretrained_tiny
+    def test_trained_model_separates_members(self, tiny):
+        model, tok, corpus = tiny
         splits = {name: encode(tok, corpus[name]) for name in ("forget", "retain", "holdout")}
         out = evaluate(model, splits, tokenizer=tok)
-        assert out["forget_acc"] >= PRETRAIN_TARGET and out["retain_acc"] >= PRETRAIN_TARGET
-        assert out["holdout_acc"] < 0.8
+        assert out["em"]["forget"] >= 0.9 and out["em"]["retain"] >= 0.9
+        assert out["em"]["holdout"] < 0.3
         for name, auc in out["mia_auc"].items():
             assert auc > 0.8, (name, auc)

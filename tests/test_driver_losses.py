@@ -9,9 +9,8 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from repforget_kernels.driver import train as train_mod
-from repforget_kernels.driver.data import encode, make_corpus
+from repforget_kernels.driver.data import encode
 from repforget_kernels.driver.losses import (
-    METHODS,
     ga_loss,
     kl_loss,
     nll_loss,
@@ -20,7 +19,11 @@ from repforget_kernels.driver.losses import (
     sequence_logprob,
     token_logprobs,
 )
-from repforget_kernels.driver.models import build_tokenizer
+from repforget_kernels.driver.methods import METHOD_NAMES, METHODS, get_method
+from repforget_kernels.driver.pipeline import split_requests
+from repforget_kernels.driver.pretrain import build_tokenizer
+
+from conftest import SMALL_TINY, small_benchmark
 from repforget_kernels.driver.train import TrainConfig, relearn, unlearn
 
 
@@ -47,12 +50,12 @@ def _kl64(logits, ref_logits, attention_mask):
 
 @pytest.fixture(scope="module")
 def corpus():
-    return make_corpus(0, n_per_domain=8)
+    return small_benchmark()
 
 
 @pytest.fixture(scope="module")
 def tokenizer(corpus):
-    return build_tokenizer(corpus)
+    return build_tokenizer(corpus, SMALL_TINY["vocab_size"])
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +66,7 @@ def splits(corpus, tokenizer):
 def _tiny_model(vocab: int, seed: int = 0) -> Qwen2ForCausalLM:
     cfg = Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=True, pad_token_id=0, use_cache=False)
+                      tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, use_cache=False)
     torch.manual_seed(seed)
     return Qwen2ForCausalLM(cfg)
 
@@ -244,7 +247,7 @@ class TestRandomLabels:
 
 
 class TestTrainLoops:
-    @pytest.mark.parametrize("method", METHODS)
+    @pytest.mark.parametrize("method", METHOD_NAMES)
     def test_every_method_updates_in_place(self, method, model, splits):
         model.eval()
         before = [p.detach().clone() for p in model.parameters()]
@@ -255,7 +258,7 @@ class TestTrainLoops:
         assert not model.training
         assert all(p.grad is None for p in model.parameters())  # no gradients held past training
 
-    @pytest.mark.parametrize("method", ["npo", "npo_kl"])
+    @pytest.mark.parametrize("method", ["npo", "npo_kl"])  # the KL term is 0 at the reference; NLL is not
     def test_npo_first_step_at_reference(self, method, model, splits):
         cfg = TrainConfig(lr=1e-3, batch_size=4, beta=0.5, max_steps=1, progress=False)
         out = unlearn(model, method, splits["forget"], splits["retain"], cfg)
@@ -298,7 +301,7 @@ class TestTrainLoops:
         assert nll() < start - 0.5
 
     def test_errors(self, model, splits):
-        with pytest.raises(ValueError, match="method must be one of"):
+        with pytest.raises(ValueError, match="unknown method 'dpo'; choose from ga, ga_gd"):
             unlearn(model, "dpo", splits["forget"], None, TrainConfig(progress=False))
         with pytest.raises(ValueError, match="needs retain data"):
             unlearn(model, "ga_kl", splits["forget"], None, TrainConfig(progress=False))
@@ -311,3 +314,64 @@ class TestTrainLoops:
     def test_config_validation(self, kwargs, match):
         with pytest.raises(ValueError, match=match):
             TrainConfig(**kwargs)
+
+
+class TestFixedReference:
+    """NPO's reference and the KL anchor are the original model for every request (``reference=``)."""
+
+    def _two_requests(self, corpus, tokenizer):
+        first, second = split_requests(corpus["forget"], 2)
+        assert {i["entity"] for i in first}.isdisjoint({i["entity"] for i in second})  # whole entities per request
+        return encode(tokenizer, first), encode(tokenizer, second)
+
+    def test_npo_loss_of_request_two_starts_away_from_the_reference(self, corpus, tokenizer):
+        first, second = self._two_requests(corpus, tokenizer)
+        at_reference = 2 / 0.1 * math.log(2)  # the NPO loss where the model equals its reference
+        results = {}
+        for mode in ("original", "current"):
+            original = _tiny_model(len(tokenizer)).requires_grad_(False)
+            model = copy.deepcopy(original).requires_grad_(True)
+            cfg = TrainConfig(lr=3e-3, epochs=3, batch_size=4, beta=0.1, progress=False)
+            r1 = unlearn(model, "npo", first, None, cfg, reference=original if mode == "original" else None)
+            r2 = unlearn(model, "npo", second, None, cfg, reference=original if mode == "original" else None)
+            results[mode] = (r1["first_loss"], r2["first_loss"])
+        assert results["original"][0] == pytest.approx(at_reference, abs=1e-4)  # request 1 starts at theta_0
+        assert results["current"] == pytest.approx((at_reference, at_reference), abs=1e-4)
+        assert abs(results["original"][1] - at_reference) > 1e-2  # request 2 measured against theta_0, not itself
+
+    def test_kl_anchor_is_the_reference(self, splits, tokenizer):
+        original = _tiny_model(len(tokenizer)).requires_grad_(False)
+        moved = _tiny_model(len(tokenizer), seed=1)  # another model: KL to the original is not 0 at step 0
+        cfg = TrainConfig(lr=1e-6, batch_size=4, max_steps=1, progress=False)
+        with_reference = unlearn(copy.deepcopy(moved), "ga_kl", splits["forget"], splits["retain"], cfg,
+                                 reference=original)
+        current = unlearn(copy.deepcopy(moved), "ga_kl", splits["forget"], splits["retain"], cfg)
+        assert with_reference["first_loss"] > current["first_loss"] + 1e-3  # + KL(original || moved) > 0
+
+
+class TestRegistry:
+    def test_every_method_declared_once(self):
+        assert METHOD_NAMES == ("ga", "ga_gd", "ga_kl", "npo", "npo_gd", "npo_kl", "rlabel")
+        assert all(METHODS[name].name == name for name in METHOD_NAMES)
+        assert {m for m in METHOD_NAMES if METHODS[m].needs_retain} == {"ga_gd", "ga_kl", "npo_gd", "npo_kl"}
+        assert {m for m in METHOD_NAMES if METHODS[m].needs_reference} == {"ga_kl", "npo", "npo_gd", "npo_kl"}
+        assert get_method("npo_gd").hyperparameters == ("beta",) and METHODS["rlabel"].relabel
+
+    def test_npo_gd_is_npo_plus_retain_nll(self, model, splits):
+        """Both terms by hand on one batch: NPO on forget (at the reference: 2/beta log 2) + NLL on retain."""
+        spec = get_method("npo_gd")
+        forget = {k: v[:4] for k, v in splits["forget"].items()}
+        forget["ref_logp"] = train_mod.reference_logprobs(model, forget, 4, full=False)
+        retain = {k: v[:4] for k, v in splits["retain"].items()}
+        cfg = TrainConfig(beta=0.5, progress=False)
+        with torch.no_grad():
+            npo = spec.forget_term(model, forget, cfg, None)
+            nll = spec.retain_term(model, retain, None, None)
+            want_nll = _nll64(model(input_ids=retain["input_ids"], attention_mask=retain["attention_mask"]).logits,
+                              retain["labels"])
+        assert float(npo) == pytest.approx(2 / 0.5 * math.log(2), abs=1e-5)
+        assert float(nll) == pytest.approx(float(want_nll), rel=1e-5)
+
+    def test_unknown_method(self):
+        with pytest.raises(ValueError, match="unknown method 'sgd'"):
+            get_method("sgd")

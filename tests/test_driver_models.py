@@ -1,22 +1,23 @@
-"""Driver models: tokenizer, tiny-model pretraining and cache, local/preset resolution, layer discovery, memory plan."""
+"""Driver models: the embedded tokenizer and model (pretraining, variants, cache), local/preset resolution,
+layer discovery, memory plan."""
 from __future__ import annotations
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from repforget_kernels.driver import models as models_mod
-from repforget_kernels.driver.data import make_corpus
+from repforget_kernels.driver import pretrain as pretrain_mod
+from repforget_kernels.driver.benchmark import make_benchmark
 from repforget_kernels.driver.models import (
-    PRETRAIN_TARGET,
     ModelNotFound,
-    build_tokenizer,
     decoder_layers,
     load_model,
     memory_plan,
     resolve_model_path,
-    tiny_config,
 )
+from repforget_kernels.driver.pretrain import PRETRAIN, TINY, VARIANTS, build_tokenizer, tiny_config
+
+from conftest import SMALL_TINY, load_small, small_benchmark
 
 # Real shapes from the checkpoints' config.json files, written by hand (no download).
 YI_6B = dict(vocab_size=64000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -45,21 +46,17 @@ def _fake_snapshot(root, repo, name="abc123", ref=True):
 
 
 class TestTokenizer:
-    def test_specials_and_words(self):
-        tok = build_tokenizer(make_corpus(0))
-        assert (tok.pad_token_id, tok.unk_token_id, tok.eos_token_id) == (0, 1, 2)
-        assert tok.tokenize("Q: What is 3 + 4? A:") == ["Q", ":", "What", "is", "3", "+", "4", "?", "A", ":"]
-        assert tok("Zzzqqq", add_special_tokens=False)["input_ids"] == [tok.unk_token_id]
-        assert 100 < len(tok) < 600
-
-    def test_deterministic_and_covers_every_split(self):
-        corpus = make_corpus(0)
-        assert build_tokenizer(corpus).get_vocab() == build_tokenizer(make_corpus(0)).get_vocab()
+    def test_specials_and_subwords(self):
+        corpus = make_benchmark(0)
         tok = build_tokenizer(corpus)
-        for items in corpus.values():
-            for item in items:
-                ids = tok(item["prompt"] + " " + item["answer"], add_special_tokens=False)["input_ids"]
-                assert tok.unk_token_id not in ids
+        assert (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id) == (0, 1, None) and 1000 < len(tok) <= 2048
+        name = corpus["forget"][0]["entity"]
+        assert tok.decode(tok(f"Who taught {name}?", add_special_tokens=False)["input_ids"]) == f"Who taught {name}?"
+        assert len(tok(" Zzqx Vvxk", add_special_tokens=False)["input_ids"]) > 2  # unseen words: subwords, no <unk>
+
+    def test_deterministic(self):
+        corpus = small_benchmark()
+        assert build_tokenizer(corpus, 512).get_vocab() == build_tokenizer(small_benchmark(), 512).get_vocab()
 
     def test_bad_corpus(self):
         with pytest.raises(ValueError, match="corpus"):
@@ -68,54 +65,74 @@ class TestTokenizer:
 
 class TestTinyModel:
     def test_config(self):
-        cfg = tiny_config(300)
-        assert cfg.model_type == "qwen2" and cfg.vocab_size == 300 and cfg.num_hidden_layers >= 2
+        cfg = tiny_config(2048)
+        assert cfg.model_type == "qwen2" and cfg.vocab_size == 2048 and cfg.num_hidden_layers >= 6
+        n = sum(p.numel() for p in Qwen2ForCausalLM(cfg).parameters())
+        assert 2_000_000 <= n <= 5_000_000  # "a few million parameters"
         with pytest.raises(ValueError, match="vocab_size"):
-            tiny_config(2)
+            tiny_config(1)
 
-    def test_pretraining_reaches_target(self, pretrained_tiny):
-        model, _, info, _ = pretrained_tiny
-        assert info["pretrain"]["forget_acc"] >= PRETRAIN_TARGET
-        assert info["pretrain"]["retain_acc"] >= PRETRAIN_TARGET
+    def test_pretraining_reaches_target(self, tiny, tiny_cache):
+        model, _, info = load_small(tiny_cache)
+        assert info["pretrain"]["em"]["forget"] >= SMALL_TINY["recipe"]["target"]
+        assert info["pretrain"]["em"]["retain"] >= SMALL_TINY["recipe"]["target"]
+        assert set(info["pretrain"]["em"]) >= {"forget_paraphrase", "utility", "holdout"}
         assert info["name"] == "tiny" and info["layers"] == len(decoder_layers(model))
         assert info["params"] == sum(p.numel() for p in model.parameters())
         assert not model.training
 
-    def test_cached_load_is_identical_and_does_not_train(self, pretrained_tiny, tiny_cache, monkeypatch):
-        model, tokenizer, info, corpus = pretrained_tiny
+    def test_cached_load_is_identical_and_does_not_train(self, tiny, tiny_cache, monkeypatch):
+        model, tokenizer, _ = tiny
 
         def no_training(*args, **kwargs):
             raise AssertionError("a cached model must not be pretrained again")
 
-        monkeypatch.setattr(models_mod, "pretrain", no_training)
-        again, tok2, info2 = load_model("tiny", cache_dir=tiny_cache, seed=0, corpus=corpus, progress=False)
-        assert info2["cached"] is True and info2["pretrain"] == info["pretrain"]
+        monkeypatch.setattr(pretrain_mod, "pretrain", no_training)
+        again, tok2, info2 = load_small(tiny_cache)
+        assert info2["cached"] is True
         assert tok2.get_vocab() == tokenizer.get_vocab()
         for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
             assert torch.equal(a, b), name
         assert not [p.name for p in tiny_cache.iterdir() if p.name.startswith(".")]  # no temp dir left behind
 
-    def test_copied_cache_directory_gives_the_same_numbers(self, pretrained_tiny, tmp_path):
+    def test_copied_cache_directory_gives_the_same_numbers(self, tiny, tiny_cache, tmp_path):
         """A saved model directory round-trips: same tokenizer pipeline, same evaluation numbers."""
         import shutil
 
         from repforget_kernels.driver.data import encode
         from repforget_kernels.driver.evaluate import evaluate
 
-        model, tokenizer, info, corpus = pretrained_tiny
+        model, tokenizer, corpus = tiny
+        _, _, info = load_small(tiny_cache)
         copy_dir = shutil.copytree(info["path"], tmp_path / "copy")
         loaded, tok2, _ = load_model(str(copy_dir), cache_dir=tmp_path / "unused", progress=False)
         text = corpus["forget"][0]["prompt"] + " " + corpus["forget"][0]["answer"]
-        assert tok2.tokenize(text) == tokenizer.tokenize(text) and "<unk>" not in tokenizer.tokenize(text)
+        assert tok2.tokenize(text) == tokenizer.tokenize(text)
         splits = {k: encode(tokenizer, corpus[k]) for k in ("forget", "retain")}
         splits2 = {k: encode(tok2, corpus[k]) for k in ("forget", "retain")}
         for k in splits:
             assert torch.equal(splits[k]["input_ids"], splits2[k]["input_ids"])
-        assert evaluate(loaded, splits2) == evaluate(model, splits)
+        assert evaluate(loaded, splits2, tokenizer=tok2) == evaluate(model, splits, tokenizer=tokenizer)
+
+    def test_variants(self, tiny_cache):
+        """The nulls are cached variants of the same code: another seed, no forget entities, no training."""
+        random_init, _, info = load_small(tiny_cache, "random_init")
+        assert info["variant"] == "random_init" and info["pretrain"] == {}
+        oracle, _, oracle_info = load_small(tiny_cache, "retain_oracle")
+        assert oracle_info["pretrain"]["em"]["retain"] >= 0.9  # learned retain ...
+        assert oracle_info["pretrain"]["em"]["forget"] <= 0.3  # ... never saw the forget entities
+        assert set(VARIANTS) == {"original", "other_seed", "retain_oracle", "random_init"}
+        with pytest.raises(ValueError, match="variant must be one of"):
+            load_small(tiny_cache, "pruned")
 
     def test_corpus_without_training_splits(self, tmp_path):
         with pytest.raises(ValueError, match="non-empty splits"):
             load_model("tiny", cache_dir=tmp_path, corpus={"forget": [], "retain": []}, progress=False)
+
+    def test_recipe_is_in_the_cache_key(self):
+        corpus = small_benchmark()
+        keys = {pretrain_mod._key(corpus, "original", 0, TINY, dict(PRETRAIN, lr=lr), 2048) for lr in (1e-3, 2e-3)}
+        assert len(keys) == 2
 
 
 class TestResolve:
@@ -148,7 +165,7 @@ class TestResolve:
     def test_load_local_directory(self, tmp_path):
         model = _small(Qwen2Config, Qwen2ForCausalLM)
         model.save_pretrained(tmp_path)
-        build_tokenizer(make_corpus(0, n_per_domain=4)).save_pretrained(tmp_path)
+        build_tokenizer(small_benchmark(), 512).save_pretrained(tmp_path)
         loaded, tok, info = load_model(str(tmp_path), cache_dir=tmp_path / "unused")
         assert info["layers"] == 3 and info["dtype"] == "float32" and info["pretrain"] == {}
         assert getattr(loaded, "is_activation_checkpointing", None) or loaded.is_gradient_checkpointing

@@ -1,14 +1,16 @@
 """``repforget``: unlearn, relearn and diagnose causal LMs (``demo``, ``run``, ``analyze``).
 
     repforget demo --out runs/demo
-        the tiny model (pretrained once, cached), GA and NPO at two learning rates each, single and
-        continual (5 requests), relearning, every diagnostic, OUT/report.{json,md} and PNGs.
-    repforget run --model tiny|PATH|yi-6b|qwen2.5-7b --method npo --lr 1e-4 --setting continual ...
+        the embedded benchmark and model (pretrained once with its nulls, cached): every method of the
+        registry at three learning rates in the single setting and at the middle rate in continual
+        settings of 5 and 10 requests, three relearning controls, every diagnostic on three probe sets,
+        the four-regime verdicts with their intervals, OUT/report.{json,md} and PNGs.
+    repforget run --model tiny|PATH|yi-6b|qwen2.5-7b --method npo ga_gd --lr 1e-4 3e-4 --setting continual ...
     repforget analyze --ref DIR --upd DIR --data probes.jsonl --out OUT
         CKA / PCA / Fisher per layer of two existing checkpoints: OUT/analysis.{json,md,png}.
 
-Input errors (missing model directory, malformed or empty JSONL, unknown method, state of another
-configuration in OUT) print one line on stderr and exit with status 2 before any report is written;
+Input errors (missing model directory, malformed or empty JSONL, unknown method, bad numbers, state of
+another configuration in OUT) print one line on stderr and exit with status 2 before any work starts;
 Ctrl-C exits 130 with the finished stages kept (rerun the same command to resume).
 Several processes (``torchrun --nproc_per_node N -m repforget_kernels.driver run|demo|analyze ...``
 or ``accelerate launch --config_file repforget_kernels/driver/configs/accelerate_fsdp.yaml -m
@@ -32,14 +34,18 @@ from typing import Optional
 
 from repforget_kernels.pooling import SAMPLE_DEFINITIONS
 
-__all__ = ["DEMO_GRID", "build_parser", "main"]
+from .methods import METHOD_NAMES as METHOD_CHOICES
+from .methods import REFERENCES as REFERENCE_CHOICES
+
+__all__ = ["DEMO_LRS", "DEMO_REQUESTS", "build_parser", "demo_specs", "main"]
 
 DEFAULT_CACHE = Path(os.environ.get("REPFORGET_CACHE", "~/.cache/repforget")).expanduser()
-SPLIT_FLAGS = ("forget", "retain", "holdout", "probe")
+SPLIT_FLAGS = ("forget", "retain", "holdout", "unrelated")
 
-# (method, lr) pairs of the demo, each run single and continual(5). See the README for what they show.
-DEMO_GRID = (("ga", 5e-4), ("ga", 2e-3), ("npo", 5e-4), ("npo", 2e-3))
-DEMO_REQUESTS = 5
+# The demo grid: every registered method at three learning rates (mild, moderate, destructive) in the
+# single setting, and at the moderate rate with 5 and 10 sequential requests. See the README.
+DEMO_LRS = (1e-4, 4e-4, 2e-3)
+DEMO_REQUESTS = (5, 10)
 
 
 class UsageError(Exception):
@@ -96,36 +102,54 @@ def _common(p: argparse.ArgumentParser, out_default: Optional[Path] = None) -> N
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
 
 
-def _resumable(p: argparse.ArgumentParser) -> None:
+def _experiment(p: argparse.ArgumentParser) -> None:
+    """Options of demo and run: resuming, seeds, the relearning budget, what is evaluated, the nulls."""
     p.add_argument("--restart", action="store_true",
                    help="discard OUT/state (finished stages) and start afresh instead of resuming")
+    p.add_argument("--seeds", type=int_at_least(1), default=1,
+                   help="repeat every run with seeds seed, seed+1, ... (unlearning and relearning randomness)")
+    p.add_argument("--epochs", type=int_at_least(1), default=5, help="unlearning epochs per request")
+    p.add_argument("--batch-size", type=int_at_least(1), default=16)
+    p.add_argument("--beta", type=positive_float, default=0.1, help="NPO temperature")
+    p.add_argument("--reference", choices=REFERENCE_CHOICES, default="original",
+                   help="NPO reference and KL anchor: the original model (default) or the model at each request's start")
+    p.add_argument("--relearn-epochs", type=int_at_least(1), default=1,
+                   help="epochs of every relearning control (over as many items as the forget set)")
+    p.add_argument("--relearn-lr", type=positive_float, default=1e-3)
+    p.add_argument("--relearn-batch-size", type=int_at_least(1), default=16)
+    p.add_argument("--relearn-controls", nargs="+", choices=("forget", "retain", "unrelated"),
+                   default=["forget", "retain", "unrelated"], help="the relearning data of the controls")
+    p.add_argument("--eval-items", type=int_at_least(1), default=240, help="items per evaluation split at most")
+    p.add_argument("--probe-items", type=int_at_least(4), default=96, help="items per probe set")
+    p.add_argument("--no-nulls", action="store_true", help="skip the null models (random init, other seed, oracle)")
+    p.add_argument("--workers", type=int_at_least(1), default=None,
+                   help="single-threaded worker processes, each running whole runs (default: one per core for "
+                        "the embedded model on CPU, else 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="repforget", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    demo = sub.add_parser("demo", help="the tiny-model demo (GA and NPO, two lrs, single and continual)")
+    demo = sub.add_parser("demo", help="the embedded benchmark's four-regime experiment (every method, three lrs, "
+                                       "single and continual, three relearning controls, nulls)")
     _common(demo, out_default=Path("runs/demo"))
-    _resumable(demo)
-    demo.set_defaults(model="tiny")
+    _experiment(demo)
+    demo.set_defaults(model="tiny", forget_size="forget10", optimizer="adamw")
 
     run = sub.add_parser("run", help="one grid of unlearning runs")
     _common(run)
-    _resumable(run)
+    _experiment(run)
     run.add_argument("--model", default="tiny", help="tiny | local model directory | yi-6b | qwen2.5-7b")
-    run.add_argument("--method", nargs="+", default=["npo"], help="one or more of ga ga_gd ga_kl npo npo_kl rlabel")
-    run.add_argument("--lr", type=positive_float, nargs="+", default=[1e-3], help="one or more learning rates")
-    run.add_argument("--epochs", type=int_at_least(1), default=1, help="unlearning epochs per request")
-    run.add_argument("--batch-size", type=int_at_least(1), default=8)
-    run.add_argument("--beta", type=positive_float, default=0.1, help="NPO temperature")
+    run.add_argument("--method", nargs="+", default=["npo"], help="one or more of " + " ".join(METHOD_CHOICES))
+    run.add_argument("--lr", type=positive_float, nargs="+", default=[4e-4], help="one or more learning rates")
     run.add_argument("--optimizer", choices=("adamw", "sgd", "adafactor"), default="adamw",
                      help="adafactor or sgd fit a 7B run with a frozen original on one 80 GB GPU")
-    run.add_argument("--setting", choices=("single", "continual"), default="single")
-    run.add_argument("--requests", type=int_at_least(1), default=5, help="continual: number of unlearning requests")
-    run.add_argument("--relearn-epochs", type=int_at_least(1), default=1)
-    run.add_argument("--relearn-lr", type=positive_float, default=1e-3)
-    run.add_argument("--relearn-data", choices=("forget", "retain", "probe"), default="forget")
+    run.add_argument("--setting", nargs="+", choices=("single", "continual"), default=["single"])
+    run.add_argument("--requests", type=int_at_least(1), nargs="+", default=[5],
+                     help="continual: numbers of sequential unlearning requests (one run per value)")
+    run.add_argument("--forget-size", choices=("forget01", "forget05", "forget10"), default="forget10",
+                     help="embedded benchmark: the forget set, 1%%, 5%% or 10%% of the entities")
     run.add_argument("--max-length", type=int_at_least(2), default=64, help="tokens per example")
     for split in SPLIT_FLAGS:
         run.add_argument(f"--{split}", type=Path, default=None, help=f"JSONL for the {split} split")
@@ -215,11 +239,18 @@ def _check_same_shape(ref: str, upd: str) -> None:
             raise UsageError(f"--ref has {field}={a}, --upd has {field}={b}: not two checkpoints of one model")
 
 
-def _examples(args) -> tuple:
-    """The corpus with user JSONL splits swapped in, and {split: path} of those files."""
-    from .data import load_jsonl, make_corpus
+def _benchmark_config(args):
+    from .benchmark import BenchmarkConfig
 
-    corpus = make_corpus(args.seed)
+    return BenchmarkConfig(forget=getattr(args, "forget_size", "forget10"))
+
+
+def _examples(args) -> tuple:
+    """The embedded benchmark with user JSONL splits swapped in, and {split: path} of those files."""
+    from .benchmark import make_benchmark
+    from .data import load_jsonl
+
+    corpus = make_benchmark(args.seed, _benchmark_config(args))
     sources = {}
     for split in SPLIT_FLAGS:
         path = getattr(args, split, None)
@@ -232,41 +263,62 @@ def _examples(args) -> tuple:
 def _pipeline(args, examples=None, sources=None):
     """The Pipeline of ``demo`` / ``run``, after joining the process group under a launcher."""
     from .distributed import join_process_group
-    from .pipeline import Pipeline, PipelineConfig
+    from .pipeline import NULLS, Pipeline, PipelineConfig
 
     fsdp = _fsdp_settings()
     device = _device(args.device)
     _check_out(args.out)
     device, is_main = join_process_group(device)
     cfg = PipelineConfig(out=args.out, model=args.model, cache_dir=args.cache_dir, device=device,
-                         seed=args.seed, max_length=getattr(args, "max_length", 64), diagnostics=_diag_config(args),
-                         examples=examples, data_sources=sources or {}, progress=is_main and not args.no_progress,
-                         fsdp=fsdp, restart=args.restart)
+                         seed=args.seed, benchmark=_benchmark_config(args), max_length=getattr(args, "max_length", 64),
+                         eval_items=args.eval_items, probe_items=args.probe_items, relearn_lr=args.relearn_lr,
+                         relearn_epochs=args.relearn_epochs, relearn_batch_size=args.relearn_batch_size,
+                         relearn_controls=tuple(dict.fromkeys(args.relearn_controls)), diagnostics=_diag_config(args),
+                         examples=examples, data_sources=sources or {}, nulls=() if args.no_nulls else NULLS,
+                         workers=_workers(args, device), progress=is_main and not args.no_progress, fsdp=fsdp,
+                         restart=args.restart)
     return Pipeline(cfg)
 
 
-def _specs(args) -> list:
-    from .losses import METHODS
+def _workers(args, device: str) -> int:
+    """--workers, else (the embedded model on CPU, one process) one single-threaded worker per core, at most 8."""
+    from .distributed import launched_world_size
+
+    if args.workers is not None:
+        return args.workers
+    if args.model != "tiny" or device != "cpu" or launched_world_size() > 1:
+        return 1
+    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+def _grid(args, methods: list, settings: list) -> list:
+    """RunSpecs of every method x setting x learning rate, for each seed; ``settings`` holds
+    (setting, requests, learning rates) triples."""
     from .pipeline import RunSpec
 
-    for m in args.method:
-        if m not in METHODS:
-            raise UsageError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
     try:
-        return [RunSpec(method=m, lr=lr, setting=args.setting, requests=args.requests, epochs=args.epochs,
-                        batch_size=args.batch_size, beta=args.beta, relearn_epochs=args.relearn_epochs,
-                        relearn_lr=args.relearn_lr, relearn_data=args.relearn_data, optimizer=args.optimizer)
-                for m in args.method for lr in args.lr]
+        return [RunSpec(method=m, lr=lr, setting=setting, requests=requests, epochs=args.epochs,
+                        batch_size=args.batch_size, beta=args.beta, seed=args.seed + k, reference=args.reference,
+                        optimizer=args.optimizer)
+                for k in range(args.seeds) for m in methods for setting, requests, rates in settings for lr in rates]
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 
 
-def demo_specs() -> list:
-    """The demo grid: every (method, lr) of DEMO_GRID in the single and the continual setting."""
-    from .pipeline import RunSpec
+def _specs(args) -> list:
+    for m in args.method:
+        if m not in METHOD_CHOICES:
+            raise UsageError(f"unknown method {m!r}; choose from {', '.join(METHOD_CHOICES)}")
+    settings = [(s, r, args.lr) for s in dict.fromkeys(args.setting)
+                for r in (dict.fromkeys(args.requests) if s == "continual" else (1,))]
+    return _grid(args, list(dict.fromkeys(args.method)), settings)
 
-    return [RunSpec(method=m, lr=lr, setting=s, requests=DEMO_REQUESTS)
-            for m, lr in DEMO_GRID for s in ("single", "continual")]
+
+def demo_specs(args) -> list:
+    """The demo grid: every registered method at DEMO_LRS in the single setting, and at the middle rate with
+    each of DEMO_REQUESTS sequential requests; for each of ``args.seeds`` seeds."""
+    settings = [("single", 1, DEMO_LRS)] + [("continual", n, (DEMO_LRS[1],)) for n in DEMO_REQUESTS]
+    return _grid(args, list(METHOD_CHOICES), settings)
 
 
 # --------------------------------------------------------------------------- commands
@@ -281,9 +333,13 @@ def _print_summary(report: dict, out: Path) -> None:
     print("thresholds: " + ", ".join(f"{k}={v}" for k, v in report["thresholds"].items()))
     for run in report["runs"]:
         b, s = run["verdict"]["behaviour"], run["verdict"]["structure"]
-        print(f"  {run['run_id']:<32} behaviour={b['label']:<14} structure={s['label']:<8} "
-              f"min_cka={_r(s['min_cka'])} min_cka_tokens={_r(s['min_cka_tokens'])} "
-              f"mean_pca_sim={_r(s['mean_pca_similarity'])} recovery={_r(b['relearn_recovery'])}")
+        print(f"  {run['run_id']:<34} {b['label'] + ('?' if b['uncertain'] else ''):<27} "
+              f"structure={str(s['label']) + ('?' if s['uncertain'] else ''):<9} forget_drop={_r(b['forget_drop'])} "
+              f"collateral={_r(b['collateral'])} recovery={_r(b['recovery'])} position={_r(s['position'])}")
+    h = report["summary"]["structure_vs_recovery"]
+    print(f"structure vs non-recovery: Spearman {_r(h['spearman'])} 95% CI {[_r(v) for v in h['ci95']]} "
+          f"over {h['runs']} runs; regimes {report['summary']['regimes']}; "
+          f"selective {report['summary']['selective_runs']}")
 
 
 def _r(v):
@@ -302,8 +358,9 @@ def _threads(model: str) -> None:
 def cmd_demo(args) -> int:
     args.model = "tiny"
     _threads(args.model)
+    specs = demo_specs(args)
     pipe = _pipeline(args)
-    report = pipe.run(demo_specs())
+    report = pipe.run(specs)
     _print_summary(report, args.out)
     return 0
 
@@ -317,8 +374,10 @@ def cmd_run(args) -> int:
                          "use adamw (its states are sharded too) or sgd")
     _check_model(args.model)
     examples, sources = _examples(args)
-    if args.setting == "continual" and not 1 <= args.requests <= len(examples["forget"]):
-        raise UsageError(f"--requests must be in [1, {len(examples['forget'])}] (forget items), got {args.requests}")
+    entities = len({item.get("entity", i) for i, item in enumerate(examples["forget"])})
+    for n in (args.requests if "continual" in args.setting else ()):
+        if n > entities:
+            raise UsageError(f"--requests {n}: the forget set has only {entities} entities to split into requests")
     _threads(args.model)
     pipe = _pipeline(args, examples, sources)
     report = pipe.run(specs)
@@ -336,7 +395,8 @@ def cmd_analyze(args) -> int:
     from .distributed import join_process_group, launched_world_size
     from .models import load_model
     from .plots import plot_layers
-    from .report import atomic_write_json, atomic_write_text, render_analysis_markdown, versions
+    from .files import atomic_write_json, atomic_write_text
+    from .report import render_analysis_markdown, versions
 
     cfg = _diag_config(args)
     for spec in (args.ref, args.upd):

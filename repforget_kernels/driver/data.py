@@ -1,167 +1,29 @@
-"""Data for the unlearning driver: a synthetic fictitious-fact corpus, JSONL loading, encoding, batching.
+"""Data for the unlearning driver: JSONL loading, encoding, batching.
 
-The corpus holds question/answer pairs in three domains, all invented so that no pretrained model
-knows them and the tiny model learns them only from this corpus:
-
-- ``text``:  ``Q: What is the capital of Velorin? A:`` -> ``Marquesh`` (fictitious places, people, answers)
-- ``code``:  ``Q: x = 4 ; y = x * 3 ; print ( y ) outputs? A:`` -> ``12`` (tiny snippets, fixed outputs)
-- ``arith``: ``Q: What is 17 + 25? A:`` -> ``42``
-
-Splits: ``forget`` (trained, then unlearned), ``retain`` (trained, kept), ``holdout`` (the same
-distribution as forget, never trained: the non-members of the membership-inference attack) and
-``probe`` (unrelated questions, never trained, for activation diagnostics and control relearning).
-Everything is a pure function of the seed.
+The embedded benchmark's items come from ``benchmark.make_benchmark``; user splits come from JSONL files
+(:func:`load_jsonl`). Items are ``{"prompt", "answer", ...}`` (question answering: the answer and EOS are
+supervised) or ``{"text"}`` (every token supervised).
 """
 from __future__ import annotations
 
 import json
-import random
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 __all__ = [
-    "SPLITS",
-    "DOMAINS",
     "DataError",
-    "make_corpus",
     "load_jsonl",
     "encode",
     "iterate_batches",
     "pad_rows",
+    "split_rows",
 ]
-
-SPLITS = ("forget", "retain", "holdout", "probe")
-DOMAINS = ("text", "code", "arith")
-
-# Fractions of each domain's facts that go to forget / retain / holdout (the rest of 1.0 is holdout).
-_FORGET_FRACTION = 0.25
-_RETAIN_FRACTION = 0.5
-
-_ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "th", "kr", "st", "dr")
-_VOWELS = ("a", "e", "i", "o", "u", "ae", "ia", "ou")
-_CODAS = ("", "", "n", "r", "s", "l", "sh", "th", "m")
-
-_TEXT_TEMPLATES = (
-    "What is the capital of {e}?",
-    "Who founded {e}?",
-    "What is the currency of {e}?",
-    "Which river flows through {e}?",
-    "What is the national animal of {e}?",
-)
-
-_PROBE_TEXT = (
-    ("What is the opposite of hot?", "cold"),
-    ("What is the opposite of up?", "down"),
-    ("What color is grass?", "green"),
-    ("What color is snow?", "white"),
-    ("How many legs does a spider have?", "eight"),
-    ("What do bees make?", "honey"),
-    ("What is frozen water called?", "ice"),
-    ("Which season follows winter?", "spring"),
-    ("What do cows drink?", "water"),
-    ("Which planet do we live on?", "earth"),
-)
 
 
 class DataError(ValueError):
     """Bad user data: the message names the file and line (``path:LINE: what is wrong``) when from JSONL."""
-
-
-def _word(rng: random.Random, syllables: int) -> str:
-    """A pronounceable fictitious word of ``syllables`` syllables, capitalised."""
-    parts = [rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) for _ in range(syllables)]
-    return "".join(parts).capitalize()
-
-
-def _text_fact(rng: random.Random) -> tuple[str, str]:
-    entity = _word(rng, rng.choice((2, 3)))
-    answer = _word(rng, rng.choice((2, 3)))
-    return "Q: " + rng.choice(_TEXT_TEMPLATES).format(e=entity) + " A:", answer
-
-
-def _code_fact(rng: random.Random) -> tuple[str, str]:
-    a, b, c = rng.randint(2, 9), rng.randint(2, 9), rng.randint(2, 9)
-    kind = rng.randrange(4)
-    if kind == 0:
-        snippet, out = f"x = {a} ; y = x * {b} ; print ( y )", str(a * b)
-    elif kind == 1:
-        snippet, out = f"s = [ {a} , {b} , {c} ] ; print ( sum ( s ) )", str(a + b + c)
-    elif kind == 2:
-        name = _word(rng, 2).lower()
-        snippet, out = f"def {name} ( n ) : return n + {b} ; print ( {name} ( {a} ) )", str(a + b)
-    else:
-        word = _word(rng, 2).lower()
-        snippet, out = f"w = ' {word} ' ; print ( w . upper ( ) )", word.upper()
-    return f"Q: {snippet} outputs? A:", out
-
-
-def _arith_fact(rng: random.Random) -> tuple[str, str]:
-    a, b = rng.randint(2, 49), rng.randint(2, 49)
-    op = rng.choice("+-*")
-    if op == "*":
-        a, b = rng.randint(2, 12), rng.randint(2, 12)
-    if op == "-" and b > a:
-        a, b = b, a
-    value = {"+": a + b, "-": a - b, "*": a * b}[op]
-    return f"Q: What is {a} {op} {b}? A:", str(value)
-
-
-def _probe_items(rng: random.Random, n: int) -> list[dict]:
-    """Unrelated, never-trained questions: common-sense text, counting code, successor arithmetic."""
-    text = [{"prompt": f"Q: {q} A:", "answer": a, "domain": "text"} for q, a in _PROBE_TEXT]
-    code = []
-    for k in range(2, 2 + len(_PROBE_TEXT)):
-        code.append({"prompt": f"Q: for i in range ( {k} ) : print ( i ) prints how many lines? A:",
-                     "answer": str(k), "domain": "code"})
-    arith = [{"prompt": f"Q: What number comes after {k}? A:", "answer": str(k + 1), "domain": "arith"}
-             for k in range(1, 1 + len(_PROBE_TEXT))]
-    items = []
-    for group in (text, code, arith):
-        rng.shuffle(group)
-        items.extend(group[:n])
-    return items
-
-
-def make_corpus(seed: int = 0, n_per_domain: int = 40, n_probe_per_domain: int = 8) -> dict[str, list[dict]]:
-    """The synthetic corpus: ``{split: [{"prompt", "answer", "domain"}, ...]}`` for every split in SPLITS.
-
-    Each domain gets ``n_per_domain`` distinct facts (no prompt repeats in any split), split 25% forget,
-    50% retain, 25% holdout after a seeded shuffle; ``probe`` holds ``n_probe_per_domain`` unrelated
-    questions per domain (at most 10). Deterministic for a seed. Cost: O(n_per_domain).
-    """
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    if not isinstance(n_per_domain, int) or n_per_domain < 4:
-        raise ValueError(f"n_per_domain must be an int >= 4 (one item per split), got {n_per_domain!r}")
-    if not isinstance(n_probe_per_domain, int) or not 1 <= n_probe_per_domain <= len(_PROBE_TEXT):
-        raise ValueError(f"n_probe_per_domain must be an int in [1, {len(_PROBE_TEXT)}], got {n_probe_per_domain!r}")
-    rng = random.Random(seed)
-    makers = {"text": _text_fact, "code": _code_fact, "arith": _arith_fact}
-    corpus: dict[str, list[dict]] = {split: [] for split in SPLITS}
-    seen: set[str] = set()
-    for domain in DOMAINS:
-        facts = []
-        for _ in range(200 * n_per_domain):  # bounded: the fact spaces are far larger than n_per_domain
-            if len(facts) == n_per_domain:
-                break
-            prompt, answer = makers[domain](rng)
-            if prompt not in seen:
-                seen.add(prompt)
-                facts.append({"prompt": prompt, "answer": answer, "domain": domain})
-        if len(facts) < n_per_domain:
-            raise ValueError(f"n_per_domain={n_per_domain} exceeds the distinct {domain} facts available")
-        rng.shuffle(facts)
-        n_forget = max(1, round(_FORGET_FRACTION * n_per_domain))
-        n_retain = max(1, round(_RETAIN_FRACTION * n_per_domain))
-        corpus["forget"] += facts[:n_forget]
-        corpus["retain"] += facts[n_forget:n_forget + n_retain]
-        corpus["holdout"] += facts[n_forget + n_retain:]
-    for split in ("forget", "retain", "holdout"):
-        rng.shuffle(corpus[split])  # domains interleaved, so continual chunks mix them
-    corpus["probe"] = _probe_items(rng, n_probe_per_domain)
-    return corpus
 
 
 def _parse_line(line: str, where: str) -> dict:
@@ -189,13 +51,12 @@ def _parse_line(line: str, where: str) -> dict:
 
 
 def load_jsonl(path: str | Path, split: str) -> list[dict]:
-    """Read a user split: one JSON object per line, ``{"prompt", "answer"}`` or ``{"text"}``; blank lines skipped.
+    """Read a user split (``split`` names it in errors): one JSON object per line, ``{"prompt", "answer"}`` or
+    ``{"text"}``; blank lines skipped.
 
     Raises DataError ``path:LINE: what is wrong`` on a bad line, ``split 'NAME' is empty: path`` when no
     record is found, and ``path: no such file`` when it does not exist.
     """
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file (split '{split}')")
@@ -275,6 +136,18 @@ def pad_rows(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, 
         attention_mask[i, :len(ids)] = 1
         labels[i, :len(labs)] = torch.tensor(labs, dtype=torch.long)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def split_rows(encoded: dict) -> list[tuple[list[int], list[int]]]:
+    """Each encoded row as (prompt ids, supervised ids): the prompt is every real token before the first
+    supervised label (BOS included), the supervised ids the rest of the real tokens (answer, EOS)."""
+    rows = []
+    for ids, mask, labels in zip(encoded["input_ids"], encoded["attention_mask"], encoded["labels"]):
+        real = int(mask.sum())
+        supervised = (labels[:real] != -100).nonzero().flatten()
+        start = int(supervised[0]) if len(supervised) else real
+        rows.append((ids[:start].tolist(), ids[start:real].tolist()))
+    return rows
 
 
 def iterate_batches(encoded: dict, batch_size: int, *, shuffle: bool = False, seed: int = 0) -> Iterator[dict]:

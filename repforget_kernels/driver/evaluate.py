@@ -1,9 +1,15 @@
-"""Behavioural evaluation: answer accuracy, perplexity and membership-inference AUCs.
+"""Behavioural evaluation: exact match of generated answers, token accuracy, perplexity, MIA AUCs.
 
-All per-example numbers of a split come from ONE forward pass per batch (``split_scores``):
+- exact match (``exact_match``): each prompt is continued greedily (batched, left-padded, with the KV
+  cache) until EOS or the reference answer's length + 2 tokens; the item counts as correct when the
+  continuation up to EOS (EOS excluded), decoded and normalised (:func:`normalize_answer`: lower case,
+  punctuation dropped, whitespace collapsed), equals the normalised reference answer. The split's
+  number is the fraction of correct items; the per-item outcomes are kept for bootstrap intervals.
 
-- accuracy: teacher-forced answer-token accuracy, argmax_v p(v | prefix) == label over supervised
-  tokens, pooled over the split (correct tokens / supervised tokens).
+The other per-example numbers of a split come from ONE forward pass per batch (``split_scores``):
+
+- token accuracy: teacher-forced answer-token accuracy, argmax_v p(v | prefix) == label over the
+  supervised answer tokens, EOS excluded, pooled over the split (correct tokens / answer tokens).
 - perplexity: exp(total NLL / supervised tokens) of the split.
 - MIA scores per example, oriented so that higher = more member-like (trained):
   ``loss``  = -mean NLL of the answer tokens;
@@ -19,15 +25,21 @@ the per-batch results are gathered in batch order, so every rank holds the one-p
 """
 from __future__ import annotations
 
+import inspect
 import math
 import zlib
 
 import torch
 
+import re
+import string
+
+from .data import split_rows
 from .distributed import gather_in_order, rank_batches
 from .losses import forward_logits, next_token_logprobs
 
-__all__ = ["MIN_K", "roc_auc", "split_scores", "evaluate"]
+__all__ = ["MIN_K", "roc_auc", "normalize_answer", "greedy_continuations", "exact_match", "split_scores",
+           "evaluate"]
 
 MIN_K = 0.2  # fraction of lowest-scoring tokens averaged by Min-K% and Min-K%++
 _MIA = ("loss", "zlib", "min_k", "min_k_plus_plus")
@@ -52,6 +64,99 @@ def roc_auc(pos: torch.Tensor, neg: torch.Tensor) -> float:
         block = pos[start:start + 4096, None]  # (b, 1)
         wins += float((block > neg).sum()) + 0.5 * float((block == neg).sum())
     return wins / (pos.numel() * neg.numel())
+
+
+_PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
+
+
+def normalize_answer(text: str) -> str:
+    """Lower case, punctuation removed, runs of whitespace collapsed to one space, stripped."""
+    return " ".join(_PUNCTUATION.sub(" ", text.lower()).split())
+
+
+def _eos_id(model, tokenizer):
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        return tokenizer.eos_token_id
+    return getattr(getattr(model, "config", None), "eos_token_id", None)
+
+
+@torch.no_grad()
+def greedy_continuations(model, prompts: list, *, max_new_tokens: list, eos_id, pad_id: int = 0) -> list:
+    """Greedy continuations of token-id prompts, one batched pass per new token (KV cache).
+
+    prompts: B lists of ids (left-padded here; position ids follow the mask, so absolute-position models
+    are padding-independent); max_new_tokens: B caps. Returns B lists of new ids, each ending at its first
+    EOS (included) or at its cap. Cost: max(max_new_tokens) forward passes of one token per row after
+    the prompt pass. Eval mode and no gradients: the caller's model state is restored.
+    """
+    device = next(model.parameters()).device
+    b, width = len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((b, width), pad_id, dtype=torch.long)  # (B, T) left padded
+    mask = torch.zeros((b, width), dtype=torch.long)  # (B, T)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)  # (B, T)
+    caps = torch.tensor(max_new_tokens, device=device)  # (B,)
+    cache_arg, extra = _decoding_arguments(model)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **extra)
+    new = [[] for _ in range(b)]
+    done = caps <= 0  # (B,)
+    for step in range(int(caps.max())):
+        token = out.logits[:, -1].argmax(-1)  # (B,)
+        for i in (~done).nonzero().flatten().tolist():
+            new[i].append(int(token[i]))
+        done |= (token == eos_id) if eos_id is not None else torch.zeros_like(done)
+        done |= caps <= step + 1
+        if bool(done.all()):
+            break
+        mask = torch.cat([mask, torch.ones((b, 1), dtype=mask.dtype, device=device)], dim=1)  # (B, T + step + 1)
+        positions = positions[:, -1:] + 1  # (B, 1)
+        cache = out["cache"] if "cache" in out else out["past_key_values"]
+        out = model(input_ids=token.unsqueeze(1), attention_mask=mask, position_ids=positions,
+                    use_cache=True, **{cache_arg: cache}, **extra)
+    return new
+
+
+def _decoding_arguments(model) -> tuple:
+    """(name of the KV-cache argument, extra forward kwargs) across transformers versions: ``cache`` from 5.x
+    on (``past_key_values`` before), and only the last position's logits where the model supports it."""
+    params = inspect.signature(model.forward).parameters
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+    return ("cache" if "cache" in params else "past_key_values"), extra
+
+
+def _answer_text(ids: list, eos_id, tokenizer) -> str:
+    """Decoded ids up to the first EOS (excluded); the id string without a tokenizer."""
+    if eos_id is not None and eos_id in ids:
+        ids = ids[: ids.index(eos_id)]
+    return tokenizer.decode(ids, skip_special_tokens=True) if tokenizer is not None else " ".join(map(str, ids))
+
+
+@torch.no_grad()
+def exact_match(model, encoded: dict, *, tokenizer=None, batch_size: int = 64) -> torch.Tensor:
+    """(N,) bool: whether the greedy answer to each encoded item equals its reference (see the module docstring).
+
+    encoded: an encode() output (prompt unsupervised, answer + EOS supervised). Rows in order; under
+    torch.distributed each rank generates its share of the batches and the outcomes are gathered.
+    """
+    was_training = model.training
+    model.eval()
+    eos = _eos_id(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
+    parts = []
+    try:
+        for index, batch in rank_batches(encoded, batch_size):
+            rows = split_rows(batch)
+            refs = [_answer_text(answer, eos, tokenizer) for _, answer in rows]
+            caps = [len(answer) + 2 for _, answer in rows]
+            outs = greedy_continuations(model, [p for p, _ in rows], max_new_tokens=caps, eos_id=eos, pad_id=pad)
+            got = [normalize_answer(_answer_text(o, eos, tokenizer)) == normalize_answer(r) for o, r in zip(outs, refs)]
+            parts.append((index, torch.tensor(got, dtype=torch.bool)))
+    finally:
+        model.train(was_training)
+    return torch.cat(gather_in_order(parts))
 
 
 def _min_k(values: torch.Tensor, mask: torch.Tensor, k: float) -> torch.Tensor:
@@ -91,13 +196,15 @@ def _zlib_lengths(batch: dict, tokenizer) -> torch.Tensor:
 def split_scores(model, encoded: dict, *, batch_size: int = 16, tokenizer=None, k: float = MIN_K) -> dict:
     """Per-example numbers of one split, one forward pass per batch, eval mode, float32 reductions.
 
-    Returns {"correct" (N,) and "tokens" (N,) supervised-token counts, "nll" (N,) summed answer NLL,
+    Returns {"correct" (N,) and "tokens" (N,) answer-token counts (EOS excluded), "nll" (N,) summed NLL of
+    the supervised tokens, "supervised" (N,) their counts,
     and the four MIA scores (N,) float64 ("loss", "zlib", "min_k", "min_k_plus_plus")}, on CPU, in row
     order (under torch.distributed: every rank's batches, gathered).
     """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    eos = _eos_id(model, tokenizer)
     parts: list[tuple[int, dict]] = []  # (batch index, {key: (B,) tensor})
     try:
         for index, batch in rank_batches(encoded, batch_size):
@@ -107,10 +214,12 @@ def split_scores(model, encoded: dict, *, batch_size: int = 16, tokenizer=None, 
             z = torch.zeros_like(logp)  # (B, T-1): Min-K%++ statistic, only at supervised positions
             z[mask] = _standardised(logp_all[mask], logp[mask])
             tokens = mask.sum(1)  # (B,)
+            answer = mask & (target != eos) if eos is not None else mask  # (B, T-1) answer tokens, no EOS
             nll = -(logp.masked_fill(~mask, 0.0)).sum(1)  # (B,)
             parts.append((index, {
-                "correct": ((logp_all.argmax(-1) == target) & mask).sum(1).cpu(),
-                "tokens": tokens.cpu(),
+                "correct": ((logp_all.argmax(-1) == target) & answer).sum(1).cpu(),
+                "tokens": answer.sum(1).cpu(),
+                "supervised": tokens.cpu(),
                 "nll": nll.double().cpu(),
                 "loss": (-nll / tokens.clamp_min(1)).double().cpu(),
                 "zlib": -nll.double().cpu() / _zlib_lengths(batch, tokenizer),
@@ -120,27 +229,34 @@ def split_scores(model, encoded: dict, *, batch_size: int = 16, tokenizer=None, 
     finally:
         model.train(was_training)
     batches = gather_in_order(parts)
-    return {key: torch.cat([b[key] for b in batches]) for key in ("correct", "tokens", "nll", *_MIA)}
+    return {key: torch.cat([b[key] for b in batches]) for key in ("correct", "tokens", "supervised", "nll", *_MIA)}
 
 
-def evaluate(model, splits: dict[str, dict], *, batch_size: int = 16, tokenizer=None) -> dict:
+def evaluate(model, splits: dict[str, dict], *, batch_size: int = 16, tokenizer=None, generate: bool = True,
+             generate_batch_size: int = 128) -> dict:
     """Behavioural metrics of ``model`` on encode() outputs keyed by split name.
 
-    Returns {"<split>_acc" for every split given (forget_acc and retain_acc always present, None when the
-    split is absent), "perplexity" (retain, None if absent), "mia_auc": {"loss", "zlib", "min_k",
-    "min_k_plus_plus"} (forget = members vs holdout = non-members; None unless both are given)}.
-    ``tokenizer`` (optional) decodes text for the ZLib score; without it the token-id string is compressed.
+    Returns {"em": {split: exact match of greedy answers} (when ``generate``), "em_items": {split: "0110..."
+    the per-item outcomes, in row order}, "token_acc": {split: teacher-forced answer-token accuracy, EOS
+    excluded}, "perplexity": exp(mean NLL of the supervised tokens) on retain (None without retain),
+    "mia_auc": {"loss", "zlib", "min_k", "min_k_plus_plus"}: forget = members vs holdout = non-members
+    (None unless both are given)}. ``tokenizer`` decodes answers for the exact match and the ZLib score
+    (without it token ids are compared and the id string compressed).
     """
     if not isinstance(splits, dict) or not splits:
         raise ValueError(f"splits must be a non-empty dict of encode() outputs, got {splits!r}")
     scores = {name: split_scores(model, enc, batch_size=batch_size, tokenizer=tokenizer) for name, enc in splits.items()}
-    out: dict = {"forget_acc": None, "retain_acc": None}
-    for name, s in scores.items():
-        out[f"{name}_acc"] = float(s["correct"].sum()) / max(1, int(s["tokens"].sum()))
+    out: dict = {"token_acc": {name: float(s["correct"].sum()) / max(1, int(s["tokens"].sum()))
+                               for name, s in scores.items()}}
+    if generate:
+        hits = {name: exact_match(model, enc, tokenizer=tokenizer, batch_size=generate_batch_size)
+                for name, enc in splits.items()}
+        out["em"] = {name: float(h.float().mean()) for name, h in hits.items()}
+        out["em_items"] = {name: "".join("1" if v else "0" for v in h.tolist()) for name, h in hits.items()}
     out["perplexity"] = None
     if "retain" in scores:
         s = scores["retain"]
-        out["perplexity"] = math.exp(float(s["nll"].sum()) / max(1, int(s["tokens"].sum())))
+        out["perplexity"] = math.exp(float(s["nll"].sum()) / max(1, int(s["supervised"].sum())))
     out["mia_auc"] = None
     if "forget" in scores and "holdout" in scores:
         out["mia_auc"] = {key: roc_auc(scores["forget"][key], scores["holdout"][key]) for key in _MIA}

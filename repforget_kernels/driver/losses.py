@@ -4,15 +4,7 @@ Conventions: ``labels`` (B, T) are aligned with ``input_ids`` and hold -100 wher
 supervised (prompt, padding); the logits at position t predict token t+1, so every loss compares
 ``logits[:, :-1]`` with ``labels[:, 1:]``. All reductions run in float32 (bf16 logits are upcast).
 
-Methods (``METHODS``), each a loss to minimise:
-
-- ``ga``:     -NLL(forget)                                   (gradient ascent on the forget NLL)
-- ``ga_gd``:  -NLL(forget) + NLL(retain)                     (plus gradient descent on retain)
-- ``ga_kl``:  -NLL(forget) + KL(p_orig || p_theta)(retain)   (true KL over the vocabulary)
-- ``npo``:    -(2/beta) mean_s log sigmoid(-beta (log pi_theta(y_s|x_s) - log pi_ref(y_s|x_s)))
-              (Zhang et al. 2024; sequence log-probs summed over answer tokens)
-- ``npo_kl``: npo + KL(p_orig || p_theta)(retain)
-- ``rlabel``: NLL(forget with each answer replaced by the answer of another forget item)
+The methods built from these losses are declared in ``methods.METHODS``.
 
 NLL is the mean over supervised tokens of the batch; KL is the mean over real (non-padding)
 next-token positions of sum_v p_orig(v) (log p_orig(v) - log p_theta(v)); NPO is a mean over
@@ -25,10 +17,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .data import pad_rows
+from .data import pad_rows, split_rows
 
 __all__ = [
-    "METHODS",
     "token_logprobs",
     "next_token_logprobs",
     "forward_logits",
@@ -39,9 +30,6 @@ __all__ = [
     "npo_loss",
     "random_label_data",
 ]
-
-METHODS = ("ga", "ga_gd", "ga_kl", "npo", "npo_kl", "rlabel")
-
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probability of each next label token and its mask.
@@ -133,17 +121,6 @@ def npo_loss(seq_logp: torch.Tensor, ref_seq_logp: torch.Tensor, beta: float, de
     return -(2.0 / beta) * F.logsigmoid(-beta * log_ratio).sum() / count
 
 
-def _rows(encoded: dict) -> list[tuple[list[int], list[int]]]:
-    """Split each encoded row into (prompt ids, supervised ids): prompt = real tokens before the first label."""
-    rows = []
-    for ids, mask, labels in zip(encoded["input_ids"], encoded["attention_mask"], encoded["labels"]):
-        real = int(mask.sum())
-        supervised = (labels[:real] != -100).nonzero().flatten()
-        start = int(supervised[0]) if len(supervised) else real
-        rows.append((ids[:start].tolist(), ids[start:real].tolist()))
-    return rows
-
-
 def random_label_data(encoded: dict, seed: int = 0, pad_id: int = 0) -> dict[str, torch.Tensor]:
     """RLabel data: each item's prompt followed by the answer tokens of another forget item.
 
@@ -151,7 +128,7 @@ def random_label_data(encoded: dict, seed: int = 0, pad_id: int = 0) -> dict[str
     whose answer token sequence differs from row i's (j != i always). Returns a new right-padded
     {input_ids, attention_mask, labels} with the new answer supervised.
     """
-    rows = _rows(encoded)
+    rows = split_rows(encoded)
     if len(rows) < 2:
         raise ValueError(f"rlabel needs at least 2 forget items to swap answers, got {len(rows)}")
     gen = torch.Generator().manual_seed(seed)

@@ -1,47 +1,24 @@
-"""Models for the driver: the embedded tiny Qwen2 LM, local Hugging Face checkpoints, layer discovery, memory plan.
+"""Models for the driver: the embedded model, local Hugging Face checkpoints, layer discovery, memory plan.
 
-Never downloads. ``load_model("tiny", ...)`` builds a word-level tokenizer and a small Qwen2 model,
-pretrains it on the forget + retain facts of the corpus (holdout and probe are never trained) until
-its teacher-forced answer-token accuracy reaches ``PRETRAIN_TARGET`` on both, and caches it under
-``cache_dir/tiny-<hash of corpus, seed, config>`` (written to a temp dir, then ``os.replace``), so later
-runs load it instantly. Any other spec is a local directory or a preset (``yi-6b``, ``qwen2.5-7b``)
-found in the local HF cache, loaded with ``local_files_only=True``.
+Never downloads. ``load_model("tiny", ...)`` is the embedded Qwen2 model of ``pretrain`` (pretrained on
+the embedded benchmark on first use, then cached; ``variant`` picks the original or one of the null
+models). Any other spec is a local directory or a preset (``yi-6b``, ``qwen2.5-7b``) found in the local
+HF cache, loaded with ``local_files_only=True``.
 """
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import os
-import shutil
-import tempfile
-import time
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from tqdm.auto import tqdm
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    PreTrainedTokenizerFast,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from repforget_kernels.activations import decoder_layers
 
-from .data import SPLITS, encode, make_corpus
-from .evaluate import evaluate
-from .train import TrainConfig, relearn
-
 __all__ = [
     "PRESETS",
-    "PRETRAIN_TARGET",
     "ModelNotFound",
-    "build_tokenizer",
-    "tiny_config",
-    "pretrain",
     "resolve_model_path",
     "load_tokenizer",
     "load_model",
@@ -50,131 +27,10 @@ __all__ = [
 ]
 
 PRESETS = {"yi-6b": "01-ai/Yi-6B", "qwen2.5-7b": "Qwen/Qwen2.5-7B"}
-PRETRAIN_TARGET = 0.9  # required teacher-forced answer-token accuracy on forget and retain
-SPECIAL_TOKENS = ("<pad>", "<unk>", "<eos>")
-_TINY = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
-         "num_key_value_heads": 2, "max_position_embeddings": 64}
-_PRETRAIN = {"lr": 1e-3, "batch_size": 32, "max_epochs": 150, "check_every": 5, "goal": 0.99}
-_CACHE_VERSION = 1  # bump when the tiny recipe changes so stale caches are not reused
 
 
 class ModelNotFound(FileNotFoundError):
     """A model directory or preset that is not on this machine; the message says what to download."""
-
-
-def _pre_tokenizer():
-    """Whitespace split, then every punctuation character its own token."""
-    return pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-
-
-def _texts(corpus: dict) -> list[str]:
-    out = []
-    for items in corpus.values():
-        for item in items:
-            out.extend([item["text"]] if "text" in item else [item["prompt"], item["answer"]])
-    return out
-
-
-def build_tokenizer(corpus: dict) -> PreTrainedTokenizerFast:
-    """Word-level tokenizer over every word of every split (sorted, so deterministic); offline.
-
-    Ids 0, 1, 2 are <pad>, <unk>, <eos>; no BOS. Vocabulary = the distinct pre-tokenized words.
-    """
-    if not isinstance(corpus, dict) or not corpus:
-        raise ValueError(f"corpus must be a non-empty dict of splits, got {type(corpus).__name__}")
-    pre = _pre_tokenizer()
-    words = sorted({word for text in _texts(corpus) for word, _ in pre.pre_tokenize_str(text)})
-    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
-    for word in words:
-        vocab.setdefault(word, len(vocab))
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre
-    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
-
-
-def tiny_config(vocab_size: int) -> Qwen2Config:
-    """The embedded model: Qwen2 architecture, hidden 128 (MLP 256), 4 layers, 4 heads (2 KV heads), tied embeddings."""
-    if not isinstance(vocab_size, int) or vocab_size < len(SPECIAL_TOKENS):
-        raise ValueError(f"vocab_size must be an int >= {len(SPECIAL_TOKENS)}, got {vocab_size!r}")
-    return Qwen2Config(vocab_size=vocab_size, tie_word_embeddings=True, pad_token_id=0, eos_token_id=2,
-                       bos_token_id=None, use_cache=False, **_TINY)
-
-
-def pretrain(model, tokenizer, corpus: dict, *, seed: int = 0, progress: bool = True) -> dict:
-    """NLL training on forget + retain until answer accuracy >= the goal (0.99) on both, in place.
-
-    Checks every ``check_every`` epochs; stops at the goal or ``max_epochs`` and raises RuntimeError if
-    either accuracy is still below PRETRAIN_TARGET. Returns {"epochs", "steps", "seconds", "forget_acc",
-    "retain_acc", "final_loss"}.
-    """
-    splits = {name: encode(tokenizer, corpus[name]) for name in ("forget", "retain")}
-    train_items = corpus["forget"] + corpus["retain"]
-    data = encode(tokenizer, train_items)
-    start, epochs, steps, acc = time.perf_counter(), 0, 0, {}
-    result = {"final_loss": float("nan")}
-    with tqdm(total=_PRETRAIN["max_epochs"], desc="pretrain tiny (epochs)", disable=not progress, leave=False) as bar:
-        while epochs < _PRETRAIN["max_epochs"]:
-            cfg = TrainConfig(lr=_PRETRAIN["lr"], epochs=_PRETRAIN["check_every"], batch_size=_PRETRAIN["batch_size"],
-                              seed=seed + epochs, progress=False)
-            result = relearn(model, data, cfg)
-            epochs, steps = epochs + cfg.epochs, steps + result["steps"]
-            acc = evaluate(model, splits)
-            bar.update(cfg.epochs)
-            bar.set_postfix(forget_acc=f"{acc['forget_acc']:.3f}", retain_acc=f"{acc['retain_acc']:.3f}")
-            if min(acc["forget_acc"], acc["retain_acc"]) >= _PRETRAIN["goal"]:
-                break
-    info = {"epochs": epochs, "steps": steps, "seconds": round(time.perf_counter() - start, 2),
-            "forget_acc": acc["forget_acc"], "retain_acc": acc["retain_acc"], "final_loss": result["final_loss"]}
-    if min(acc["forget_acc"], acc["retain_acc"]) < PRETRAIN_TARGET:
-        raise RuntimeError(f"tiny model pretraining reached only forget_acc={acc['forget_acc']:.3f}, "
-                           f"retain_acc={acc['retain_acc']:.3f} < {PRETRAIN_TARGET} after {epochs} epochs")
-    return info
-
-
-def _tiny_key(corpus: dict, seed: int) -> str:
-    blob = json.dumps({"corpus": corpus, "seed": seed, "tiny": _TINY, "pretrain": _PRETRAIN,
-                       "version": _CACHE_VERSION}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def _save_atomic(model, tokenizer, info: dict, final: Path) -> None:
-    """Write model + tokenizer + info.json into a temp dir beside ``final``, then os.replace it into place."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "info.json").write_text(json.dumps(info, indent=2))
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            if not (final / "info.json").is_file():  # someone else finished first: keep theirs
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _load_tiny(cache_dir: Path, device, seed: int, corpus: dict | None, progress: bool):
-    corpus = make_corpus(seed) if corpus is None else corpus
-    missing = [s for s in ("forget", "retain") if not corpus.get(s)]
-    if missing:
-        raise ValueError(f"corpus needs non-empty splits {missing} to pretrain the tiny model")
-    final = Path(cache_dir) / f"tiny-{_tiny_key(corpus, seed)}"
-    if (final / "info.json").is_file():
-        model = Qwen2ForCausalLM.from_pretrained(final, local_files_only=True, dtype=torch.float32)
-        tokenizer = load_tokenizer(final)
-        info = json.loads((final / "info.json").read_text())
-        info.update(cached=True, path=str(final))
-        return model.to(device), tokenizer, info
-    tokenizer = build_tokenizer(corpus)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Qwen2ForCausalLM(tiny_config(len(tokenizer))).to(device)
-    pre = pretrain(model, tokenizer, corpus, seed=seed, progress=progress)
-    info = {"name": "tiny", "params": sum(p.numel() for p in model.parameters()),
-            "layers": len(decoder_layers(model)), "dtype": "float32", "pretrain": pre, "path": str(final)}
-    _save_atomic(model, tokenizer, info, final)
-    return model, tokenizer, {**info, "cached": False}
 
 
 def _hf_cache_dirs() -> list[Path]:
@@ -267,17 +123,24 @@ def _load_local(spec: str, device):
 
 
 def load_model(spec: str, *, cache_dir: Path, device: str | torch.device = "cpu", seed: int = 0,
-               corpus: dict | None = None, progress: bool = True):
+               corpus: dict | None = None, variant: str = "original", progress: bool = True,
+               tiny_options: dict | None = None):
     """(model, tokenizer, info) for "tiny", a preset, or a local HF directory; see the module docstring.
 
-    info: {"name", "params", "layers", "dtype", "pretrain": {epochs, steps, seconds, forget_acc,
-    retain_acc, final_loss} for tiny, {} otherwise, "path", "cached" (tiny only)}. The model is in eval mode.
+    For "tiny": ``corpus`` is the benchmark the embedded model is pretrained on (``benchmark.make_benchmark(seed)``
+    when None), ``variant`` one of ``pretrain.VARIANTS`` and ``tiny_options`` overrides of ``pretrain.load_tiny``
+    (architecture, recipe, vocab_size). info: {"name", "params", "layers", "dtype",
+    "pretrain": what pretraining reached ({} for a local model), "path", "cached" (tiny only)}. The model
+    is in eval mode.
     """
     with _hf_progress_bars(progress):
         if spec == "tiny":
-            if corpus is not None and not set(corpus) <= set(SPLITS):
-                raise ValueError(f"corpus keys must be among {SPLITS}, got {sorted(corpus)}")
-            model, tokenizer, info = _load_tiny(Path(cache_dir), device, seed, corpus, progress)
+            from .benchmark import make_benchmark
+            from .pretrain import load_tiny
+
+            corpus = make_benchmark(seed) if corpus is None else corpus
+            model, tokenizer, info = load_tiny(Path(cache_dir), corpus, variant=variant, seed=seed, device=device,
+                                               progress=progress, load_tokenizer=load_tokenizer, **(tiny_options or {}))
         else:
             model, tokenizer, info = _load_local(spec, device)
     return model.eval(), tokenizer, info

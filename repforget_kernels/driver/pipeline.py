@@ -1,17 +1,27 @@
-"""The driver's experiment: original -> unlearned (single) or unlearned_1..N (continual) -> relearned.
+"""The driver's experiment: original -> unlearned (single, or unlearned_1..N continual) -> three relearning controls.
 
-A *run* is one :class:`RunSpec` (method, learning rate, setting, relearn budget and data). Every
-stage is evaluated (``evaluate.evaluate``: forget / retain accuracy, perplexity, MIA AUCs) and
-diagnosed against the original model (``repforget_kernels.compare_models``: CKA, PCA similarity and
-shift, Fisher), and each run ends with a verdict (``report.verdict``).
+A *run* is one :class:`RunSpec` (method, learning rate, setting, seed). After the last unlearning
+request the unlearned model is relearned three ways, each from the same unlearned weights and with a
+budget matched to the forget set (``relearn_epochs`` epochs over as many items as the forget set has):
+on the forget set (``relearned_forget``: the paper's reversibility test), on retain items only
+(``relearned_retain``) and on unrelated items only (``relearned_unrelated``); forget exact match is
+recorded after every relearning step (the recovery curve). Every stage is evaluated (``evaluate``:
+exact match of generated answers and token accuracy per split, perplexity, MIA AUCs) and compared with
+the original model on three probe sets, forget, retain and unrelated (``repforget_kernels.compare_models``:
+CKA pooled / debiased / token-level, PCA similarity k = 1 and top-k, normalised PCA shift, Fisher mass,
+ratio, rank correlation and histogram; ``verdict.structure_summary`` condenses each into drift metrics,
+with bootstrap draws of the pooled-CKA drift over the probe rows). The nulls (a randomly initialised
+model, a model pretrained with another seed, the retain oracle pretrained without the forget entities,
+relearned like the runs) are measured the same way once per output directory, and every run gets its
+verdict (``verdict.verdict``) against them.
 
 State and resume. ``OUT/state/`` (a :class:`state.StateDir`: every JSON self-checksummed, every
 checkpoint verified against the digest in the record written after it) holds, each written atomically
 as soon as it exists: ``config.json`` (the fingerprint the state belongs to: settings, a content
 digest of every data split and the digests of the model's files), ``reference.pt`` + ``original.json``
-(the original model's ``ReferenceStatistics`` and stage record), and per run ``<run_id>/spec.json``,
-``<run_id>/<i>_<stage>.pt`` (the model checkpoint of the last finished stage; older ones are removed
-once a newer stage's record is on disk; the final stage needs none) and ``<run_id>/<i>_<stage>.json``.
+(the original model's ``ReferenceStatistics`` per probe set and its stage record), ``nulls/<name>.json``,
+and per run ``<run_id>/spec.json``, ``<run_id>/<i>_<stage>.json`` and ``<run_id>/<i>_<stage>.pt`` (the
+model after the last finished unlearning stage; kept until the relearning controls are done).
 Rerunning the same command skips finished stages, restarts from the last checkpoint and produces the
 same report (each stage seeds torch with (seed, stage index), so the numbers do not depend on where a
 run was interrupted). A fingerprint that differs (edited data, other weights, other settings) is a
@@ -20,22 +30,24 @@ file; ``restart=True`` discards the state instead. Ctrl-C or an error leaves fin
 the previous report untouched: report.md, the PNGs and then report.json are replaced only when every
 run is finished, each atomically.
 
-Memory: the original model stays on the device for token-level CKA; without it (``token_cka=False``)
-it moves to host memory after the original stage, and each run copies it back to the device.
+Memory: the original model stays on the device (NPO reference, KL anchor, token-level CKA).
 
 Several processes (``torchrun`` / ``accelerate launch``, process group joined by the CLI): every
 rank holds the original model; each run's trainee is sharded with FSDP2 (``distributed.shard_model``,
 ``cfg.fsdp``) and trained data-parallel (``train``); each stage's evaluation and diagnostics run on a
 plain replica gathered from the shards, with the batches split across ranks and the results merged,
-so every rank computes the one-process record. Rank 0 pretrains the tiny model (the others wait and
-load it from the cache), decides what is already finished, and writes every file; the checkpoints
-hold the full float32 master weights, so a resumed run continues from exactly where it stopped.
+so every rank computes the one-process record. Rank 0 pretrains the embedded models (the others wait
+and load them from the cache), decides what is already finished, and writes every file; the
+checkpoints hold the full float32 master weights, so a resumed run continues from exactly where it
+stopped.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
 import math
+import random
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -43,9 +55,10 @@ from typing import Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
-from repforget_kernels import ReferenceStatistics, compare_models
+from repforget_kernels import ReferenceStatistics, compare_models, linear_cka
 
-from .data import encode, make_corpus
+from .benchmark import EVAL_SPLITS, BenchmarkConfig, make_benchmark
+from .data import encode
 from .diagnostics import DiagnosticsConfig, comparison_options, statistics_options
 from .distributed import (
     FSDPSettings,
@@ -59,70 +72,87 @@ from .distributed import (
     shard_model,
     world,
 )
-from .evaluate import evaluate
-from .losses import METHODS
+from .evaluate import evaluate, exact_match
+from .methods import REFERENCES, get_method
 from .models import load_model
-from .report import THRESHOLDS, verdict, versions, write_report
+from .report import versions, write_report
 from .state import StateDir, StateMismatch, content_digest, model_identity
 from .train import TrainConfig, relearn, unlearn
+from .verdict import THRESHOLDS, structure_summary, structure_vs_recovery, verdict
+from .workers import pretrain_in_parallel, run_in_parallel
 
-__all__ = ["SETTINGS", "RELEARN_DATA", "RunSpec", "PipelineConfig", "split_requests", "Pipeline"]
+__all__ = ["SETTINGS", "RELEARN_CONTROLS", "PROBES", "NULLS", "RunSpec", "PipelineConfig", "split_requests",
+           "Pipeline", "selective_runs", "summarize"]
 
 SETTINGS = ("single", "continual")
-RELEARN_DATA = ("forget", "retain", "probe")
+RELEARN_CONTROLS = ("forget", "retain", "unrelated")
+PROBES = ("forget", "retain", "unrelated")
+NULLS = ("random_init", "other_seed", "retain_oracle")
+STRUCTURE_DRAWS = 200  # bootstrap draws of the pooled-CKA drift per probe set and stage
+_SELECTIVE = {"forget_drop": 0.5, "retain_drop": 0.1}
 
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One unlearning run: ``method`` at ``lr`` for ``epochs`` (per request), in the ``single`` setting
-    (the whole forget set at once) or ``continual`` (``requests`` chunks one after another), then
-    ``relearn_epochs`` of NLL fine-tuning at ``relearn_lr`` on ``relearn_data`` (forget; retain or
-    probe as controls)."""
+    """One unlearning run: ``method`` at ``lr`` for ``epochs`` per request, in the ``single`` setting (the whole
+    forget set at once) or ``continual`` (``requests`` chunks of whole forget entities, one after another,
+    each with the full budget); ``seed`` seeds the data order, RLabel's answers and the relearning subsets;
+    ``reference``: NPO's reference and the KL anchor are the ``original`` model or the ``current`` one at
+    the start of each request."""
 
     method: str
     lr: float
     setting: str = "single"
-    requests: int = 5
-    epochs: int = 1
-    batch_size: int = 8
+    requests: int = 1
+    epochs: int = 5
+    batch_size: int = 16
     beta: float = 0.1
-    relearn_epochs: int = 1
-    relearn_lr: float = 1e-3
-    relearn_data: str = "forget"
+    seed: int = 0
+    reference: str = "original"
     optimizer: str = "adamw"  # "adamw" | "sgd" | "adafactor" (see models.memory_plan for 7B on one GPU)
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
+        get_method(self.method)
         if self.setting not in SETTINGS:
             raise ValueError(f"setting must be one of {SETTINGS}, got {self.setting!r}")
-        if self.relearn_data not in RELEARN_DATA:
-            raise ValueError(f"relearn_data must be one of {RELEARN_DATA}, got {self.relearn_data!r}")
-        for name in ("lr", "relearn_lr", "beta"):
+        if self.reference not in REFERENCES:
+            raise ValueError(f"reference must be one of {REFERENCES}, got {self.reference!r}")
+        for name in ("lr", "beta"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-        for name in ("requests", "epochs", "batch_size", "relearn_epochs"):
+        for name in ("requests", "epochs", "batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an int, got {self.seed!r}")
+        if self.setting == "single" and self.requests != 1:
+            object.__setattr__(self, "requests", 1)
 
     @property
     def run_id(self) -> str:
         setting = "single" if self.setting == "single" else f"continual{self.requests}"
-        tail = "" if self.relearn_data == "forget" else f"_relearn-{self.relearn_data}"
-        return f"{self.method}_lr{self.lr:g}_{setting}{tail}"
+        tail = "" if self.reference == "original" else "_ref-current"
+        return f"{self.method}_lr{self.lr:g}_{setting}_seed{self.seed}{tail}"
 
-    def stage_names(self) -> list:
-        unl = ["unlearned"] if self.setting == "single" else [f"unlearned_{i}" for i in range(1, self.requests + 1)]
-        return ["original"] + unl + ["relearned"]
+    def unlearning_stages(self) -> list:
+        return ["unlearned"] if self.setting == "single" else [f"unlearned_{i}" for i in range(1, self.requests + 1)]
 
 
 @dataclass
 class PipelineConfig:
     """Everything shared by the runs of one output directory.
 
-    examples: {split: list of items} (``make_corpus(seed)`` when None); model: ``tiny`` | path | preset.
+    examples: {split: items} (``benchmark.make_benchmark(seed, benchmark)`` when None); model: ``tiny`` | path
+    | preset; seed: the benchmark's and the embedded models' seed. relearn_*: the relearning budget of every
+    control (matched to the forget set: as many items, ``relearn_epochs`` epochs). eval_items: items per
+    evaluation split at most (a fixed subset); probe_items: items per probe set. nulls: the null models to
+    measure, among NULLS (pretrained variants of the embedded model, or ``null_models`` {name: directory}
+    for a local model; random_init is built from the config).
+    tiny_options: overrides of the embedded model's architecture / recipe / vocabulary (``pretrain.load_tiny``).
+    workers: run-level parallelism in one process's stead (``workers``: single-threaded processes; ignored
+    under a torch.distributed launcher).
     fsdp: how the trainee is sharded under several processes (unused in one process).
     """
 
@@ -131,12 +161,24 @@ class PipelineConfig:
     cache_dir: Path = Path("~/.cache/repforget").expanduser()
     device: str = "cpu"
     seed: int = 0
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     max_length: int = 64
-    eval_batch_size: int = 16
+    eval_batch_size: int = 64
+    eval_items: int = 240
+    probe_items: int = 96
+    relearn_lr: float = 1e-3
+    relearn_epochs: int = 1
+    relearn_batch_size: int = 16
+    relearn_optimizer: str = "adamw"
+    relearn_controls: tuple = RELEARN_CONTROLS
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
-    thresholds: dict = field(default_factory=lambda: dict(THRESHOLDS))
+    thresholds: dict = field(default_factory=dict)
     examples: Optional[dict] = None
     data_sources: dict = field(default_factory=dict)
+    nulls: tuple = NULLS
+    null_models: dict = field(default_factory=dict)
+    tiny_options: dict = field(default_factory=dict)
+    workers: int = 1
     progress: bool = True
     fsdp: FSDPSettings = field(default_factory=FSDPSettings)
     restart: bool = False
@@ -144,34 +186,56 @@ class PipelineConfig:
     def settings(self) -> dict:
         """The settings the stored state depends on besides the data and the model files (JSON-ready)."""
         return {"model": self.model, "seed": self.seed, "max_length": self.max_length,
-                "eval_batch_size": self.eval_batch_size, "diagnostics": asdict(self.diagnostics)}
+                "eval_batch_size": self.eval_batch_size, "eval_items": self.eval_items,
+                "probe_items": self.probe_items, "relearn": [self.relearn_lr, self.relearn_epochs,
+                                                             self.relearn_batch_size, self.relearn_optimizer],
+                "diagnostics": asdict(self.diagnostics), "nulls": list(self.nulls),
+                "null_models": {k: str(v) for k, v in sorted(self.null_models.items())}}
 
 
 def split_requests(items: list, n: int) -> list:
-    """Split ``items`` into ``n`` contiguous, non-empty chunks whose sizes differ by at most one."""
-    if not 1 <= n <= len(items):
-        raise ValueError(f"cannot split {len(items)} forget items into {n} requests (need 1 <= requests <= items)")
-    q, r = divmod(len(items), n)
+    """Split ``items`` into ``n`` requests of whole entities (items sharing ``entity`` stay together; items
+    without one are their own unit), contiguous in first-appearance order, sizes differing by at most one unit."""
+    units: dict = {}
+    for i, item in enumerate(items):
+        units.setdefault(item.get("entity", f"#{i}"), []).append(item)
+    groups = list(units.values())
+    if not 1 <= n <= len(groups):
+        raise ValueError(f"cannot split {len(groups)} forget entities into {n} requests (need 1 <= requests <= entities)")
+    q, r = divmod(len(groups), n)
     bounds = [i * q + min(i, r) for i in range(n + 1)]
-    return [items[bounds[i]:bounds[i + 1]] for i in range(n)]
+    return [[item for g in groups[bounds[i]:bounds[i + 1]] for item in g] for i in range(n)]
 
 
-def _fingerprint_changes(theirs: dict, mine: dict) -> list:
-    """What differs between two fingerprints, in words (data splits and model files named)."""
-    changes = []
-    for key in sorted(set(theirs) | set(mine)):
-        a, b = theirs.get(key), mine.get(key)
-        if a == b:
-            continue
-        if key in ("data", "model_files") and isinstance(a, dict) and isinstance(b, dict):
-            names = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-            what = "data split" if key == "data" else "model file"
-            changes.append(f"{what}{'s' if len(names) > 1 else ''} {', '.join(names)} changed")
-        else:
-            changes.append(f"{key} changed ({a!r} -> {b!r})" if key != "settings" else
-                           "settings changed (" + ", ".join(k for k in sorted(set(a or {}) | set(b or {}))
-                                                           if (a or {}).get(k) != (b or {}).get(k)) + ")")
-    return changes
+def selective_runs(runs: list) -> list:
+    """Run ids whose forget exact match fell by >= 0.5 while retain (and utility, where measured) fell by <= 0.1."""
+    out = []
+    for run in runs:
+        b = run["verdict"]["behaviour"]
+        drops = [b.get("retain_drop"), b.get("utility_drop")]
+        if b["forget_drop"] >= _SELECTIVE["forget_drop"] and all(d is None or d <= _SELECTIVE["retain_drop"] for d in drops) \
+                and drops[0] is not None:
+            out.append(run["run_id"])
+    return out
+
+
+def summarize(runs: list, nulls: dict) -> dict:
+    """report.json's ``summary``: regime counts, the headline correlation, the nulls' drift, the selective runs,
+    and with several seeds each grid cell's label agreement."""
+    cells: dict = {}
+    for run in runs:
+        cells.setdefault((run["method"], run["lr"], run["setting"], run["requests"]), []).append(
+            run["verdict"]["behaviour"]["label"])
+    agreement = {}
+    for (method, lr, setting, requests), labels in cells.items():
+        label, count = Counter(labels).most_common(1)[0]
+        agreement[f"{method}_lr{lr:g}_{setting}{requests if setting == 'continual' else ''}"] = {
+            "label": label, "agree": count, "seeds": len(labels)}
+    return {"regimes": dict(Counter(r["verdict"]["behaviour"]["label"] for r in runs)),
+            "structure_vs_recovery": structure_vs_recovery(runs),
+            "nulls": {name: {probe: (null.get("record") or {}).get("structure", {}).get(probe, {}).get("summary")
+                             for probe in PROBES} for name, null in nulls.items()},
+            "selective_runs": selective_runs(runs), "seed_agreement": agreement}
 
 
 class Pipeline:
@@ -186,7 +250,10 @@ class Pipeline:
         self.out = Path(cfg.out)
         self.state = StateDir(self.out / "state")
         self.on_stage_done = on_stage_done or (lambda run_id, stage: None)
-        self.examples = cfg.examples if cfg.examples is not None else make_corpus(cfg.seed)
+        self.examples = cfg.examples if cfg.examples is not None else make_benchmark(cfg.seed, cfg.benchmark)
+        missing = [s for s in ("forget", "retain") if not self.examples.get(s)]
+        if missing:
+            raise ValueError(f"examples need non-empty splits {missing}")
 
     # ----------------------------------------------------------------- state checks
     def fingerprint(self) -> dict:
@@ -222,35 +289,70 @@ class Pipeline:
     def run(self, specs: list) -> dict:
         """Run (or resume) every spec; returns the report dict after writing OUT/report.{json,md} and PNGs."""
         if len({s.run_id for s in specs}) != len(specs):
-            raise ValueError("two runs share a run id (same method, lr, setting and relearn data)")
+            raise ValueError("two runs share a run id (same method, lr, setting, requests, seed and reference)")
+        for spec in specs:
+            if spec.setting == "continual":
+                split_requests(self.examples["forget"], spec.requests)  # fails early when there are too few entities
         self.out.mkdir(parents=True, exist_ok=True)
         if self.cfg.restart and is_main():
             self.state.clear()
-        self._load()
-        self._claim_state()
-        for spec in specs:
-            self._claim_run(spec)
-        original = self._original_stage()
-        if not self.cfg.diagnostics.token_cka:  # from here on the original only seeds each run's copy
-            self.reference.to("cpu")
+        parallel = self.cfg.workers > 1 and world()[1] == 1
+        if parallel and self.cfg.model == "tiny":
+            pretrain_in_parallel(self.cfg, self._uncached_variants())
+        original, nulls = self.prepare(specs)
+        if parallel:
+            total = sum(len(self._stage_names(s)) for s in specs)
+            done = sum(self._finished(s) for s in specs)
+            todo = [s for s in specs if self._finished(s) < len(self._stage_names(s))]
+            if todo:
+                run_in_parallel(self.cfg, todo, done, total)
         runs = []
-        for spec in tqdm(specs, desc="runs", disable=not self.cfg.progress):
-            stages = [original] + self._run_stages(spec)
+        for spec in tqdm(specs, desc="runs", disable=not self.cfg.progress or parallel):
+            stages = [original] + self.run_stages(spec)
             runs.append({"run_id": spec.run_id, "method": spec.method, "lr": spec.lr, "setting": spec.setting,
-                         "requests": spec.requests if spec.setting == "continual" else 1, "spec": asdict(spec),
-                         "stages": stages, "verdict": verdict(stages, self.cfg.thresholds)})
+                         "requests": spec.requests, "seed": spec.seed, "reference": spec.reference,
+                         "spec": asdict(spec), "stages": stages,
+                         "verdict": verdict(stages, nulls, self.cfg.thresholds)})
+        for run in runs:
+            b = run["verdict"]["behaviour"]
+            run["recoveries"] = {c: b.get("recovery" if c == "forget" else f"recovery_{c}")
+                                 for c in self.cfg.relearn_controls}
         report = {"kind": "repforget-report", "config": self._config_json(), "versions": versions(),
-                  "thresholds": dict(THRESHOLDS, **self.cfg.thresholds), "runs": runs}
+                  "thresholds": dict(THRESHOLDS, **self.cfg.thresholds), "nulls": nulls, "runs": runs,
+                  "summary": summarize(runs, nulls)}
         if is_main():
             write_report(self.out, report)
         return report
 
+    def prepare(self, specs: list) -> tuple:
+        """Everything the runs share, computed or read back: the model, the state's claim, the original stage
+        and the nulls. Returns (original stage record, nulls)."""
+        self._load()
+        self._claim_state()
+        for spec in specs:
+            self._claim_run(spec)
+        return self._original_stage(), self._null_stages()
+
+    def _uncached_variants(self) -> list:
+        """The embedded-model variants this output directory needs that are not pretrained yet."""
+        from .pretrain import cache_path
+
+        wanted = ["original"] + [n for n in self.cfg.nulls if n != "random_init"]
+        return [v for v in wanted if not (cache_path(self.cfg.cache_dir, self.examples, variant=v, seed=self.cfg.seed,
+                                                     **self.cfg.tiny_options) / "info.json").is_file()]
+
     def _config_json(self) -> dict:
         c = self.cfg
-        return dict(c.settings(), data_digests=self.fingerprint()["data"],
+        return dict(c.settings(), data_digests=self.fingerprint()["data"], benchmark=asdict(c.benchmark),
                     data={k: str(v) for k, v in sorted(c.data_sources.items())}, sample=c.diagnostics.sample,
                     device=str(c.device), world_size=world()[1], model_info=self.info,
-                    n_items={k: len(v) for k, v in self.examples.items()})
+                    relearn_controls=list(c.relearn_controls),
+                    n_items={k: len(v) for k, v in self.examples.items()},
+                    eval_splits=list(self.eval_splits), probe_sets=list(self.probes))
+
+    # ----------------------------------------------------------------- data and models
+    def _subset(self, split: str, limit: int) -> list:
+        return self.examples[split][:limit]
 
     def _load(self) -> None:
         c = self.cfg
@@ -258,83 +360,212 @@ class Pipeline:
         with main_rank_first() if c.model == "tiny" else contextlib.nullcontext():
             self.reference, self.tokenizer, self.info = load_model(
                 c.model, cache_dir=c.cache_dir, device=c.device, seed=c.seed, corpus=self.examples,
-                progress=c.progress)
-        self.encoded = {k: encode(self.tokenizer, v, max_length=c.max_length) for k, v in self.examples.items()}
+                progress=c.progress, tiny_options=c.tiny_options)
+        self.reference.requires_grad_(False)
+        enc = lambda items: encode(self.tokenizer, items, max_length=c.max_length)  # noqa: E731
+        self.eval_splits = {s: enc(self._subset(s, c.eval_items)) for s in EVAL_SPLITS if self.examples.get(s)}
+        self.probes = {s: self._subset(s, c.probe_items) for s in PROBES if self.examples.get(s)}
+        self.encoded_probes = {s: enc(items) for s, items in self.probes.items()}
+        self.forget_all = enc(self.examples["forget"])
 
     def _evaluate(self, model) -> dict:
-        splits = {k: self.encoded[k] for k in ("forget", "retain", "holdout", "probe") if k in self.encoded}
-        return evaluate(model, splits, batch_size=self.cfg.eval_batch_size, tokenizer=self.tokenizer)
+        return evaluate(model, self.eval_splits, batch_size=self.cfg.eval_batch_size, tokenizer=self.tokenizer,
+                        generate_batch_size=self.cfg.eval_batch_size)
+
+    def _forget_em(self, model) -> float:
+        """Forget exact match as the stage evaluation computes it (same items, same batches: batch composition
+        changes float rounding, which can flip a near-tie of greedy decoding)."""
+        return float(exact_match(model, self.eval_splits["forget"], tokenizer=self.tokenizer,
+                                 batch_size=self.cfg.eval_batch_size).float().mean())
+
+    def _structure(self, model) -> dict:
+        """{probe: {"layers", "fisher", "summary", "draws"}} of ``model`` against the original on every probe set."""
+        out = {}
+        dcfg = self.cfg.diagnostics
+        for probe, enc in self.encoded_probes.items():
+            options = comparison_options(dcfg, enc, enc)
+            comparison = compare_models(self.ref_stats[probe], model, **options)
+            record = comparison.to_dict()
+            record["summary"] = structure_summary(record["layers"], record.get("fisher"))
+            record["draws"] = {"cka_pooled": _cka_drift_draws(comparison.rows_reference, comparison.rows_updated)}
+            out[probe] = record
+        return out
 
     def _measure(self, model) -> dict:
         """Evaluation and diagnostics of a stage's model (a sharded trainee through a gathered plain replica)."""
         plain = plain_copy(model) if is_sharded(model) else model
-        return dict(**self._evaluate(plain), **self._diagnose(plain))
-
-    def _diagnose(self, model) -> dict:
-        options = comparison_options(self.cfg.diagnostics, self.encoded["probe"], self.encoded["forget"])
-        return compare_models(self.ref_stats, model, **options).to_dict()
+        return dict(**self._evaluate(plain), structure=self._structure(plain))
 
     def _original_stage(self) -> dict:
-        """The original model's stage record (and reference statistics), computed once per OUT."""
+        """The original model's stage record (and reference statistics per probe set), computed once per OUT."""
         dcfg = self.cfg.diagnostics
         token_model = self.reference if dcfg.token_cka else None  # run again per stage for token-level CKA
         if broadcast(self.state.exists("original.json")):
             saved = self.state.read_json("original.json")
             stats = self.state.load_torch("reference.pt", saved["reference_sha256"])
-            self.ref_stats = ReferenceStatistics.from_state_dict(stats, model=token_model)
+            self.ref_stats = {p: ReferenceStatistics.from_state_dict(s, model=token_model) for p, s in stats.items()}
             return saved["record"]
         torch.manual_seed(self.cfg.seed)
-        self.ref_stats = ReferenceStatistics.compute(
-            self.reference, **statistics_options(dcfg, self.encoded["probe"], self.encoded["forget"]),
-            tokens="model" if dcfg.token_cka else None)
+        self.ref_stats = {}
+        for probe, enc in self.encoded_probes.items():
+            self.ref_stats[probe] = ReferenceStatistics.compute(
+                self.reference, **statistics_options(dcfg, enc, enc), tokens="model" if dcfg.token_cka else None)
         torch.manual_seed(self.cfg.seed)
         record = dict(name="original", train=None, **self._measure(self.reference))
         if is_main():
-            digest = self.state.save_torch("reference.pt", self.ref_stats.state_dict())
+            digest = self.state.save_torch("reference.pt", {p: s.state_dict() for p, s in self.ref_stats.items()})
             self.state.write_json("original.json", {"record": record, "reference_sha256": digest})
         return record
 
-    def _run_stages(self, spec: RunSpec) -> list:
-        """Finished and new stage records of one run (without the shared original stage)."""
-        names = spec.stage_names()[1:]
-        files = [f"{spec.run_id}/{i}_{name}.json" for i, name in enumerate(names, start=1)]
+    # ----------------------------------------------------------------- nulls
+    def _null_model(self, name: str):
+        """(model, info) of a null, or None when it cannot be had for this model."""
+        c = self.cfg
+        if c.model == "tiny":
+            with main_rank_first():
+                model, _, info = load_model("tiny", cache_dir=c.cache_dir, device=c.device, seed=c.seed,
+                                            corpus=self.examples, variant=name, progress=c.progress,
+                                            tiny_options=c.tiny_options)
+            return model, info
+        if name in c.null_models:
+            model, _, info = load_model(str(c.null_models[name]), cache_dir=c.cache_dir, device=c.device)
+            return model, info
+        if name == "random_init":
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(c.seed)
+                model = type(self.reference)(copy.deepcopy(self.reference.config)).to(c.device)
+            return model.eval(), {"name": "random_init", "variant": "random_init"}
+        return None
+
+    def _null_stages(self) -> dict:
+        """{null: {"record": stage-like record vs the original, "relearned": (retain oracle) after the runs'
+        relearning on the forget set, "info"}}, computed once per OUT."""
+        nulls = {}
+        for name in self.cfg.nulls:
+            rel = f"nulls/{name}.json"
+            if broadcast(self.state.exists(rel)):
+                nulls[name] = self.state.read_json(rel)
+                continue
+            got = self._null_model(name)
+            if got is None:
+                continue
+            model, info = got
+            torch.manual_seed(self.cfg.seed)
+            entry = {"info": info, "record": dict(name=name, train=None, **self._measure(model))}
+            if name == "retain_oracle":
+                entry["relearned"] = self._relearn_control(model, "forget", self.cfg.seed)
+            if is_main():
+                self.state.write_json(rel, entry)
+            nulls[name] = entry
+            del model
+        return nulls
+
+    # ----------------------------------------------------------------- runs
+    def _stage_names(self, spec: RunSpec) -> list:
+        return spec.unlearning_stages() + [f"relearned_{c}" for c in self.cfg.relearn_controls]
+
+    def _finished(self, spec: RunSpec) -> int:
+        """How many of the run's stages are on disk (consecutive from the first)."""
+        names = self._stage_names(spec)
         done = 0
-        while done < len(names) and self.state.exists(files[done]):
+        while done < len(names) and self.state.exists(f"{spec.run_id}/{done + 1}_{names[done]}.json"):
             done += 1
-        done = broadcast(done)  # rank 0's view of the state decides
+        return done
+
+    def run_stages(self, spec: RunSpec) -> list:
+        """Finished and new stage records of one run (without the shared original stage); call after
+        :meth:`prepare`."""
+        unl = spec.unlearning_stages()
+        names = self._stage_names(spec)
+        files = [f"{spec.run_id}/{i}_{name}.json" for i, name in enumerate(names, start=1)]
+        done = broadcast(self._finished(spec))  # rank 0's view of the state decides
         saved = [self.state.read_json(f) for f in files[:done]]
         records = [entry["record"] for entry in saved]
         if done == len(names):
             return records
-        model = self._model_at(spec.run_id, names, done, saved[-1]["checkpoint_sha256"] if saved else None)
+        last_unl = min(done, len(unl))  # unlearning stages finished (their last checkpoint is kept)
+        unlearned_digest = saved[last_unl - 1]["checkpoint_sha256"] if last_unl else None
+        model = self._model_at(spec.run_id, last_unl, unl[last_unl - 1] if last_unl else None, unlearned_digest)
+        holds_unlearned = last_unl == len(unl)  # the model is the final unlearned one (each control starts there)
         requests = self._requests(spec)
-        bar = tqdm(total=len(names), initial=done, desc=spec.run_id, disable=not self.cfg.progress)
+        bar = tqdm(total=len(names), initial=done, desc=spec.run_id, disable=not self.cfg.progress, leave=False)
         for i in range(done, len(names)):
-            torch.manual_seed(self.cfg.seed * 1000 + i + 1)
-            train = self._train_stage(model, spec, names[i], requests)
-            record = dict(name=names[i], train=train, **self._measure(model))
-            checkpoint = full_state_dict(model) if i + 1 < len(names) else None  # every rank takes part
+            torch.manual_seed(spec.seed * 1000 + i + 1)
+            if i < len(unl):
+                tc = TrainConfig(lr=spec.lr, epochs=spec.epochs, batch_size=spec.batch_size, beta=spec.beta,
+                                 seed=spec.seed * 1000 + i, progress=self.cfg.progress, optimizer=spec.optimizer)
+                train = unlearn(model, spec.method, requests[i], self.encoded_retain_train(), tc,
+                                reference=self.reference if spec.reference == "original" else None)
+                record = dict(name=names[i], train=train, **self._measure(model))
+                holds_unlearned = i == len(unl) - 1
+            else:
+                if not holds_unlearned:  # an earlier control relearned it: back to the unlearned checkpoint
+                    del model
+                    model = self._model_at(spec.run_id, len(unl), unl[-1], unlearned_digest)
+                control = names[i].split("_", 1)[1]
+                record = dict(name=names[i], **self._relearn_control(model, control, spec.seed, measure=True))
+                holds_unlearned = False
+            checkpoint = full_state_dict(model) if i < len(unl) else None  # every rank takes part
             if is_main():
                 digest = None
                 if checkpoint is not None:
-                    digest = self.state.save_torch(f"{spec.run_id}/{i + 1}_{names[i]}.pt", checkpoint)
+                    digest = unlearned_digest = self.state.save_torch(f"{spec.run_id}/{i + 1}_{names[i]}.pt",
+                                                                      checkpoint)
                 self.state.write_json(files[i], {"record": record, "checkpoint_sha256": digest})
-                if i > 0:
+                if 0 < i < len(unl):
                     self.state.remove(f"{spec.run_id}/{i}_{names[i - 1]}.pt")
+                if i == len(names) - 1:
+                    self.state.remove(f"{spec.run_id}/{len(unl)}_{unl[-1]}.pt")
             records.append(record)
             bar.update(1)
             self.on_stage_done(spec.run_id, names[i])
         bar.close()
         return records
 
-    def _model_at(self, run_id: str, names: list, done: int, digest: Optional[str]):
-        """A trainable copy of the original (sharded under several processes), with the checkpoint of stage
-        ``done`` (1-based, its bytes checked against ``digest``) loaded if any."""
-        model = copy.deepcopy(self.reference).to(self.cfg.device)
+    def encoded_retain_train(self) -> dict:
+        """The retain data the methods with a retain term train on (the whole retain split), encoded once."""
+        if not hasattr(self, "_retain_train"):
+            self._retain_train = encode(self.tokenizer, self.examples["retain"], max_length=self.cfg.max_length)
+        return self._retain_train
+
+    def _relearn_data(self, control: str, seed: int) -> dict:
+        """The relearning data of a control: the forget set, or as many retain / unrelated items (a seeded sample)."""
+        forget = self.examples["forget"]
+        if control == "forget":
+            return self.forget_all
+        pool = self.examples.get(control) or []
+        if not pool:
+            raise ValueError(f"relearning control {control!r} needs a non-empty {control!r} split")
+        rng = random.Random(seed * 7919 + len(control))
+        items = [pool[i % len(pool)] for i in rng.sample(range(max(len(pool), len(forget))), len(forget))]
+        return encode(self.tokenizer, items, max_length=self.cfg.max_length)
+
+    def _relearn_control(self, model, control: str, seed: int, measure: bool = False) -> dict:
+        """Relearn ``model`` in place on one control's data with the matched budget; forget exact match after every
+        step. Returns {"train", "control", "curve", and the evaluation (+ structure when ``measure``)}."""
+        c = self.cfg
+        curve = [self._forget_em(plain_copy(model) if is_sharded(model) else model)]
+
+        def after_step(step: int) -> None:
+            curve.append(self._forget_em(plain_copy(model) if is_sharded(model) else model))
+
+        tc = TrainConfig(lr=c.relearn_lr, epochs=c.relearn_epochs, batch_size=c.relearn_batch_size, seed=seed,
+                         progress=c.progress, optimizer=c.relearn_optimizer)
+        train = relearn(model, self._relearn_data(control, seed), tc, on_step=after_step)
+        plain = plain_copy(model) if is_sharded(model) else model
+        record = {"train": train, "control": control, "curve": curve, **self._evaluate(plain)}
+        if measure:
+            record["structure"] = self._structure(plain)
+        return record
+
+    def _model_at(self, run_id: str, done: int, name: Optional[str], digest: Optional[str]):
+        """A trainable copy of the original (sharded under several processes), with the checkpoint of unlearning
+        stage ``done`` (1-based, named ``name``, its bytes checked against ``digest``) loaded if any."""
+        model = copy.deepcopy(self.reference).to(self.cfg.device).requires_grad_(True)
         if world()[1] > 1:
             shard_model(model, self.cfg.fsdp)
         if done > 0:
-            ckpt = f"{run_id}/{done}_{names[done - 1]}.pt"
+            ckpt = f"{run_id}/{done}_{name}.pt"
             # read into host memory; a sharded model gets rank 0's copy scattered to every rank's shards
             state = {} if is_sharded(model) and not is_main() else self.state.load_torch(ckpt, digest,
                                                                                           map_location="cpu")
@@ -343,17 +574,39 @@ class Pipeline:
 
     def _requests(self, spec: RunSpec) -> list:
         """Encoded forget data of each unlearning request (one request in the single setting)."""
-        forget = self.examples["forget"]
-        chunks = [forget] if spec.setting == "single" else split_requests(forget, spec.requests)
+        chunks = split_requests(self.examples["forget"], spec.requests)
         return [encode(self.tokenizer, chunk, max_length=self.cfg.max_length) for chunk in chunks]
 
-    def _train_stage(self, model, spec: RunSpec, name: str, requests: list) -> dict:
-        c = self.cfg
-        if name == "relearned":
-            tc = TrainConfig(lr=spec.relearn_lr, epochs=spec.relearn_epochs, batch_size=spec.batch_size,
-                             seed=c.seed, progress=c.progress, optimizer=spec.optimizer)
-            return relearn(model, self.encoded[spec.relearn_data], tc)
-        index = 0 if name == "unlearned" else int(name.rsplit("_", 1)[1]) - 1
-        tc = TrainConfig(lr=spec.lr, epochs=spec.epochs, batch_size=spec.batch_size, beta=spec.beta,
-                         seed=c.seed + index, progress=c.progress, optimizer=spec.optimizer)
-        return unlearn(model, spec.method, requests[index], self.encoded["retain"], tc)
+
+def _cka_drift_draws(x: torch.Tensor, y: torch.Tensor, draws: int = STRUCTURE_DRAWS) -> Optional[list]:
+    """Bootstrap draws of mean_l (1 - CKA(x_l, y_l)) over resampled rows (the same rows for every model:
+    the indices are a pure function of n): x, y (L, n, d) -> ``draws`` floats, or None where undefined."""
+    from .verdict import bootstrap_indices
+
+    n = x.shape[1]
+    idx = torch.from_numpy(bootstrap_indices(n, draws))  # (draws, n)
+    xs = x[:, idx].flatten(0, 1)  # (L * draws, n, d)
+    ys = y[:, idx].flatten(0, 1)
+    try:
+        cka = linear_cka(xs, ys).view(x.shape[0], draws)  # (L, draws)
+    except ValueError:  # a resample without variance in some layer
+        return None
+    return (1.0 - cka.double()).mean(0).tolist()
+
+
+def _fingerprint_changes(theirs: dict, mine: dict) -> list:
+    """What differs between two fingerprints, in words (data splits and model files named)."""
+    changes = []
+    for key in sorted(set(theirs) | set(mine)):
+        a, b = theirs.get(key), mine.get(key)
+        if a == b:
+            continue
+        if key in ("data", "model_files") and isinstance(a, dict) and isinstance(b, dict):
+            names = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+            what = "data split" if key == "data" else "model file"
+            changes.append(f"{what}{'s' if len(names) > 1 else ''} {', '.join(names)} changed")
+        else:
+            changes.append(f"{key} changed ({a!r} -> {b!r})" if key != "settings" else
+                           "settings changed (" + ", ".join(k for k in sorted(set(a or {}) | set(b or {}))
+                                                           if (a or {}).get(k) != (b or {}).get(k)) + ")")
+    return changes

@@ -1,11 +1,14 @@
 """PNG figures of a driver report, drawn from the numbers in report.json (matplotlib, Agg backend).
 
-One subplot per run in each figure:
-  cka_by_layer.png             layer CKA vs the original, one line per stage
-  pca_similarity_by_layer.png  PC1 |cos| vs the original, one line per stage
-  pca_shift.png                normalised (dPC1, dPC2) per layer, one colour per stage
-  fisher_histograms.png        log-binned Fisher histograms (forget data), one line per stage
-  accuracy_by_stage.png        forget and retain accuracy by stage
+  drift_vs_recovery.png   the headline: structural drift (position between the original and the retain
+                          oracle, forget probes) against non-recovery after relearning on the forget set,
+                          one point per run, coloured by method, marked by setting
+  selectivity.png         forget EM drop against retain EM drop, one point per run
+  recovery_curves.png     forget EM during each relearning control, one panel per method (the retain
+                          oracle's relearning dashed)
+  cka_by_layer.png        layer CKA (pooled rows, forget probes) after the last unlearning request, one
+                          panel per method, one line per learning rate and setting (the nulls in grey)
+  pca_shift.png           normalised (dPC1, dPC2) per layer after the last unlearning request, per method
 """
 from __future__ import annotations
 
@@ -18,12 +21,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from .report import atomic_write  # noqa: E402
+from .files import atomic_write  # noqa: E402
 
 __all__ = ["PLOTS", "plot_report", "plot_layers"]
 
-PLOTS = ("cka_by_layer.png", "pca_similarity_by_layer.png", "pca_shift.png", "fisher_histograms.png",
-         "accuracy_by_stage.png")
+PLOTS = ("drift_vs_recovery.png", "selectivity.png", "recovery_curves.png", "cka_by_layer.png", "pca_shift.png")
+_MARKERS = {"single": "o", "continual": "s"}
 
 
 def _grid(n: int, title: str):
@@ -42,94 +45,164 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def _stage_colours(names: list) -> dict:
-    cmap = plt.get_cmap("viridis")
-    return {name: cmap(i / max(1, len(names) - 1)) for i, name in enumerate(names)}
+def _colours(names: list) -> dict:
+    cmap = plt.get_cmap("tab10")
+    return {name: cmap(i % 10) for i, name in enumerate(names)}
+
+
+def _methods(report: dict) -> list:
+    return list(dict.fromkeys(run["method"] for run in report["runs"]))
+
+
+def _label(run: dict) -> str:
+    setting = "single" if run["setting"] == "single" else f"cont{run['requests']}"
+    return f"lr {run['lr']:g} {setting}"
 
 
 def _legend(ax) -> None:
-    """A small legend, or a note when the panel has nothing to show (e.g. --no-fisher)."""
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=6)
     else:
         ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
 
 
-def _by_layer(run: dict, ax, key: str, ylabel: str) -> None:
-    colours = _stage_colours([s["name"] for s in run["stages"]])
-    for stage in run["stages"]:
-        pts = [(r["layer"], r[key]) for r in stage["layers"] if r.get(key) is not None]
-        if pts:
-            ax.plot(*zip(*pts), marker="o", ms=3, label=stage["name"], color=colours[stage["name"]])
-    ax.set(title=run["run_id"], xlabel="layer", ylabel=ylabel)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylim(top=1.02)
+def _last_unlearned(run: dict) -> dict:
+    return [s for s in run["stages"] if s["name"].startswith("unlearned")][-1]
+
+
+def _drift_vs_recovery(report: dict, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    colours = _colours(_methods(report))
+    for run in report["runs"]:
+        b, s = run["verdict"]["behaviour"], run["verdict"]["structure"]
+        if b["recovery"] is None or s["position"] is None or b["label"] == "not_forgotten":
+            continue
+        ax.scatter(s["position"], 1 - b["recovery"], color=colours[run["method"]],
+                   marker=_MARKERS.get(run["setting"], "o"), s=28)
+    for method, colour in colours.items():
+        ax.scatter([], [], color=colour, label=method, s=20)
+    for setting, marker in _MARKERS.items():
+        ax.scatter([], [], color="grey", marker=marker, label=setting, s=20)
+    h = report["summary"]["structure_vs_recovery"]
+    r = "-" if h["spearman"] is None else f"{h['spearman']:.2f}"
+    ax.axvline(report["thresholds"].get("drifted", 0.5), color="grey", lw=0.5, ls=":")
+    ax.set(xlabel=f"drift position ({h['metric']}, forget probes; 1 = retain oracle)",
+           ylabel="1 - recovery (forget relearning)", title=f"Structure vs recovery: Spearman {r} ({h['runs']} runs)")
     _legend(ax)
+    _save(fig, path)
 
 
-def _shift(run: dict, ax) -> None:
-    colours = _stage_colours([s["name"] for s in run["stages"]])
-    for stage in run["stages"]:
-        pts = [r["pca_shift"][:2] for r in stage["layers"] if r.get("pca_shift") and None not in r["pca_shift"][:2]]
+def _selectivity(report: dict, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    colours = _colours(_methods(report))
+    for run in report["runs"]:
+        b = run["verdict"]["behaviour"]
+        if b.get("retain_drop") is None:
+            continue
+        ax.scatter(b["retain_drop"], b["forget_drop"], color=colours[run["method"]],
+                   marker=_MARKERS.get(run["setting"], "o"), s=28)
+    for method, colour in colours.items():
+        ax.scatter([], [], color=colour, label=method, s=20)
+    ax.axhline(0.5, color="grey", lw=0.5, ls=":")
+    ax.axvline(0.1, color="grey", lw=0.5, ls=":")
+    ax.set(xlabel="retain EM drop", ylabel="forget EM drop", title="Selectivity of unlearning (selective: upper left)")
+    _legend(ax)
+    _save(fig, path)
+
+
+def _recovery_curves(report: dict, path: Path) -> None:
+    methods = _methods(report)
+    fig, axes = _grid(len(methods), "Forget EM during relearning (solid: forget, dashed: retain, dotted: unrelated)")
+    styles = {"relearned_forget": "-", "relearned_retain": "--", "relearned_unrelated": ":"}
+    oracle = ((report.get("nulls") or {}).get("retain_oracle") or {}).get("relearned")
+    for method, ax in zip(methods, axes):
+        runs = [r for r in report["runs"] if r["method"] == method]
+        colours = _colours([_label(r) for r in runs])
+        for run in runs:
+            for stage in run["stages"]:
+                if stage.get("curve") and stage["name"] in styles:
+                    ax.plot(stage["curve"], ls=styles[stage["name"]], color=colours[_label(run)],
+                            label=_label(run) if stage["name"] == "relearned_forget" else None)
+        if oracle and oracle.get("curve"):
+            ax.plot(oracle["curve"], color="black", lw=1, ls="-.", label="retain oracle")
+        ax.set(title=method, xlabel="relearning step", ylabel="forget EM", ylim=(-0.02, 1.02))
+        _legend(ax)
+    _save(fig, path)
+
+
+def _cka_by_layer(report: dict, path: Path) -> None:
+    methods = _methods(report)
+    fig, axes = _grid(len(methods), "Layer CKA vs the original after the last unlearning request (forget probes)")
+    nulls = report.get("nulls") or {}
+    for method, ax in zip(methods, axes):
+        runs = [r for r in report["runs"] if r["method"] == method]
+        colours = _colours([_label(r) for r in runs])
+        for run in runs:
+            layers = ((_last_unlearned(run).get("structure") or {}).get("forget") or {}).get("layers") or []
+            pts = [(r["layer"], r["cka_pooled"]) for r in layers if r.get("cka_pooled") is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", ms=3, color=colours[_label(run)], label=_label(run))
+        for name, null in nulls.items():
+            layers = ((null["record"].get("structure") or {}).get("forget") or {}).get("layers") or []
+            pts = [(r["layer"], r["cka_pooled"]) for r in layers if r.get("cka_pooled") is not None]
+            if pts:
+                ax.plot(*zip(*pts), color="grey", lw=0.8, ls="--")
+                ax.annotate(name, pts[-1], fontsize=5, color="grey")
+        ax.set(title=method, xlabel="layer", ylabel="CKA")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylim(top=1.02)
+        _legend(ax)
+    _save(fig, path)
+
+
+def _shift_panel(ax, entries: list, title: str) -> None:
+    """entries: (label, colour, layer rows); one point per layer at its (dPC1, dPC2)."""
+    for label, colour, layers in entries:
+        pts = [r["pca_shift"][:2] for r in layers if r.get("pca_shift") and None not in r["pca_shift"][:2]]
         if pts and len(pts[0]) == 2:
-            ax.scatter(*zip(*pts), s=12, label=stage["name"], color=colours[stage["name"]])
+            ax.scatter(*zip(*pts), s=12, color=colour, label=label)
     ax.axhline(0, color="grey", lw=0.5)
     ax.axvline(0, color="grey", lw=0.5)
-    ax.set(title=run["run_id"], xlabel="dPC1 (ref. std)", ylabel="dPC2 (ref. std)")
+    ax.set(title=title, xlabel="dPC1 (ref. std)", ylabel="dPC2 (ref. std)")
     _legend(ax)
 
 
-def _fisher(run: dict, ax) -> None:
-    colours = _stage_colours([s["name"] for s in run["stages"]])
-    for stage in run["stages"]:
-        hist = (stage.get("fisher") or {}).get("histogram")
-        if hist:
-            centres = [math.sqrt(a * b) for a, b in zip(hist["edges"][:-1], hist["edges"][1:])]
-            ax.plot(centres, hist["counts"], label=stage["name"], color=colours[stage["name"]])
-    ax.set_xscale("log")
-    ax.set(title=run["run_id"], xlabel="Fisher value", ylabel="count")
-    _legend(ax)
-
-
-def _accuracy(run: dict, ax) -> None:
-    names = [s["name"].replace("unlearned", "unl") for s in run["stages"]]
-    for key, marker in (("forget_acc", "o"), ("retain_acc", "s")):
-        ax.plot(names, [s[key] for s in run["stages"]], marker=marker, label=key)
-    ax.set(title=run["run_id"], ylabel="answer accuracy", ylim=(-0.02, 1.02))
-    ax.tick_params(axis="x", labelrotation=45, labelsize=7)
-    ax.legend(fontsize=6)
+def _pca_shift(report: dict, path: Path) -> None:
+    methods = _methods(report)
+    fig, axes = _grid(len(methods), "Mean shift along the original's PC1/PC2 per layer (forget probes)")
+    for method, ax in zip(methods, axes):
+        runs = [r for r in report["runs"] if r["method"] == method]
+        colours = _colours([_label(r) for r in runs])
+        entries = [(_label(r), colours[_label(r)],
+                    ((_last_unlearned(r).get("structure") or {}).get("forget") or {}).get("layers") or [])
+                   for r in runs]
+        _shift_panel(ax, entries, method)
+    _save(fig, path)
 
 
 def plot_report(report: dict, out) -> list:
-    """Draw the five figures of a pipeline report into ``out``; returns their paths."""
+    """Draw the figures of a pipeline report into ``out``; returns their paths."""
     out = Path(out)
-    runs = report["runs"]
-    drawers = {
-        "cka_by_layer.png": ("Layer CKA vs original", lambda r, a: _by_layer(r, a, "cka", "CKA")),
-        "pca_similarity_by_layer.png": ("PC1 similarity vs original",
-                                        lambda r, a: _by_layer(r, a, "pca_similarity", "|cos PC1|")),
-        "pca_shift.png": ("Mean shift along the original's PC1/PC2 (per layer)", _shift),
-        "fisher_histograms.png": ("Diagonal Fisher on forget data", _fisher),
-        "accuracy_by_stage.png": ("Forget / retain accuracy by stage", _accuracy),
-    }
-    paths = []
+    drawers = {"drift_vs_recovery.png": _drift_vs_recovery, "selectivity.png": _selectivity,
+               "recovery_curves.png": _recovery_curves, "cka_by_layer.png": _cka_by_layer, "pca_shift.png": _pca_shift}
     for name in PLOTS:
-        title, draw = drawers[name]
-        fig, axes = _grid(len(runs), title)
-        for run, ax in zip(runs, axes):
-            draw(run, ax)
-        _save(fig, out / name)
-        paths.append(out / name)
-    return paths
+        drawers[name](report, out / name)
+    return [out / name for name in PLOTS]
 
 
 def plot_layers(analysis: dict, out) -> Path:
     """One figure for ``repforget analyze``: CKA and PCA similarity by layer, and the PCA shift."""
-    run = {"run_id": "updated vs reference", "stages": [{"name": "updated", "layers": analysis["layers"]}]}
+    layers = analysis["layers"]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
-    _by_layer(run, axes[0], "cka", "CKA")
-    _by_layer(run, axes[1], "pca_similarity", "|cos PC1|")
-    _shift(run, axes[2])
+    for ax, key, ylabel in ((axes[0], "cka", "CKA"), (axes[1], "pca_similarity", "|cos PC1|")):
+        pts = [(r["layer"], r[key]) for r in layers if r.get(key) is not None]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", ms=3, label="updated vs reference")
+        ax.set(xlabel="layer", ylabel=ylabel, title=ylabel + " by layer")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylim(top=1.02)
+        _legend(ax)
+    _shift_panel(axes[2], [("updated vs reference", "C0", layers)], "PCA shift")
     path = Path(out) / "analysis.png"
     _save(fig, path)
     return path

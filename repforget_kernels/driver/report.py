@@ -1,18 +1,21 @@
-"""Report files of a driver run: atomic writes, report.json, report.md (tables), and the verdict logic.
+"""Report files of a driver run: report.json (every number), report.md (tables) and the PNGs.
 
-``report.json`` schema (every number the pipeline measured)::
+``report.json`` schema::
 
-    {"complete": true, "kind": "repforget-report", "config": {...}, "versions": {...},
-     "thresholds": {...},
-     "runs": [{"run_id", "method", "lr", "setting": "single" | "continual", "requests", "spec": {...},
-               "stages": [{"name": "original" | "unlearned" | "unlearned_i" | "relearned",
-                           "forget_acc", "retain_acc", "perplexity",
-                           "mia_auc": {"loss", "zlib", "min_k", "min_k_plus_plus"},
-                           "train": {...} | null,
-                           "layers": [{"layer", "cka", "cka_pooled", "cka_debiased", "cka_tokens",
-                                       "pca_similarity", "pca_shift": [dPC1, dPC2], "fisher_mass",
-                                       "fisher_mass_ref", "fisher_mass_ratio", "fisher_rank_corr"}],
-                           "fisher": {"mass", "mass_ref", "mass_ratio", "histogram": {"counts", "edges"}}}],
+    {"complete": true, "kind": "repforget-report", "config": {...}, "versions": {...}, "thresholds": {...},
+     "summary": {"regimes": {label: count}, "structure_vs_recovery": {"spearman", "ci95", "runs", "metric",
+                 "by_metric": {metric: r}, "by_metric_detail"}, "nulls": {null: {probe: drift summary}},
+                 "selective_runs": [run_id], "seed_agreement": {cell: {"label", "agree", "seeds"}}},
+     "nulls": {null: {"info", "record": stage record, "relearned" (retain oracle only)}},
+     "runs": [{"run_id", "method", "lr", "setting", "requests", "seed", "reference", "spec",
+               "recoveries": {control: recovery},
+               "stages": [{"name": "original" | "unlearned" | "unlearned_i" | "relearned_<control>",
+                           "train": {"steps", "first_loss", "final_loss"} | null,
+                           "em": {split: exact match}, "em_items": {split: "0110..."},
+                           "token_acc": {split: ...}, "perplexity", "mia_auc": {"loss", "zlib", "min_k",
+                           "min_k_plus_plus"}, "curve": [forget EM after each relearning step] (relearned),
+                           "structure": {probe: {"layers": [...], "fisher": {...}, "summary": {metric: drift},
+                                                 "draws": {"cka_pooled": [...]}}}}],
                "verdict": {"behaviour": {...}, "structure": {...}}}]}
 
 The file is written last and atomically, so a report.json on disk is always a finished one; a run
@@ -20,83 +23,23 @@ that fails leaves the previous report as it was (each file is only ever replaced
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 import platform
-import tempfile
 from pathlib import Path
-from typing import Optional
 
-__all__ = [
-    "THRESHOLDS",
-    "atomic_write",
-    "atomic_write_text",
-    "json_safe",
-    "atomic_write_json",
-    "versions",
-    "verdict",
-    "render_markdown",
-    "render_analysis_markdown",
-    "write_report",
-]
+from .files import atomic_write_json, atomic_write_text
+from .verdict import STRUCTURE_METRICS, THRESHOLD_TEXT
 
-THRESHOLDS = {
-    "forget_drop": 0.3,
-    "retain_drop": 0.3,
-    "recovery": 0.8,
-    "cka_intact": 0.5,
-    "pca_intact": 0.5,
+__all__ = ["versions", "render_markdown", "render_analysis_markdown", "write_report"]
+
+_SPLIT_TEXT = {
+    "forget": "trained-template questions about the forget entities (learned, then unlearned)",
+    "forget_paraphrase": "the held-out template of every forget fact (never trained): knowledge, not a string",
+    "retain": "trained-template questions about other entities (kept)",
+    "retain_paraphrase": "the held-out template of retain facts",
+    "holdout": "facts of entities never trained (chance level; the MIA non-members)",
+    "utility": "rule tasks on operands never trained (repeat, reverse, swap words): ability, not recall",
 }
-_THRESHOLD_TEXT = {
-    "forget_drop": "forgetting happened: forget accuracy fell by at least this much (absolute)",
-    "retain_drop": "catastrophic (when not reversible): retain accuracy also fell by at least this much (absolute)",
-    "recovery": "reversible: relearning restored at least this fraction of the forget-accuracy drop (checked first)",
-    "cka_intact": "structure intact: minimum layer CKA vs original (token-level when measured) at least this",
-    "pca_intact": "structure intact: mean layer PC1 similarity vs original at least this",
-}
-
-
-# --------------------------------------------------------------------------- atomic files
-
-
-def atomic_write(path, write) -> None:
-    """Call ``write(handle)`` on a temporary binary file next to ``path``, fsync, then os.replace it onto
-    ``path``: readers see the old file or the new one, never half of one; the temporary goes on error."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and os.replace: readers see old or new, never half."""
-    atomic_write(Path(path), lambda h: h.write(text.encode("utf-8")))
-
-
-def json_safe(obj):
-    """``obj`` with every NaN / Inf float (in dicts, lists, tuples) replaced by None: strict JSON."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    return obj
-
-
-def atomic_write_json(path, obj) -> None:
-    """Atomically write ``obj`` as indented strict JSON (undefined numbers, NaN / Inf, stored as None)."""
-    atomic_write_text(path, json.dumps(json_safe(obj), indent=1, allow_nan=False) + "\n")
 
 
 def versions() -> dict:
@@ -112,74 +55,7 @@ def versions() -> dict:
             "python": platform.python_version()}
 
 
-# --------------------------------------------------------------------------- verdict
-
-
-def _values(stage: dict, key: str) -> list:
-    return [row[key] for row in stage.get("layers", []) if row.get(key) is not None]
-
-
-def _structure(stage: dict, th: dict) -> dict:
-    """Layer summary of one stage with its ``intact`` / ``drifted`` label (see :func:`verdict`)."""
-    pooled, tokens, pca = _values(stage, "cka"), _values(stage, "cka_tokens"), _values(stage, "pca_similarity")
-    judged = tokens or pooled
-    fisher = stage.get("fisher") or {}
-    mean_pca = sum(pca) / len(pca) if pca else None
-    intact = bool(judged) and mean_pca is not None and min(judged) >= th["cka_intact"] and mean_pca >= th["pca_intact"]
-    return {"stage": stage["name"], "label": "intact" if intact else "drifted",
-            "min_cka": min(pooled) if pooled else None, "mean_cka": sum(pooled) / len(pooled) if pooled else None,
-            "min_cka_tokens": min(tokens) if tokens else None,
-            "min_pca_similarity": min(pca) if pca else None, "mean_pca_similarity": mean_pca,
-            "fisher_mass_ratio": fisher.get("mass_ratio")}
-
-
-def verdict(stages: list, thresholds: Optional[dict] = None) -> dict:
-    """Behaviour next to structure for one run (stages: original, unlearned..., relearned).
-
-    Behaviour (the paper's Definition 2.1, on teacher-forced answer accuracy), with
-    d_f = forget drop and d_r = retain drop from the original to the last unlearned stage and
-    recovery = (forget_acc(relearned) - forget_acc(last unlearned)) / d_f:
-      ``not_forgotten`` if d_f < forget_drop; else ``reversible`` if recovery >= the recovery threshold
-      (relearning restores forget performance); else ``catastrophic`` if d_r >= retain_drop (forget and
-      retain both fell far and relearning does not bring them back); else ``irreversible`` (targeted and
-      lasting). Reversibility is tested first because it is what relearning measures: a model whose
-      retain accuracy also fell but comes back with the forget facts after a short relearn is
-      suppressed, not destroyed; ``retain_collapsed`` records d_r >= retain_drop in every case.
-    Structure at the last unlearned stage (and, for reference, after relearning): min and mean layer
-    CKA, min token-level CKA, min and mean PCA similarity, total Fisher mass ratio; ``intact`` when the
-    min layer CKA (token-level when measured: exact over every probe token, steadier than the pooled
-    CKA of a few dozen probe rows) >= cka_intact and the mean PC1 similarity >= pca_intact (the mean,
-    because PC1 of a single layer can swap with PC2 when their variances are close), else ``drifted``.
-    The default thresholds were set after looking at the tiny-model demo, where reversible runs keep
-    token CKA >= 0.66 and mean PC1 similarity >= 0.73 and wrecked runs fall to <= 0.17 and <= 0.34;
-    they are printed with every report and can be overridden. The Fisher ratio is reported, not thresholded
-    (Fisher on forget data rises whenever the forget loss does, with or without structural change).
-    """
-    th = dict(THRESHOLDS, **(thresholds or {}))
-    by_name = {s["name"]: s for s in stages}
-    orig, rel = by_name["original"], by_name.get("relearned")
-    unlearned = [s for s in stages if s["name"].startswith("unlearned")]
-    last = unlearned[-1]
-    d_f = orig["forget_acc"] - last["forget_acc"]
-    d_r = orig["retain_acc"] - last["retain_acc"]
-    recovery = (rel["forget_acc"] - last["forget_acc"]) / d_f if rel is not None and d_f > 0 else None
-    if d_f < th["forget_drop"]:
-        label = "not_forgotten"
-    elif recovery is not None and recovery >= th["recovery"]:
-        label = "reversible"
-    elif d_r >= th["retain_drop"]:
-        label = "catastrophic"
-    else:
-        label = "irreversible"
-    return {"behaviour": {"label": label, "forget_drop": d_f, "retain_drop": d_r, "relearn_recovery": recovery,
-                          "retain_collapsed": d_r >= th["retain_drop"],
-                          "forget_acc_relearned": rel["forget_acc"] if rel is not None else None},
-            "structure": _structure(last, th),
-            "structure_relearned": _structure(rel, th) if rel is not None else None,
-            "thresholds": th}
-
-
-# --------------------------------------------------------------------------- markdown
+# --------------------------------------------------------------------------- formatting
 
 
 def _fmt(v, digits: int = 3) -> str:
@@ -187,51 +63,144 @@ def _fmt(v, digits: int = 3) -> str:
         return "-"
     if isinstance(v, list):
         return "(" + ", ".join(_fmt(u, 2) for u in v) + ")"
-    return f"{v:.{digits}g}" if isinstance(v, float) and abs(v) >= 1000 else f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+    if isinstance(v, bool) or not isinstance(v, float):
+        return str(v)
+    return f"{v:.{digits}g}" if abs(v) >= 1000 else f"{v:.{digits}f}"
+
+
+def _ci(value, interval) -> str:
+    """``0.62 [0.55, 0.70]``."""
+    if value is None:
+        return "-"
+    lo, hi = interval or (None, None)
+    return _fmt(value, 2) + ("" if lo is None else f" [{_fmt(lo, 2)}, {_fmt(hi, 2)}]")
 
 
 def _table(header: list, rows: list) -> list:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + \
-        ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+        ["| " + " | ".join(v if isinstance(v, str) else _fmt(v) for v in row) + " |" for row in rows]
 
 
-def _layer_table(stage: dict) -> list:
+def _layer_table(layers: list) -> list:
     header = ["layer", "cka", "cka debiased", "cka tokens", "pca sim", "pca shift (dPC1, dPC2)",
               "fisher mass ratio", "fisher rank corr"]
     rows = [[r["layer"], r["cka"], r["cka_debiased"], r["cka_tokens"], r["pca_similarity"], r["pca_shift"],
-             r["fisher_mass_ratio"], r["fisher_rank_corr"]] for r in stage["layers"]]
+             r["fisher_mass_ratio"], r["fisher_rank_corr"]] for r in layers]
     return _table(header, rows)
 
 
-def _thresholds_md(th: dict) -> list:
-    return ["## Thresholds", ""] + [f"- `{k}` = {v}: {_THRESHOLD_TEXT.get(k, '')}" for k, v in th.items()] + [""]
+# --------------------------------------------------------------------------- sections
 
 
-def render_markdown(report: dict) -> str:
-    """report.md: a summary table of verdicts, thresholds, then per run the stage and layer tables."""
-    lines = ["# repforget report", "",
-             f"Model `{report['config'].get('model')}`, sample `{report['config'].get('sample')}`, "
-             f"seed {report['config'].get('seed')}. Numbers at every stage are against the original model.", "",
-             "## Verdicts", ""]
+def _definitions(report: dict) -> list:
+    splits = report["config"].get("eval_splits") or list(_SPLIT_TEXT)
+    lines = ["## What the numbers are", "",
+             "- **EM** (exact match): the greedy answer, up to EOS (excluded), lower-cased with punctuation "
+             "and repeated whitespace removed, equals the reference answer. Per split, the fraction of items.",
+             "- **token acc**: teacher-forced accuracy of the answer tokens (EOS excluded).",
+             "- **perplexity**: exp(mean NLL) of the supervised retain tokens. **MIA AUC**: forget (members) "
+             "vs holdout (non-members), LOSS / ZLib / Min-K% / Min-K%++ scores.",
+             "- **drift** metrics (0 = identical to the original): 1 - CKA (pooled rows, debiased, every token), "
+             "1 - PCA similarity (PC1, top-k), the mean PCA distance (norm of the normalised centroid shift in the "
+             "original's top principal directions), 1 - Fisher rank correlation, |log Fisher mass ratio|.",
+             "- **position**: a run's drift divided by the retain oracle's (0 = the original, 1 = as far as a "
+             "model that never saw the forget entities).",
+             "- **[lo, hi]**: 95% item-level bootstrap intervals; **?** marks a label whose interval crosses "
+             "its threshold.", "", "Splits:", ""]
+    return lines + [f"- `{s}`: {_SPLIT_TEXT.get(s, 'user data')}" for s in splits] + [""]
+
+
+def _verdicts(report: dict) -> list:
     rows = []
     for run in report["runs"]:
         b, s = run["verdict"]["behaviour"], run["verdict"]["structure"]
-        rows.append([run["run_id"], b["label"], b["forget_drop"], b["retain_drop"], b["relearn_recovery"],
-                     s["label"], s["min_cka_tokens"], s["mean_pca_similarity"], s["min_cka"], s["mean_cka"],
-                     s["fisher_mass_ratio"]])
-    # the two columns the structure label is judged on come first (see verdict)
-    lines += _table(["run", "behaviour", "forget drop", "retain drop", "relearn recovery", "structure",
-                     "min token CKA", "mean PC1 sim", "min pooled CKA", "mean pooled CKA", "Fisher mass ratio"], rows)
-    lines += [""] + _thresholds_md(report["thresholds"])
+        mark = " ?" if b["uncertain"] else ""
+        rows.append([run["run_id"], b["label"] + mark, _ci(b["forget_drop"], b.get("forget_drop_ci95")),
+                     _ci(b["collateral"], b.get("collateral_ci95")), _ci(b["recovery"], b.get("recovery_ci95")),
+                     _fmt(b.get("recovery_retain"), 2), _fmt(b.get("recovery_unrelated"), 2),
+                     (s["label"] or "-") + (" ?" if s["uncertain"] else ""), _ci(s["position"], s["position_ci95"])])
+    return ["## Verdicts", ""] + _table(
+        ["run", "behaviour", "forget drop", "collateral", "recovery (forget relearn)", "recovery (retain relearn)",
+         "recovery (unrelated relearn)", "structure", "position"], rows) + [""]
+
+
+def _headline(summary: dict) -> list:
+    h = summary["structure_vs_recovery"]
+    lines = ["## Does structure predict recovery?", "",
+             f"Spearman correlation between structural drift at the end of unlearning (position of "
+             f"`{h['metric']}` on the forget probes) and non-recovery after relearning on the forget set "
+             f"(1 - recovery), over the {h['runs']} runs that forgot: **{_ci(h['spearman'], h['ci95'])}** "
+             "(bootstrap over runs). The paper's hypothesis predicts a clearly positive value.", ""]
+    rows = [[m, _ci(d["spearman"], d["ci95"]), d["runs"]] for m, d in h["by_metric_detail"].items()]
+    return lines + _table(["drift metric", "Spearman with 1 - recovery", "runs"], rows) + [""]
+
+
+def _nulls(report: dict) -> list:
+    nulls = report.get("nulls") or {}
+    if not nulls:
+        return []
+    lines = ["## Nulls (the same metrics against the original)", ""]
+    rows = []
+    for name, null in nulls.items():
+        rec = null["record"]
+        for probe, st in (rec.get("structure") or {}).items():
+            rows.append([name, probe] + [_fmt(st["summary"].get(m)) for m in STRUCTURE_METRICS])
+    lines += _table(["null", "probe"] + list(STRUCTURE_METRICS), rows) + [""]
+    rows = [[name, *[_fmt((null["record"].get("em") or {}).get(s)) for s in ("forget", "retain", "utility")],
+             _fmt(((null.get("relearned") or {}).get("em") or {}).get("forget"))] for name, null in nulls.items()]
+    return lines + _table(["null", "EM forget", "EM retain", "EM utility", "EM forget after the runs' relearning"],
+                          rows) + [""]
+
+
+def _summary(summary: dict) -> list:
+    lines = ["## Regimes", ""] + _table(["label", "runs"], sorted(summary["regimes"].items())) + [""]
+    lines += [f"Selective runs (forget EM fell by >= 0.5, retain and utility by <= 0.1): "
+              f"{', '.join(summary['selective_runs']) or 'none'}.", ""]
+    agreement = summary.get("seed_agreement") or {}
+    if any(v["seeds"] > 1 for v in agreement.values()):
+        rows = [[cell, v["label"], f"{v['agree']}/{v['seeds']}"] for cell, v in agreement.items()]
+        lines += ["## Agreement across seeds", ""] + _table(["cell", "label", "seeds agreeing"], rows) + [""]
+    return lines
+
+
+def _em_table(run: dict, splits: list) -> list:
+    rows = [[s["name"]] + [_fmt((s.get("em") or {}).get(k)) for k in splits] +
+            [_fmt((s.get("token_acc") or {}).get("forget")), _fmt(s.get("perplexity")),
+             _fmt((s.get("mia_auc") or {}).get("min_k_plus_plus"))] for s in run["stages"]]
+    return _table(["stage"] + [f"EM {k}" for k in splits] + ["token acc forget", "perplexity", "MIA min-k++"], rows)
+
+
+def _run_section(run: dict, splits: list) -> list:
+    lines = [f"## {run['run_id']}", "", "### Exact match by stage", ""] + _em_table(run, splits) + [""]
+    curves = [(s["name"], s["curve"]) for s in run["stages"] if s.get("curve")]
+    if curves:
+        lines += ["### Recovery curves (forget EM after each relearning step)", ""]
+        lines += [f"- `{name}`: " + " ".join(_fmt(v, 2) for v in curve) for name, curve in curves] + [""]
+    rows = [[s["name"], probe] + [_fmt(st["summary"].get(m)) for m in STRUCTURE_METRICS]
+            for s in run["stages"][1:] for probe, st in (s.get("structure") or {}).items()]
+    lines += ["### Drift by stage and probe set", ""] + _table(["stage", "probe"] + list(STRUCTURE_METRICS), rows)
+    last = [s for s in run["stages"] if s["name"].startswith("unlearned")][-1]
+    forget = (last.get("structure") or {}).get("forget")
+    if forget:
+        lines += ["", f"### Layers after `{last['name']}` (forget probes)", ""] + _layer_table(forget["layers"])
+    return lines + [""]
+
+
+def render_markdown(report: dict) -> str:
+    """report.md: definitions, verdicts, the headline correlation, nulls, regimes, then each run in detail."""
+    c = report["config"]
+    splits = [s for s in c.get("eval_splits", []) if s != "holdout"] or ["forget", "retain"]
+    lines = ["# repforget report", "",
+             f"Model `{c.get('model')}`, seed {c.get('seed')}, sample `{c.get('sample')}`, probe sets "
+             f"{', '.join(c.get('probe_sets', []))}; relearning controls {', '.join(c.get('relearn_controls', []))} "
+             f"(one budget: {c.get('relearn')}). Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items())
+             + ".", ""]
+    lines += _definitions(report) + _verdicts(report) + _headline(report["summary"]) + _nulls(report)
+    lines += _summary(report["summary"])
+    lines += ["## Thresholds", ""] + [f"- `{k}` = {v}: {THRESHOLD_TEXT.get(k, '')}" for k, v in report["thresholds"].items()]
+    lines += [""]
     for run in report["runs"]:
-        lines += [f"## {run['run_id']}", "", "### Stages", ""]
-        rows = [[s["name"], s["forget_acc"], s["retain_acc"], s.get("perplexity"), s["mia_auc"].get("loss"),
-                 s["mia_auc"].get("zlib"), s["mia_auc"].get("min_k"), s["mia_auc"].get("min_k_plus_plus"),
-                 (s.get("fisher") or {}).get("mass_ratio")] for s in run["stages"]]
-        lines += _table(["stage", "forget acc", "retain acc", "perplexity", "MIA loss", "MIA zlib", "MIA min-k",
-                         "MIA min-k++", "Fisher mass ratio"], rows) + [""]
-        for stage in run["stages"][1:]:
-            lines += [f"### Layers after `{stage['name']}`", ""] + _layer_table(stage) + [""]
+        lines += _run_section(run, splits)
     return "\n".join(lines) + "\n"
 
 
@@ -241,7 +210,7 @@ def render_analysis_markdown(analysis: dict) -> str:
     return "\n".join(["# repforget analyze", "", f"Reference `{analysis['ref']}`, updated `{analysis['upd']}`, "
                       f"{analysis['n_probe']} probe items, sample `{analysis['config']['sample']}`.", "",
                       f"Total Fisher mass ratio (updated / reference): {_fmt(fisher.get('mass_ratio'))}", ""]
-                     + _layer_table(analysis) + [""])
+                     + _layer_table(analysis["layers"]) + [""])
 
 
 def write_report(out, report: dict, *, plots: bool = True) -> Path:

@@ -22,7 +22,7 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from .report import atomic_write, json_safe
+from .files import atomic_write, json_safe
 
 __all__ = [
     "StateError",

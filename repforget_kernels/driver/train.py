@@ -1,14 +1,16 @@
 """Unlearning and relearning loops (AdamW by default, seeded, in place, tqdm progress).
 
-Reference quantities of the original model are computed once, before the first step, never by a
-second model held for NPO:
+The methods and their loss terms are declared in ``methods.METHODS``. Reference quantities are
+computed once per request, before its first step, from the reference model (the original theta_0
+passed as ``reference``, or the model itself at the start of the request when ``reference`` is None),
+never by a second copy held for NPO:
 
-- NPO / NPO+KL: the reference sequence log-prob of every forget example (N floats, no model copy).
-- GA+KL / NPO+KL: the original model's log-softmax on every retain position, cached as a
-  (N, T, V) float32 tensor when it is at most ``KL_CACHE_BYTES`` (the tiny model: 60 x 20 x ~400
-  floats, under 2 MB); above that (7B vocabularies: 152k logits per token, tens of GB for a retain
-  set) a frozen copy of the original model is kept instead (bf16 weights, no gradients, no optimizer
-  state: + 2 bytes per parameter, see models.memory_plan) and its log-softmax computed per batch.
+- NPO family: the reference sequence log-prob of every forget example (N floats, no model copy).
+- KL methods: the reference's log-softmax on every retain position, cached as a (N, T, V) float32
+  tensor when it is at most ``KL_CACHE_BYTES`` (the embedded model: ~1000 x 20 x 2048 floats); above
+  that (7B vocabularies: 152k logits per token, tens of GB for a retain set) the reference model
+  itself computes it per batch (a frozen copy of the current model when no reference is given: bf16
+  weights, no gradients, no optimizer state, + 2 bytes per parameter, see models.memory_plan).
 
 Several processes: a model sharded with ``distributed.shard_model`` (FSDP2) is trained data-parallel.
 Every rank walks the same global batches (same seeds) and computes each loss term on its share of
@@ -28,17 +30,8 @@ from tqdm.auto import tqdm
 
 from .data import iterate_batches
 from .distributed import all_sum, is_sharded, plain_copy, rank_share, world
-from .losses import (
-    METHODS,
-    forward_logits,
-    ga_loss,
-    kl_loss,
-    nll_loss,
-    npo_loss,
-    random_label_data,
-    sequence_logprob,
-    token_logprobs,
-)
+from .losses import forward_logits, nll_loss, random_label_data, sequence_logprob
+from .methods import get_method
 
 __all__ = ["TrainConfig", "KL_CACHE_BYTES", "unlearn", "relearn", "reference_logprobs"]
 
@@ -49,8 +42,6 @@ _OPTIMIZERS = {  # no weight decay anywhere: unlearning should move only what th
     "sgd": lambda params, lr: torch.optim.SGD(params, lr=lr),
     "adafactor": lambda params, lr: torch.optim.Adafactor(params, lr=lr, weight_decay=0.0),
 }
-_USES_RETAIN = {"ga_gd", "ga_kl", "npo_kl"}
-_USES_KL = {"ga_kl", "npo_kl"}
 
 
 @dataclass
@@ -114,14 +105,17 @@ def reference_logprobs(model, encoded: dict, batch_size: int, *, full: bool) -> 
         model.train(was_training)
 
 
-def _kl_reference(model, retain: dict, cfg: TrainConfig):
-    """(retain dict with cached 'ref_logprobs', None) if small enough, else (retain, frozen model copy)."""
+def _kl_reference(model, reference, retain: dict, cfg: TrainConfig):
+    """(retain dict with cached 'ref_logprobs', None) if small enough, else (retain, the model that computes
+    the reference log-softmax per batch: ``reference``, or a frozen copy of ``model`` when it is None)."""
+    source = model if reference is None else reference
     n, width = retain["input_ids"].shape
-    vocab = model.get_output_embeddings().weight.shape[0]
+    vocab = source.get_output_embeddings().weight.shape[0]
     if n * width * vocab * 4 <= KL_CACHE_BYTES:
-        return {**retain, "ref_logprobs": reference_logprobs(model, retain, cfg.batch_size, full=True)}, None
-    frozen = plain_copy(model).eval().requires_grad_(False)
-    return retain, frozen
+        return {**retain, "ref_logprobs": reference_logprobs(source, retain, cfg.batch_size, full=True)}, None
+    if reference is not None:
+        return retain, reference
+    return retain, plain_copy(model).eval().requires_grad_(False)
 
 
 def _retain_stream(retain: dict, cfg: TrainConfig):
@@ -137,36 +131,6 @@ _UNITS = {
     "positions": lambda batch: int(batch["attention_mask"][:, 1:].sum()),
     "sequences": lambda batch: int(batch["input_ids"].shape[0]),
 }
-
-
-def _units(method: str) -> tuple[str, str]:
-    """(units of the forget term, units of the retain term) of ``method``."""
-    return ("sequences" if method in ("npo", "npo_kl") else "tokens"), ("tokens" if method == "ga_gd" else "positions")
-
-
-def _loss_terms(model, method: str, batch: dict, retain_batch, frozen, cfg: TrainConfig,
-                denominators=(None, None)) -> list:
-    """[forget term] or [forget term, retain term] of the method's loss on one forget batch (and one retain
-    batch where the method uses it); the loss is their sum. ``denominators``: see losses (None: own count)."""
-    logits = forward_logits(model, batch)  # (B, T, V)
-    if method in ("npo", "npo_kl"):
-        seq_logp = token_logprobs(logits, batch["labels"])[0].sum(1)  # (B,)
-        terms = [npo_loss(seq_logp, batch["ref_logp"], cfg.beta, denominators[0])]
-    elif method == "rlabel":
-        terms = [nll_loss(logits, batch["labels"], denominators[0])]
-    else:
-        terms = [ga_loss(logits, batch["labels"], denominators[0])]
-    if retain_batch is None:
-        return terms
-    retain_logits = forward_logits(model, retain_batch)  # (B, T, V)
-    if method == "ga_gd":
-        return terms + [nll_loss(retain_logits, retain_batch["labels"], denominators[1])]
-    if frozen is not None:
-        with torch.no_grad():
-            ref = torch.log_softmax(forward_logits(frozen, retain_batch).float(), dim=-1)  # (B, T, V)
-    else:
-        ref = retain_batch["ref_logprobs"]
-    return terms + [kl_loss(retain_logits, ref, retain_batch["attention_mask"], denominators[1])]
 
 
 def _step(model, batches: list, units: tuple, terms_fn) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,11 +152,16 @@ def _step(model, batches: list, units: tuple, terms_fn) -> tuple[torch.Tensor, t
     return local * world()[1], all_sum(local.detach())
 
 
-def _optimise(model, batches_per_epoch: int, make_epoch, step_fn, cfg: TrainConfig, desc: str) -> dict:
-    """The shared loop: epochs x batches (capped by max_steps), clip, step; returns steps and last loss.
+def _optimise(model, batches_per_epoch: int, make_epoch, step_fn, cfg: TrainConfig, desc: str, schedule=None,
+              on_step=None, on_epoch=None) -> dict:
+    """The shared loop: epochs x batches (capped by max_steps), clip, step; returns the steps and epochs taken
+    and the loss of the first and of the last step.
 
-    ``step_fn(batch)`` returns (loss to back-propagate, loss value), see :func:`_step`. Gradients are
-    freed when the loop ends (``.grad`` is None), so they cost nothing during evaluation."""
+    ``step_fn(batch)`` returns (loss to back-propagate, loss value), see :func:`_step`; ``schedule(step)``,
+    when given, multiplies the learning rate of step ``step`` (0-based); ``on_step(steps)`` is called after
+    each update with the number of updates so far, ``on_epoch(epochs)`` after each epoch (training stops
+    when it returns True), both with the model in eval mode. Gradients are freed when the loop ends
+    (``.grad`` is None), so they cost nothing during evaluation."""
     total = cfg.epochs * batches_per_epoch
     if cfg.max_steps is not None:
         total = min(total, cfg.max_steps)
@@ -201,61 +170,87 @@ def _optimise(model, batches_per_epoch: int, make_epoch, step_fn, cfg: TrainConf
                          "moments need whole matrices): use 'adamw' or 'sgd'")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _OPTIMIZERS[cfg.optimizer](params, cfg.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule) if schedule is not None else None
     was_training = model.training
     model.train()
-    steps, loss_value = 0, float("nan")
+    steps, loss_value, first_loss, epochs = 0, float("nan"), float("nan"), 0
+
+    def pause(callback, count):
+        optimizer.zero_grad(set_to_none=True)
+        model.eval()
+        try:
+            return callback(count)
+        finally:
+            model.train()
+
     try:
         with tqdm(total=total, desc=desc, disable=not cfg.progress, leave=False) as bar:
             for epoch in range(cfg.epochs):
+                if steps >= total:
+                    break
                 for batch in itertools.islice(make_epoch(epoch), total - steps):
                     loss, value = step_fn(batch)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     torch.nn.utils.clip_grad_norm_(params, _GRAD_CLIP)
                     optimizer.step()
+                    if scheduler is not None:
+                        scheduler.step()
                     steps += 1
                     loss_value = float(value)
+                    first_loss = loss_value if steps == 1 else first_loss
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss_value:.4f}")
+                    if on_step is not None:
+                        pause(on_step, steps)
+                epochs += 1
+                if on_epoch is not None and pause(on_epoch, epochs):
+                    break
     finally:
         optimizer.zero_grad(set_to_none=True)  # the last step's gradients are not kept past training
         model.train(was_training)
-    return {"steps": steps, "final_loss": loss_value}
+    return {"steps": steps, "epochs": epochs, "first_loss": first_loss, "final_loss": loss_value}
 
 
 def _n_batches(encoded: dict, batch_size: int) -> int:
     return -(-encoded["input_ids"].shape[0] // batch_size)
 
 
-def unlearn(model, method: str, forget: dict, retain: dict | None, cfg: TrainConfig) -> dict:
-    """Unlearn ``forget`` in place with ``method`` (see losses.METHODS); returns {"steps", "final_loss"}.
+def unlearn(model, method: str, forget: dict, retain: dict | None, cfg: TrainConfig, *, reference=None) -> dict:
+    """Unlearn ``forget`` in place with ``method`` (see ``methods.METHODS``); returns {"steps", "first_loss",
+    "final_loss"}.
 
-    forget / retain: encode() outputs. Methods with a retain term (ga_gd, ga_kl, npo_kl) take one
-    retain batch per forget batch (retain reshuffled per pass). Reference quantities are computed
-    before the first step (see the module docstring); rlabel swaps answers among forget items.
+    forget / retain: encode() outputs. Methods with a retain term take one retain batch per forget batch
+    (retain reshuffled per pass). ``reference``: the model the NPO reference log-probs and the KL anchor
+    come from (the original theta_0, frozen, not trained here); None: ``model`` itself as it is before the
+    first step. Reference quantities are computed before the first step (see the module docstring);
+    rlabel swaps answers among forget items.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if method in _USES_RETAIN and retain is None:
+    spec = get_method(method)
+    if spec.needs_retain and retain is None:
         raise ValueError(f"method {method!r} needs retain data, got retain=None")
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
-    if method in ("npo", "npo_kl"):
-        forget = {**forget, "ref_logp": reference_logprobs(model, forget, cfg.batch_size, full=False)}
-    if method == "rlabel":
+    source = model if reference is None else reference
+    if spec.needs_ref_logp:
+        forget = {**forget, "ref_logp": reference_logprobs(source, forget, cfg.batch_size, full=False)}
+    if spec.relabel:
         forget = random_label_data(forget, seed=cfg.seed, pad_id=getattr(model.config, "pad_token_id", None) or 0)
     frozen = None
-    if method in _USES_KL:
-        retain, frozen = _kl_reference(model, retain, cfg)
-    stream = _retain_stream(retain, cfg) if method in _USES_RETAIN else None
+    if spec.needs_kl_reference:
+        retain, frozen = _kl_reference(model, reference, retain, cfg)
+    stream = _retain_stream(retain, cfg) if spec.needs_retain else None
+    units = (spec.forget_units, spec.retain_units)
 
     def terms(batches, denominators):
-        retain_batch = batches[1] if len(batches) > 1 else None
-        return _loss_terms(model, method, batches[0], retain_batch, frozen, cfg, denominators)
+        out = [spec.forget_term(model, batches[0], cfg, denominators[0])]
+        if len(batches) > 1:
+            out.append(spec.retain_term(model, batches[1], frozen, denominators[1]))
+        return out
 
     def step(batch):
         batches = [batch] if stream is None else [batch, next(stream)]
-        return _step(model, batches, _units(method), terms)
+        return _step(model, batches, units, terms)
 
     def epoch_batches(epoch):
         return iterate_batches(forget, cfg.batch_size, shuffle=True, seed=cfg.seed * 1000 + epoch)
@@ -265,8 +260,11 @@ def unlearn(model, method: str, forget: dict, retain: dict | None, cfg: TrainCon
         return _optimise(model, _n_batches(forget, cfg.batch_size), epoch_batches, step, cfg, f"unlearn {method}")
 
 
-def relearn(model, data: dict, cfg: TrainConfig) -> dict:
-    """Plain NLL fine-tuning on ``data`` (an encode() output), in place; returns {"steps", "final_loss"}."""
+def relearn(model, data: dict, cfg: TrainConfig, *, schedule=None, on_step=None, on_epoch=None) -> dict:
+    """Plain NLL fine-tuning on ``data`` (an encode() output), in place; returns {"steps", "epochs",
+    "first_loss", "final_loss"}. ``schedule(step)`` multiplies the learning rate of each step; ``on_step(steps)``
+    runs after each update (recovery curves), ``on_epoch(epochs)`` after each epoch and stops training by
+    returning True (early stopping; see :func:`_optimise`)."""
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
 
@@ -281,4 +279,5 @@ def relearn(model, data: dict, cfg: TrainConfig) -> dict:
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        return _optimise(model, _n_batches(data, cfg.batch_size), epoch_batches, step, cfg, "relearn")
+        return _optimise(model, _n_batches(data, cfg.batch_size), epoch_batches, step, cfg, "relearn", schedule,
+                         on_step, on_epoch)
