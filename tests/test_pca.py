@@ -97,10 +97,12 @@ class TestRandomizedPCA:
         assert _max_principal_angle(got.components, ref["components"]) < 1e-3
 
     def test_oversample_capped_at_rank(self, gen, backend):
-        x = randn(6, 40, gen=gen)
-        got = randomized_pca(x, 6, oversample=10, backend=backend)
-        ref = R.pca_ref(x, 6)
-        np.testing.assert_allclose(R.to_f64(got.singular_values[:5]), ref["singular_values"][:5], rtol=1e-4)
+        x = randn(6, 40, gen=gen)  # 6 rows: rank 5 after centring
+        got = randomized_pca(x, 5, oversample=10, backend=backend)  # the sketch is capped at l = 6 columns
+        ref = R.pca_ref(x, 5)
+        np.testing.assert_allclose(R.to_f64(got.singular_values), ref["singular_values"], rtol=1e-4)
+        with pytest.raises(ValueError, match=r"x is numerically rank-deficient at batch index 0: principal direction 6"):
+            randomized_pca(x, 6, oversample=10, backend=backend)
 
 
 class TestPCASimilarity:

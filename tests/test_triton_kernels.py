@@ -66,6 +66,11 @@ def _round_like(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.to(dtype).to(torch.float64) if dtype in HALF else t
 
 
+def _double_centre64(k: torch.Tensor) -> torch.Tensor:
+    """H K H of (L, n, n) float64 Grams by row and column means, for the test reference."""
+    return k - k.mean(-1, keepdim=True) - k.mean(-2, keepdim=True) + k.mean((-2, -1), keepdim=True)
+
+
 def _u_center64(k: torch.Tensor) -> torch.Tensor:
     """U-centring of (L, n, n) float64 Grams by its definition (Szekely & Rizzo), for the test reference."""
     n = k.shape[-1]
@@ -114,10 +119,12 @@ class TestCkaOps:
         n, dx, dy = 53, 37, 45  # n > d
         x, y = _acts(L, n, dx, dtype, gen), _acts(L, n, dy, dtype, gen, offset_cols=(0,))
         sx, sy = x.mean(-2, dtype=torch.float32), y.mean(-2, dtype=torch.float32)
-        got = triton_cka._shifted_cross_products_triton(x, y, sx, sy, debiased)
-        ref = _shifted_cross_products_torch(x.double(), y.double(), sx.double(), sy.double(), debiased)
-        xa = (x.double() - sx.double().unsqueeze(1)).abs()  # |x'|
-        ya = (y.double() - sy.double().unsqueeze(1)).abs()
+        gx = torch.tensor([2.0**-3, 2.0**5][:L], dtype=torch.float64)  # exact per-layer scales
+        gy = None if L == 1 else torch.tensor([2.0**7, 1.0], dtype=torch.float64)
+        got = triton_cka._shifted_cross_products_triton(x, y, sx, sy, debiased, gx, gy)
+        ref = _shifted_cross_products_torch(x.double(), y.double(), sx.double(), sy.double(), debiased, gx, gy)
+        xa = ((x.double() - sx.double().unsqueeze(1)) * gx.view(-1, 1, 1)).abs()  # |x'|
+        ya = (y.double() - sy.double().unsqueeze(1)).abs() * (1.0 if gy is None else gy.view(-1, 1, 1))
         ref_abs = _shifted_cross_products_torch(xa, ya, torch.zeros_like(sx, dtype=torch.float64),
                                                 torch.zeros_like(sy, dtype=torch.float64), debiased)
         assert set(got) == set(ref)
@@ -125,33 +132,41 @@ class TestCkaOps:
             tol = ROUNDED_OPERAND_TOL[dtype] if key in ("sxy", "sxx", "syy") else 1e-5
             _assert_close(got[key], ref[key], ref_abs[key], tol, f"{key} {dtype}")
         counts = torch.full((L,), float(n), dtype=torch.float64)
-        cka = _cka_from_sums({k: v.double().cpu() for k, v in got.items()}, counts, debiased)
+        cka = _cka_from_sums({k: v.double().cpu() for k, v in got.items()}, counts, debiased, 2.0**-24)
         np.testing.assert_allclose(cka.numpy(), reference.linear_cka_ref(x, y, debiased), rtol=0, atol=TOL[dtype])
 
     @pytest.mark.parametrize("dtype", DTYPES)
     @pytest.mark.parametrize("unbiased", [False, True])
-    def test_centered_gram(self, dtype, unbiased, gen):
+    @pytest.mark.parametrize("scale", [None, 2.0**-12])
+    def test_centered_gram(self, dtype, unbiased, scale, gen):
         L, n, d = 2, 45, 77  # n < d
         x = _acts(L, n, d, dtype, gen)
-        got = triton_cka._centered_gram_triton(x, unbiased)  # (L, n, n)
-        assert got.dtype == torch.float32 and got.shape == (L, n, n)
+        g = None if scale is None else torch.full((L,), scale, dtype=torch.float64)
+        got, trace = triton_cka._centered_gram_triton(x, unbiased, g)  # (L, n, n), (L,)
+        assert got.dtype == torch.float32 and got.shape == (L, n, n) and trace.dtype == torch.float64
         assert torch.isfinite(got).all() and torch.equal(got, got.transpose(1, 2))
-        # reference: float64 Gram of the operands the kernel feeds its dot (centred in float32, rounded)
-        xr = _round_like((x.float() - x.mean(-2, dtype=torch.float32).unsqueeze(1)).double(), dtype)
-        ref = xr @ xr.transpose(1, 2)  # (L, n, n)
-        ref = _u_center64(ref) if unbiased else ref
-        err = torch.linalg.matrix_norm(got.double() - ref) / torch.linalg.matrix_norm(ref)  # (L,)
-        assert float(err.max()) <= 1e-5
+        # reference: float64 Gram of the operands the kernel feeds its dot (shifted by the float32-rounded
+        # float64 mean, scaled, rounded to the dot dtype), then centred (H K H) or U-centred exactly
+        shift = x.mean(-2, dtype=torch.float64).float().unsqueeze(1)  # (L, 1, d)
+        xr = _round_like(((x.float() - shift) * (1.0 if scale is None else scale)).double(), dtype)
+        k = xr @ xr.transpose(1, 2)  # (L, n, n)
+        ref = _u_center64(k) if unbiased else _double_centre64(k)
+        # float32 accumulation of d products, then the centring's float32 subtraction: a few u of the
+        # entries of k, 1e-5 (TOL[float32]) relative to the Frobenius norm of the (uncentred) Gram
+        err = torch.linalg.matrix_norm(got.double() - ref) / torch.linalg.matrix_norm(k)  # (L,)
+        assert float(err.max()) <= TOL[torch.float32]
+        np.testing.assert_allclose(trace.cpu().numpy(), k.diagonal(dim1=1, dim2=2).sum(-1).cpu().numpy(),
+                                   rtol=TOL[torch.float32])
         y = _acts(L, n, 19, dtype, gen, offset_cols=())
-        k2 = triton_cka._centered_gram_triton(y, unbiased).double()
+        k2 = triton_cka._centered_gram_triton(y, unbiased)[0].double()
         cka = (got.double() * k2).sum((-2, -1)) / (torch.linalg.matrix_norm(got.double()) * torch.linalg.matrix_norm(k2))
         np.testing.assert_allclose(cka.cpu().numpy(), reference.linear_cka_ref(x, y, unbiased), atol=TOL[dtype], rtol=0)
 
     def test_float64_runs_the_composite(self, gen):
         x = _acts(1, 9, 5, torch.float64, gen)
-        got = triton_cka._centered_gram_triton(x, False)
-        ref = triton_cka.kernel("centered_gram", DEVICE, "torch")(x, False)
-        assert got.dtype == torch.float64 and torch.equal(got, ref)
+        got, trace = triton_cka._centered_gram_triton(x, False)
+        ref, ref_trace = triton_cka.kernel("centered_gram", DEVICE, "torch")(x, False)
+        assert got.dtype == torch.float64 and torch.equal(got, ref) and torch.equal(trace, ref_trace)
 
 
 class TestPcaOps:

@@ -1,0 +1,186 @@
+"""Precision and degenerate input (issue 8, item 5), on every backend, against float64 on the same values.
+
+Each tolerance is the bound the function documents: 4 (sqrt(m) u + 2 u_op) kappa for CKA (u the
+accumulation's unit roundoff, u_op the operands', m the longest reduction, kappa from
+``reference.linear_cka_condition_ref`` on the rounded input), plus u for the result's rounding to
+float32. Degenerate inputs must raise ValueError naming the input, the same on every backend.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from repforget_kernels import StreamingCKA, cka_matrix, linear_cka, pca_shift, pca_similarity, randomized_pca
+from repforget_kernels import reference as R
+
+U32, U64 = 2.0**-24, 2.0**-53
+
+
+def _cka_bound(x, y, debiased: bool, method: str, m: int, u: float = U32) -> float:
+    """The documented accuracy bound of a float32 (or float64) CKA of these rounded inputs."""
+    kappa = R.linear_cka_condition_ref(x, y, debiased, method)["kappa"]
+    return 4 * (math.sqrt(m) * u + 2 * u) * kappa + (U32 if u == U32 else 0.0)
+
+
+def _offset_pair(offset: float, n: int = 300, dx: int = 16, dy: int = 12, seed: int = 0):
+    """float32 (n, dx), (n, dy) correlated rows with column offsets of +-offset on a few columns."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, dx, generator=g, dtype=torch.float64)
+    y = torch.randn(n, dy, generator=g, dtype=torch.float64) + 0.5 * x[:, :1]
+    x[:, :3] += offset
+    y[:, -2:] -= offset
+    return x.float(), y.float()
+
+
+class TestOffsets:
+    @pytest.mark.parametrize("offset", [1e5, 1e6])
+    @pytest.mark.parametrize("method", ["gram", "feature"])
+    def test_biased_cka_float32(self, backend, offset, method):
+        x, y = _offset_pair(offset)
+        want = R.linear_cka_ref(x, y)
+        got = float(linear_cka(x, y, method=method, backend=backend))
+        m = 300 if method == "feature" else 16
+        assert abs(got - want) <= _cka_bound(x, y, False, method, m)
+
+    @pytest.mark.parametrize("offset", [1e5, 1e6])
+    def test_cka_matrix_float32(self, backend, offset):
+        x, y = _offset_pair(offset, dy=16)
+        got = cka_matrix(torch.stack([x, y]), backend=backend)  # gram method (pairs accumulated in float64)
+        want = R.linear_cka_ref(x, y)
+        assert abs(float(got[0, 1]) - want) <= _cka_bound(x, y, False, "gram", 16)
+
+    @pytest.mark.parametrize("offset", [1e5, 1e6])
+    def test_randomized_pca_float32(self, backend, offset):
+        g = torch.Generator().manual_seed(1)
+        basis = torch.linalg.qr(torch.randn(26, 3, generator=g, dtype=torch.float64)).Q  # (26, 3)
+        scores = torch.randn(90, 3, generator=g, dtype=torch.float64) * torch.tensor([6.0, 3.0, 1.5], dtype=torch.float64)
+        x = scores @ basis.T + 0.01 * torch.randn(90, 26, generator=g, dtype=torch.float64)  # (90, 26)
+        x[:, :4] += offset
+        x = x.float()
+        got = randomized_pca(x, 3, backend=backend)
+        ref, gaps = R.pca_ref(x, 3), R.pca_gaps_ref(x, 3)
+        eps = 4 * U32 * (math.sqrt(90) + math.sqrt(26))  # documented: 4 u (sqrt(n) + sqrt(d)) var_1 / var_i
+        rel = np.abs(R.to_f64(got.explained_variance) / ref["explained_variance"] - 1)
+        assert np.all(rel <= eps * gaps["var"][0] / gaps["var"][:3] + U32)
+
+
+class TestDegenerate:
+    @pytest.mark.parametrize("method", ["gram", "feature"])
+    @pytest.mark.parametrize("debiased", [False, True])
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+    def test_constant_input_raises(self, backend, method, debiased, dtype):
+        const = torch.full((9, 4), 0.1, dtype=dtype)  # 0.1: its float64 mean is not exactly 0.1
+        other = torch.randn(9, 3, generator=torch.Generator().manual_seed(2), dtype=dtype)
+        with pytest.raises(ValueError, match=r"x has no variance to compare at batch/layer index \[0\]"):
+            linear_cka(const, other, debiased=debiased, method=method, backend=backend)
+        with pytest.raises(ValueError, match=r"y has no variance"):
+            linear_cka(other, const, debiased=debiased, method=method, backend=backend)
+
+    @pytest.mark.parametrize("method", ["gram", "feature"])
+    def test_cka_matrix_constant_layer_is_not_one(self, backend, method):
+        layers = torch.stack([torch.full((9, 4), 0.1), torch.randn(9, 4, generator=torch.Generator().manual_seed(3))])
+        want = r"xs has no variance .* index \[0\]" if method == "gram" else r"\(xs\[0\], xs\[0\]\): x has no variance"
+        with pytest.raises(ValueError, match=want):
+            cka_matrix(layers, method=method, backend=backend)
+
+    @pytest.mark.parametrize("method", ["gram", "feature"])
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+    def test_debiased_one_distinct_row_raises(self, backend, method, dtype):
+        # rows all equal but one: U-centring annihilates the rank-one Gram, the debiased self-HSIC is 0
+        g = torch.Generator().manual_seed(4)
+        x = torch.randn(10, 5, generator=g, dtype=torch.float64)
+        x[1:] = x[1] + 100.0
+        y = torch.randn(10, 5, generator=g, dtype=torch.float64)
+        with pytest.raises(ValueError, match="x has no variance"):
+            linear_cka(x.to(dtype), y.to(dtype), debiased=True, method=method, backend=backend)
+        # biased CKA of the same rows is defined (a rank-one centred Gram)
+        got = float(linear_cka(x.to(dtype), y.to(dtype), method=method, backend=backend))
+        xr, yr = x.to(dtype).double(), y.to(dtype).double()
+        u = U64 if dtype == torch.float64 else U32
+        assert abs(got - R.linear_cka_ref(xr, yr)) <= _cka_bound(xr, yr, False, method, 10, u)
+
+    def test_streaming_constant_rows_raise(self, backend):
+        s = StreamingCKA(debiased=True, backend=backend)
+        for _ in range(3):
+            s.update(torch.full((4, 3), 1e6 + 0.5), torch.randn(4, 2))
+        with pytest.raises(ValueError, match="x has no variance"):
+            s.compute()
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+    def test_pca_constant_and_identical_rows_raise(self, backend, dtype):
+        rows = torch.randn(1, 6, generator=torch.Generator().manual_seed(5), dtype=torch.float64).repeat(20, 1)
+        for x in (torch.full((20, 6), 3.3, dtype=dtype), rows.to(dtype)):
+            with pytest.raises(ValueError, match=r"x has no variance .* at batch index \[0\]"):
+                randomized_pca(x, 2, backend=backend)
+            with pytest.raises(ValueError, match="x_ref has no variance"):
+                pca_similarity(x, torch.randn(20, 6, dtype=dtype), backend=backend)
+            with pytest.raises(ValueError, match="x_upd has no variance"):
+                pca_similarity(torch.randn(20, 6, dtype=dtype), x, backend=backend)
+            with pytest.raises(ValueError, match="x_ref has no variance"):
+                pca_shift(x, torch.randn(20, 6, dtype=dtype), backend=backend)
+
+    @pytest.mark.parametrize("normalize", [False, True])
+    def test_pca_shift_rank_deficient_reference_names_the_direction(self, backend, normalize):
+        g = torch.Generator().manual_seed(6)
+        x_ref = (torch.randn(20, 1, generator=g, dtype=torch.float64) @ torch.randn(1, 6, generator=g, dtype=torch.float64)).float()
+        with pytest.raises(ValueError, match=r"x_ref is numerically rank-deficient at batch index 0: principal direction 2"):
+            pca_shift(x_ref, torch.randn(20, 6, generator=g), k=2, normalize=normalize, backend=backend)
+        got = pca_shift(x_ref, x_ref + 1.0, k=1, normalize=normalize, backend=backend)  # k = 1 is defined
+        want = R.pca_shift_ref(x_ref, x_ref + 1.0, 1, normalize)
+        # |shift| = |v . 1| <= sqrt(6); the direction is exact to ~u (a rank-one input), so a few u of it
+        np.testing.assert_allclose(R.to_f64(got), want, rtol=1e-5)
+
+
+class TestScale:
+    @pytest.mark.parametrize("scale", [1e8, 1e9, 1e-18, 1e-24])
+    @pytest.mark.parametrize("debiased", [False, True])
+    def test_cka_of_scaled_float32(self, backend, scale, debiased):
+        g = torch.Generator().manual_seed(7)
+        # n = 120: the Gram-pair products (n d x^2)^2 of x ~ 1e8 overflow float32 unless rows are scaled first
+        base = torch.randn(120, 16, generator=g, dtype=torch.float64)
+        other = base + torch.randn(120, 16, generator=g, dtype=torch.float64)
+        xs = (torch.stack([base, other]) * scale).float()  # (2, 120, 16)
+        x, y = xs[0], xs[1]
+        want = R.linear_cka_ref(x, y, debiased)
+        got = cka_matrix(xs, debiased=debiased, backend=backend)
+        assert abs(float(got[0, 1]) - want) <= _cka_bound(x, y, debiased, "gram", 16)
+        for method, m in (("gram", 16), ("feature", 120)):
+            got = float(linear_cka(x, y, debiased=debiased, method=method, backend=backend))
+            assert abs(got - want) <= _cka_bound(x, y, debiased, method, m)
+
+    @pytest.mark.parametrize("scale", [1e8, 1e-20])
+    def test_pca_of_scaled_float32(self, backend, scale):
+        g = torch.Generator().manual_seed(8)
+        x = torch.randn(50, 8, generator=g, dtype=torch.float64) * torch.tensor([8.0, 4.0] + [0.5] * 6, dtype=torch.float64)
+        xf = (x * scale).float()
+        got = randomized_pca(xf, 2, backend=backend)
+        ref, gaps = R.pca_ref(xf, 2), R.pca_gaps_ref(xf, 2)
+        eps = 4 * U32 * (math.sqrt(50) + math.sqrt(8))
+        s_rel = np.abs(R.to_f64(got.singular_values) / ref["singular_values"] - 1)
+        assert np.all(s_rel <= eps * gaps["var"][0] / gaps["var"][:2] + U32)
+        ratio_err = np.abs(R.to_f64(got.explained_variance_ratio) - ref["explained_variance_ratio"])
+        assert np.all(ratio_err <= (eps * gaps["var"][0] / gaps["var"][:2] + 2 * U32) * ref["explained_variance_ratio"])
+
+
+class TestStreamingMixedDtypes:
+    @pytest.mark.parametrize("float64_first", [True, False])
+    @pytest.mark.parametrize("debiased", [False, True])
+    def test_float64_and_float32_chunks_with_offsets(self, backend, float64_first, debiased):
+        g = torch.Generator().manual_seed(9)
+        # spread 0.1 next to offsets of 1e6 (float32 ulp 0.0625): a shift rounded to float32 for the
+        # float32 chunk but recorded in float64 would move its rows by up to 0.03
+        x = 0.1 * torch.randn(2000, 8, generator=g, dtype=torch.float64) + 1e6
+        y = 0.1 * torch.randn(2000, 6, generator=g, dtype=torch.float64) + 0.5 * x[:, :1] - 1.5e6
+        dtypes = (torch.float64, torch.float32) if float64_first else (torch.float32, torch.float64)
+        s = StreamingCKA(debiased=debiased, backend=backend)
+        for rows, dtype in zip((slice(0, 1000), slice(1000, 2000)), dtypes):
+            s.update(x[rows].to(dtype), y[rows].to(dtype))
+        xr = torch.cat([x[:1000].to(dtypes[0]).double(), x[1000:].to(dtypes[1]).double()])  # the values given
+        yr = torch.cat([y[:1000].to(dtypes[0]).double(), y[1000:].to(dtypes[1]).double()])
+        got = s.compute()
+        assert got.dtype == torch.float64
+        want = R.linear_cka_ref(xr, yr, debiased)
+        assert abs(float(got) - want) <= _cka_bound(xr, yr, debiased, "feature", 2000)

@@ -1,0 +1,378 @@
+"""Property sweep: every CKA / PCA entry point over random shapes, column offsets (0 to 1e6), scales
+(1e-20 to 1e8), dtypes and backends, against the float64 references on the rounded inputs.
+
+Each example asserts one of two outcomes:
+- a result within the accuracy bound its docstring documents, computed here from the float64
+  reference on the same rounded values (the condition factor of ``linear_cka``, the spectral gaps
+  of ``randomized_pca``), the working precision and the sizes;
+- a ValueError, allowed only where the reference itself finds the input within rounding of
+  degenerate (no variance, a self-HSIC at rounding level, a PCA rank below k), and required where
+  it is exactly degenerate (constant rows, and for debiased CKA rows all equal but one).
+
+Deterministic (``derandomize=True``; data drawn from seeded generators); Triton runs under the
+interpreter on a few small cases only.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, event, given, settings
+from hypothesis import strategies as st
+
+from conftest import available_backends
+from repforget_kernels import StreamingCKA, cka_matrix, linear_cka, pca_shift, pca_similarity, randomized_pca
+from repforget_kernels import reference as R
+from repforget_kernels._numerics import ZERO_TEST_FACTOR, unit_roundoff
+
+BACKENDS = available_backends()
+HALF = (torch.bfloat16, torch.float16)
+DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+SWEEP = dict(derandomize=True, deadline=None, database=None,
+             suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+# An input may raise only if the reference puts its self-HSIC (or PCA variance) within this factor of
+# the library's own zero test, and must raise when the reference puts it 100x below the test.
+RAISE_MARGIN = 100.0
+
+
+def _backends(fast: bool) -> list:
+    """The backends of one sweep: every CPU backend, or Triton alone (interpreter: few, small cases)."""
+    return [b for b in BACKENDS if (b != "triton") == fast]
+
+
+def _work(dtypes, backend: str) -> tuple[float, float]:
+    """(u of the accumulation, u of the operands fed to the products) for inputs of these dtypes.
+
+    Everything accumulates in float32 (float64 for float64 input); Triton feeds its dot the centred
+    bf16 / fp16 operands rounded to that type.
+    """
+    u_acc = unit_roundoff(torch.float64 if all(d == torch.float64 for d in dtypes) else torch.float32)
+    u_op = max(unit_roundoff(d) if backend == "triton" and d in HALF else u_acc for d in dtypes)
+    return u_acc, u_op
+
+
+def _representable(x64: torch.Tensor, dtype: torch.dtype) -> bool:
+    """The values fit the dtype without overflow, and the unit-spread part is not below its normal range."""
+    info = torch.finfo(dtype)
+    return float(x64.abs().max()) < info.max / 4 and float(x64.std()) > info.tiny * 2**12
+
+
+def _offset_and_scale(draw, gen: torch.Generator, d: int) -> tuple[torch.Tensor, float]:
+    """A column offset pattern (d,) float64 (0 to 1e6 on about half the columns, random signs) and a scale."""
+    offset = draw(st.sampled_from([0.0, 1.0, 1e2, 1e4, 1e5, 1e6]))
+    cols = torch.rand(d, generator=gen) < 0.5  # the columns that carry an offset
+    signs = torch.where(torch.rand(d, generator=gen) < 0.5, -1.0, 1.0).to(torch.float64)
+    return offset * cols * signs, 10.0 ** draw(st.integers(-20, 8))
+
+
+@st.composite
+def acts(draw, n: int, d: int, *, lead=()):
+    """((lead..., n, d) float64 activations: Gaussian rows, column offsets, a global scale; their generator)."""
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    z = torch.randn(*lead, n, d, generator=gen, dtype=torch.float64)
+    offset, scale = _offset_and_scale(draw, gen, d)
+    return (z + offset) * scale, gen
+
+
+def _degenerate(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """Constant rows, or rows all equal but the first (float64, same shape)."""
+    x = x.clone()
+    if kind == "constant":
+        x[..., :, :] = x[..., :1, :]
+    elif kind == "one_row":
+        x[..., 1:, :] = x[..., 1:2, :]
+    return x
+
+
+# --------------------------------------------------------------------------- CKA
+
+
+def _check_cka(call, xr: torch.Tensor, yr: torch.Tensor, debiased: bool, method: str, u_acc: float,
+               u_op: float, m: int, out_u: float) -> None:
+    """call() -> CKA of the rounded inputs xr, yr ((n, d) float64), within the documented bound or a justified ValueError.
+
+    Bound (linear_cka): 4 (sqrt(m) u_acc + 2 u_op) kappa, plus the rounding of the result to its dtype.
+    """
+    cond = R.linear_cka_condition_ref(xr, yr, debiased, method)
+    selfish = min(cond["self_x"], cond["self_y"])
+    zero_test = ZERO_TEST_FACTOR * u_acc
+    try:
+        got = float(call())
+    except ValueError as exc:
+        assert "no variance" in str(exc), exc
+        assert selfish <= RAISE_MARGIN * zero_test, f"raised for a self-HSIC {selfish:.3g} of its rounding scale"
+        event("CKA: ValueError")
+        return
+    assert selfish > zero_test / RAISE_MARGIN, f"no ValueError for a degenerate input (self {selfish:.3g})"
+    want = R.linear_cka_ref(xr, yr, debiased)
+    tol = 4 * (math.sqrt(m) * u_acc + 2 * u_op) * cond["kappa"] + out_u
+    assert abs(got - want) <= tol, f"CKA {got} vs {want}: error {abs(got - want):.3g} > bound {tol:.3g}"
+    event("CKA: compared")
+
+
+def _pair(draw, n, dx, dy, dtype, lead=()):
+    x64, gen = draw(acts(n, dx, lead=lead))
+    y64, _ = draw(acts(n, dy, lead=lead))
+    y64 = y64 + 0.7 * x64[..., :1] / x64[..., :1].abs().max().clamp_min(1e-300) * y64.abs().max()  # correlated
+    kind = draw(st.sampled_from(["none"] * 6 + ["constant", "one_row"]))
+    if kind != "none":
+        x64 = _degenerate(x64, kind)
+    assume(_representable(x64, dtype) and _representable(y64, dtype))
+    return x64.to(dtype), y64.to(dtype)
+
+
+def _cka_case(draw, fast: bool):
+    backend = draw(st.sampled_from(_backends(fast)))
+    big = 48 if fast else 16
+    n = draw(st.integers(4, big))
+    dx, dy = draw(st.integers(1, big // 2)), draw(st.integers(1, big // 2))
+    dtype = draw(st.sampled_from(DTYPES))
+    return backend, n, dx, dy, dtype
+
+
+def _sweep_linear_cka(data, fast: bool):
+    backend, n, dx, dy, dtype = _cka_case(data.draw, fast)
+    debiased, method = data.draw(st.booleans()), data.draw(st.sampled_from(["feature", "gram"]))
+    batched = data.draw(st.booleans())
+    x, y = _pair(data.draw, n, dx, dy, dtype, lead=(2,) if batched else ())
+    u_acc, u_op = _work((dtype,), backend)
+    m = n if method == "feature" else max(dx, dy)
+    got = None
+    try:
+        got = linear_cka(x, y, debiased=debiased, method=method, backend=backend)
+    except ValueError:
+        pass
+    for b in range(2 if batched else 1):
+        xb, yb = (x[b], y[b]) if batched else (x, y)
+        value = None if got is None else (got[b] if batched else got)
+
+        def call(xb=xb, yb=yb, value=value):
+            return linear_cka(xb, yb, debiased=debiased, method=method, backend=backend) if value is None else value
+        _check_cka(call, xb.double(), yb.double(), debiased, method, u_acc, u_op, m, unit_roundoff(torch.float32))
+
+
+@pytest.mark.skipif(not _backends(True), reason="no CPU backend")
+@settings(max_examples=150, **SWEEP)
+@given(st.data())
+def test_linear_cka(data):
+    _sweep_linear_cka(data, fast=True)
+
+
+@pytest.mark.skipif(not _backends(False), reason="triton cannot run here")
+@settings(max_examples=12, **SWEEP)
+@given(st.data())
+def test_linear_cka_triton(data):
+    _sweep_linear_cka(data, fast=False)
+
+
+@pytest.mark.skipif(not _backends(True), reason="no CPU backend")
+@settings(max_examples=50, **SWEEP)
+@given(st.data())
+def test_cka_matrix(data):
+    backend, n, dx, _, dtype = _cka_case(data.draw, True)
+    debiased, method = data.draw(st.booleans()), data.draw(st.sampled_from(["feature", "gram"]))
+    widths = data.draw(st.lists(st.integers(1, 12), min_size=1, max_size=3))
+    layers = [data.draw(acts(n, w))[0] for w in widths]
+    kind = data.draw(st.sampled_from(["none"] * 4 + ["constant", "one_row"]))
+    if kind != "none":
+        layers[-1] = _degenerate(layers[-1], kind)
+    assume(all(_representable(t, dtype) for t in layers))
+    layers = [t.to(dtype) for t in layers]
+    u_acc, u_op = _work((dtype,), backend)
+    m = n if method == "feature" else max(widths)
+    try:
+        got = cka_matrix(layers, debiased=debiased, method=method, backend=backend)
+    except ValueError as exc:
+        got = exc
+    for i, a in enumerate(layers):
+        for j, b in enumerate(layers):
+            value = got if isinstance(got, ValueError) else got[i, j]
+
+            def call(value=value, a=a, b=b):
+                if isinstance(value, ValueError):  # the matrix raised: this pair must be undefined or near it
+                    return linear_cka(a, b, debiased=debiased, method="feature", backend="torch")
+                return value
+            _check_cka(call, a.double(), b.double(), debiased, method, u_acc, u_op, m, unit_roundoff(torch.float32))
+
+
+@pytest.mark.skipif(not _backends(True), reason="no CPU backend")
+@settings(max_examples=40, **SWEEP)
+@given(st.data())
+def test_streaming_cka(data):
+    backend = data.draw(st.sampled_from(_backends(True)))
+    n, dx, dy = data.draw(st.integers(4, 60)), data.draw(st.integers(1, 10)), data.draw(st.integers(1, 10))
+    debiased = data.draw(st.booleans())
+    x64, gen = data.draw(acts(n, dx))
+    y64 = data.draw(acts(n, dy))[0] + x64[:, :1] * 0.5
+    cuts = sorted(set(data.draw(st.lists(st.integers(1, n - 1), max_size=5))))
+    bounds = [0] + cuts + [n]
+    dtypes = [data.draw(st.sampled_from(DTYPES[:3])) for _ in bounds[1:]]  # float64 / float32 / bf16 chunks
+    chunks = [(x64[a:b], y64[a:b]) for a, b in zip(bounds, bounds[1:])]
+    assume(all(_representable(c, dt) for (cx, cy), dt in zip(chunks, dtypes) for c in (cx, cy)
+               if c.shape[0] > 1))
+    s = StreamingCKA(debiased=debiased, backend=backend)
+    rounded = []
+    for (cx, cy), dt in zip(chunks, dtypes):
+        s.update(cx.to(dt), cy.to(dt))
+        rounded.append((cx.to(dt).double(), cy.to(dt).double()))
+    xr, yr = torch.cat([r[0] for r in rounded]), torch.cat([r[1] for r in rounded])
+    u_acc, u_op = _work(dtypes, backend)
+    out_u = 0.0 if all(dt == torch.float64 for dt in dtypes) else unit_roundoff(torch.float32)
+    _check_cka(s.compute, xr, yr, debiased, "feature", u_acc, u_op, n, out_u)
+
+
+# --------------------------------------------------------------------------- PCA
+
+
+def _gapped(draw, n: int, d: int, k: int):
+    """(n, d) data with a spectral gap after k (singular values 10 2^-i, then 0.01 2^-i), column offsets, a scale."""
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    r = min(n, d)
+    u = torch.linalg.qr(torch.randn(n, r, generator=gen, dtype=torch.float64)).Q  # (n, r)
+    v = torch.linalg.qr(torch.randn(d, r, generator=gen, dtype=torch.float64)).Q  # (d, r)
+    s = torch.cat([10.0 * 0.5 ** torch.arange(k, dtype=torch.float64),
+                   0.01 * 0.5 ** torch.arange(r - k, dtype=torch.float64)])  # (r,)
+    offset, scale = _offset_and_scale(draw, gen, d)
+    return ((u * s) @ v.T + offset) * scale  # (n, d)
+
+
+def _angle(a: np.ndarray, b: np.ndarray) -> float:
+    """Angle between the lines of two vectors, from the sine (accurate for tiny angles)."""
+    a, b = a / np.linalg.norm(a), b / np.linalg.norm(b)
+    return float(np.arcsin(min(1.0, np.linalg.norm(a - (a @ b) * b))))
+
+
+def _pca_bounds(xr: np.ndarray, k: int, u: float, oversample: int = 10, n_iter: int = 4) -> dict:
+    """The documented accuracy bounds of randomized_pca for (n, d) float64 rounded input."""
+    n, d = xr.shape
+    g = R.pca_gaps_ref(xr, k)
+    var = g["var"]
+    eps = 4 * u * (math.sqrt(n) + math.sqrt(d))
+    l = min(k + oversample, n, d)
+    tail = var[l] if l < len(var) else 0.0
+    rand = [10 * math.sqrt(d) * (tail / var[i]) ** (n_iter + 0.5) for i in range(k)]
+    return {
+        "var": var,
+        "angle": [eps * var[0] / g["component_gap"][i] + rand[i] for i in range(k)],
+        "subspace": eps * var[0] / g["subspace_gap"] + rand[-1],
+        "ev": [eps * var[0] / var[i] + rand[i] for i in range(k)],
+    }
+
+
+def _pca_may_raise(exc: ValueError, xr: np.ndarray, k: int, u: float) -> None:
+    """A PCA ValueError is justified when the reference has no variance or a top-k variance near rounding."""
+    var = R.pca_gaps_ref(xr, k)["var"]
+    msg = str(exc)
+    assert "no variance" in msg or "rank-deficient" in msg, msg
+    assert var[0] == 0 or var[k - 1] <= RAISE_MARGIN * ZERO_TEST_FACTOR * u * var[0], (msg, var[:k])
+    event(f"PCA: ValueError ({'no variance' if 'no variance' in msg else 'rank'})")
+
+
+def _pca_case(draw, fast: bool):
+    backend = draw(st.sampled_from(_backends(fast)))
+    big = 40 if fast else 14
+    n, d = draw(st.integers(3, big)), draw(st.integers(2, big))
+    k = draw(st.integers(1, min(3, n - 1, d)))
+    dtype = draw(st.sampled_from(DTYPES))
+    return backend, n, d, k, dtype
+
+
+def _sweep_randomized_pca(data, fast: bool):
+    backend, n, d, k, dtype = _pca_case(data.draw, fast)
+    x64 = _gapped(data.draw, n, d, k)
+    if data.draw(st.sampled_from(["none"] * 7 + ["constant"])) == "constant":
+        x64 = _degenerate(x64, "constant")
+    assume(_representable(x64, dtype) or float(x64.std()) == 0)
+    x = x64.to(dtype)
+    xr = x.double().numpy()
+    u = unit_roundoff(torch.float64 if dtype == torch.float64 else torch.float32)
+    try:
+        got = randomized_pca(x, k, backend=backend)
+    except ValueError as exc:
+        _pca_may_raise(exc, xr, k, u)
+        return
+    b = _pca_bounds(xr, k, u)
+    assert b["var"][k - 1] > ZERO_TEST_FACTOR * u * b["var"][0] / RAISE_MARGIN, "no ValueError for rank < k"
+    ref = R.pca_ref(xr, k)
+    event("PCA: compared")
+    out_u = 0.0 if dtype == torch.float64 else unit_roundoff(torch.float32)
+    comps = R.to_f64(got.components)
+    for i in range(k):
+        assert _angle(comps[i], ref["components"][i]) <= b["angle"][i], (i, b["angle"][i])
+    ev, ratio = R.to_f64(got.explained_variance), R.to_f64(got.explained_variance_ratio)
+    for i in range(k):
+        assert abs(ev[i] - ref["explained_variance"][i]) <= (b["ev"][i] + out_u) * ref["explained_variance"][i]
+        assert abs(ratio[i] - ref["explained_variance_ratio"][i]) <= (b["ev"][i] + 2 * out_u) * ref["explained_variance_ratio"][i]
+    # the mean: a float64 sum of n values (error <= 4 sqrt(n) u64 mean |x_j|), rounded once to the output dtype
+    mean_tol = out_u * np.abs(ref["mean"]) + 4 * math.sqrt(n) * 2.0**-53 * np.abs(xr).mean(0)
+    assert np.all(np.abs(R.to_f64(got.mean) - ref["mean"]) <= mean_tol)
+
+
+@pytest.mark.skipif(not _backends(True), reason="no CPU backend")
+@settings(max_examples=80, **SWEEP)
+@given(st.data())
+def test_randomized_pca(data):
+    _sweep_randomized_pca(data, fast=True)
+
+
+@pytest.mark.skipif(not _backends(False), reason="triton cannot run here")
+@settings(max_examples=6, **SWEEP)
+@given(st.data())
+def test_randomized_pca_triton(data):
+    _sweep_randomized_pca(data, fast=False)
+
+
+def _pca_pair(data):
+    backend, n, d, k, dtype = _pca_case(data.draw, True)
+    x64 = _gapped(data.draw, n, d, k)
+    n2 = data.draw(st.integers(max(3, k + 1), n + 5))
+    y64 = _gapped(data.draw, n2, d, k)
+    assume(_representable(x64, dtype) and _representable(y64, dtype))
+    return backend, k, dtype, x64.to(dtype), y64.to(dtype)
+
+
+@pytest.mark.skipif(not _backends(True), reason="no CPU backend")
+@settings(max_examples=50, **SWEEP)
+@given(st.data())
+def test_pca_similarity(data):
+    backend, k, dtype, x, y = _pca_pair(data)
+    xr, yr = x.double().numpy(), y.double().numpy()
+    u = unit_roundoff(torch.float64 if dtype == torch.float64 else torch.float32)
+    try:
+        got = float(pca_similarity(x, y, k=k, backend=backend))
+    except ValueError as exc:
+        _pca_may_raise(exc, xr if "x_ref" in str(exc) else yr, k, u)
+        return
+    bx, by = _pca_bounds(xr, k, u), _pca_bounds(yr, k, u)
+    out_u = 0.0 if dtype == torch.float64 else unit_roundoff(torch.float32)
+    # cosines of principal angles are 1-Lipschitz in the subspaces' own angle errors
+    tol = (bx["angle"][0] + by["angle"][0]) if k == 1 else (bx["subspace"] + by["subspace"])
+    event("PCA: compared")
+    assert abs(got - R.pca_similarity_ref(xr, yr, k)) <= tol + out_u
+
+
+@pytest.mark.skipif(not _backends(True), reason="no CPU backend")
+@settings(max_examples=50, **SWEEP)
+@given(st.data())
+def test_pca_shift(data):
+    backend, k, dtype, x, y = _pca_pair(data)
+    normalize = data.draw(st.booleans())
+    xr, yr = x.double().numpy(), y.double().numpy()
+    u = unit_roundoff(torch.float64 if dtype == torch.float64 else torch.float32)
+    try:
+        got = R.to_f64(pca_shift(x, y, k=k, normalize=normalize, backend=backend))
+    except ValueError as exc:
+        assert "x_ref" in str(exc)
+        _pca_may_raise(exc, xr, k, u)
+        return
+    b = _pca_bounds(xr, k, u)
+    event("PCA: compared")
+    want = R.pca_shift_ref(xr, yr, k, normalize)
+    delta = np.linalg.norm(yr.mean(0) - xr.mean(0))  # |mean difference|
+    out_u = 0.0 if dtype == torch.float64 else unit_roundoff(torch.float32)
+    for i in range(k):
+        scale_i = 1.0 / math.sqrt(b["var"][i]) if normalize else 1.0
+        tol = b["angle"][i] * delta * scale_i + (b["ev"][i] / 2 if normalize else 0.0) * abs(want[i]) + out_u * abs(want[i])
+        assert abs(got[i] - want[i]) <= tol + 1e-300, (i, got[i], want[i], tol)
