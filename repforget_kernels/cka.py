@@ -16,6 +16,13 @@ of either input, and centring first keeps its precision under large offsets):
 Every entry point reduces to the same mergeable sums of shifted rows (one op,
 ``shifted_cross_products``) or to centred Gram matrices (op ``centered_gram``);
 :func:`_cka_from_sums` turns the sums into CKA for all three front doors.
+
+Numerics (``_numerics``): each input is shifted by its float64 column means rounded to the
+compute dtype (the subtraction is exact for columns with a large offset, and the remainder is
+removed exactly by the sums' float64 algebra or by centring the Gram, H K H) and scaled by a
+power of two, so offsets and magnitudes cost no precision and never over- or underflow. An
+input whose self-HSIC is within rounding of zero (given the size of the terms that cancel into
+it) makes CKA undefined: ValueError, on every path and backend alike.
 """
 from __future__ import annotations
 
@@ -289,13 +296,18 @@ def linear_cka(
 
     Numerics: rows are shifted by their column means rounded to the compute dtype (exact under
     large offsets) and scaled by a power of two (exact; no overflow or underflow for any finite
-    input magnitude), so the result does not depend on offsets or scale. Accuracy against float64
-    arithmetic on the same input values: |error| <= 4 u (kappa_xy + |CKA| (kappa_xx + kappa_yy) / 2),
-    u the unit roundoff of the products (2^-24 float32, 2^-53 float64; Triton rounds the centred
-    operands of bf16/fp16 input to that type, u = 2^-8 / 2^-11), kappa_ab = e_ab / sqrt(h_aa h_bb)
-    with h the HSIC numerators and e the size of the terms that round into them
-    (``reference.linear_cka_condition_ref``): kappa ~ 1 for biased CKA, ~ 1 + d / n (feature) or
-    sqrt(rank) (gram) for debiased CKA of generic data.
+    input magnitude), so the result does not depend on offsets or scale.
+
+    Accuracy against float64 arithmetic on the same input values:
+        |error| <= 4 (sqrt(m) u + 2 u_op) kappa + u_out,
+    u the unit roundoff of the accumulation (2^-24 float32, 2^-53 float64), u_op that of the
+    operands of the products (u, but 2^-8 / 2^-11 on Triton for bf16 / fp16 input, which its
+    tensor-core GEMMs round), m the longest reduction (n for the feature method, max(dx, dy) for
+    the Gram method), u_out the rounding of the result to float32 (0 for float64), and kappa the
+    condition factor e_xy / sqrt(h_xx h_yy) + |CKA| (e_xx / h_xx + e_yy / h_yy) / 2 of the HSIC
+    numerators h and the sizes e of the terms that round into them
+    (``reference.linear_cka_condition_ref``): a few for biased CKA; for debiased CKA about
+    1 + d / n (feature) or sqrt(rank) (gram) on generic data, large near degenerate input.
 
     Raises ValueError naming x or y (and the batch index) when its self-HSIC is within rounding of
     zero, so CKA is undefined: constant rows, and for debiased CKA rows all equal but one.

@@ -2,7 +2,7 @@
 
     F_j = (1/N) sum_s (d/d theta_j log p(y_s | x_s))^2
 
-with log p summed over the unmasked target tokens of sequence s (DESIGN.md). Three ops
+with log p summed over the unmasked target tokens of sequence s. Three ops
 carry the arithmetic, each with a torch composite registered here and compiled twins in
 other backends (same contract, see each composite's docstring):
 

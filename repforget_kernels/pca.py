@@ -186,16 +186,22 @@ def randomized_pca(
     Numerics: rows are centred by their float64 means, split into a shift rounded to the compute
     dtype (subtracted in the kernels before any product: exact under large column offsets) and a
     float64 remainder (removed by a rank-one correction), and the sketch is scaled by a power of
-    two, so the result depends neither on offsets nor on the data's magnitude. Accuracy against a
-    float64 SVD of the same input values, for data whose top-(k + 1) variances are separated:
-    principal angle of component i <= 4 u sqrt(n d) var_1 / (var_i - var_{i+1}) (u = 2^-24 float32,
-    2^-53 float64), relative error of explained variance i <= 4 u sqrt(n d) var_1 / var_i, plus the
-    randomized term (var_{l+1} / var_k)^(q + 1/2) that the power iterations make negligible.
+    two, so the result depends neither on offsets nor on the data's magnitude.
 
-    Raises ValueError when x has no variance (``total`` within rounding: constant rows) or is
-    numerically rank-deficient for this k: a requested component's variance is at most
-    64 u var_1 (a covariance product in the working precision cannot resolve it, so its direction
-    is undefined); the error names the batch index and the component.
+    Accuracy against a float64 SVD of the same input values, with eps = 4 u (sqrt(n) + sqrt(d))
+    (u = 2^-24 for float32 work, half input included; 2^-53 for float64) and r_i =
+    10 sqrt(d) (var_{l+1} / var_i)^(q + 1/2) the randomized term (negligible once the power
+    iterations have separated the top k): the angle of component i is at most
+    eps var_1 / gap_i + r_i, gap_i its variance's distance to its neighbours'; that of the top-k
+    subspace eps var_1 / (var_k - var_{k+1}) + r_k; the relative error of explained variance i
+    eps var_1 / var_i + r_i (the ratio's the same, the singular value's half); plus the rounding
+    of results to float32. Ties (no gap) leave the components undefined, as in exact arithmetic.
+
+    Raises ValueError when x has no variance (its centred rows within the float64 mean's rounding
+    of zero: constant rows) or is numerically rank-deficient for this k: a requested component's
+    variance is at most 64 u var_1 (a covariance product in the working precision cannot resolve
+    it, so its direction is undefined); the error names the input, the batch index and the
+    direction.
 
     Cost: (2 q + 2) n d l multiply-adds in q + 2 reads of x, q QRs of (d, l), one of (n, l), an SVD of (l, d).
     """

@@ -1,9 +1,8 @@
 """Precision and degenerate input (issue 8, item 5), on every backend, against float64 on the same values.
 
-Each tolerance is the bound the function documents: 4 (sqrt(m) u + 2 u_op) kappa for CKA (u the
-accumulation's unit roundoff, u_op the operands', m the longest reduction, kappa from
-``reference.linear_cka_condition_ref`` on the rounded input), plus u for the result's rounding to
-float32. Degenerate inputs must raise ValueError naming the input, the same on every backend.
+Each tolerance is the bound the function documents (conftest.cka_bound, conftest.pca_bounds: the
+condition factors come from the float64 reference on the rounded input). Degenerate inputs must raise
+ValueError naming the input, the same on every backend.
 """
 from __future__ import annotations
 
@@ -16,13 +15,9 @@ import torch
 from repforget_kernels import StreamingCKA, cka_matrix, linear_cka, pca_shift, pca_similarity, randomized_pca
 from repforget_kernels import reference as R
 
-U32, U64 = 2.0**-24, 2.0**-53
+from conftest import cka_bound, pca_bounds
 
-
-def _cka_bound(x, y, debiased: bool, method: str, m: int, u: float = U32) -> float:
-    """The documented accuracy bound of a float32 (or float64) CKA of these rounded inputs."""
-    kappa = R.linear_cka_condition_ref(x, y, debiased, method)["kappa"]
-    return 4 * (math.sqrt(m) * u + 2 * u) * kappa + (U32 if u == U32 else 0.0)
+U32 = 2.0**-24
 
 
 def _offset_pair(offset: float, n: int = 300, dx: int = 16, dy: int = 12, seed: int = 0):
@@ -42,15 +37,14 @@ class TestOffsets:
         x, y = _offset_pair(offset)
         want = R.linear_cka_ref(x, y)
         got = float(linear_cka(x, y, method=method, backend=backend))
-        m = 300 if method == "feature" else 16
-        assert abs(got - want) <= _cka_bound(x, y, False, method, m)
+        assert abs(got - want) <= cka_bound(x, y, method=method, backend=backend)
 
     @pytest.mark.parametrize("offset", [1e5, 1e6])
     def test_cka_matrix_float32(self, backend, offset):
         x, y = _offset_pair(offset, dy=16)
         got = cka_matrix(torch.stack([x, y]), backend=backend)  # gram method (pairs accumulated in float64)
         want = R.linear_cka_ref(x, y)
-        assert abs(float(got[0, 1]) - want) <= _cka_bound(x, y, False, "gram", 16)
+        assert abs(float(got[0, 1]) - want) <= cka_bound(x, y, method="gram", backend=backend)
 
     @pytest.mark.parametrize("offset", [1e5, 1e6])
     def test_randomized_pca_float32(self, backend, offset):
@@ -61,10 +55,9 @@ class TestOffsets:
         x[:, :4] += offset
         x = x.float()
         got = randomized_pca(x, 3, backend=backend)
-        ref, gaps = R.pca_ref(x, 3), R.pca_gaps_ref(x, 3)
-        eps = 4 * U32 * (math.sqrt(90) + math.sqrt(26))  # documented: 4 u (sqrt(n) + sqrt(d)) var_1 / var_i
+        ref, b = R.pca_ref(x, 3), pca_bounds(x, 3)
         rel = np.abs(R.to_f64(got.explained_variance) / ref["explained_variance"] - 1)
-        assert np.all(rel <= eps * gaps["var"][0] / gaps["var"][:3] + U32)
+        assert np.all(rel <= np.array(b["ev"]) + b["out_u"])
 
 
 class TestDegenerate:
@@ -98,9 +91,8 @@ class TestDegenerate:
             linear_cka(x.to(dtype), y.to(dtype), debiased=True, method=method, backend=backend)
         # biased CKA of the same rows is defined (a rank-one centred Gram)
         got = float(linear_cka(x.to(dtype), y.to(dtype), method=method, backend=backend))
-        xr, yr = x.to(dtype).double(), y.to(dtype).double()
-        u = U64 if dtype == torch.float64 else U32
-        assert abs(got - R.linear_cka_ref(xr, yr)) <= _cka_bound(xr, yr, False, method, 10, u)
+        xr, yr = x.to(dtype), y.to(dtype)
+        assert abs(got - R.linear_cka_ref(xr, yr)) <= cka_bound(xr, yr, method=method, backend=backend)
 
     def test_streaming_constant_rows_raise(self, backend):
         s = StreamingCKA(debiased=True, backend=backend)
@@ -130,8 +122,11 @@ class TestDegenerate:
             pca_shift(x_ref, torch.randn(20, 6, generator=g), k=2, normalize=normalize, backend=backend)
         got = pca_shift(x_ref, x_ref + 1.0, k=1, normalize=normalize, backend=backend)  # k = 1 is defined
         want = R.pca_shift_ref(x_ref, x_ref + 1.0, 1, normalize)
-        # |shift| = |v . 1| <= sqrt(6); the direction is exact to ~u (a rank-one input), so a few u of it
-        np.testing.assert_allclose(R.to_f64(got), want, rtol=1e-5)
+        # shift = v . 1: error <= angle |1| + u |shift| (pca_shift's bound), angle from the rank-one gap
+        b = pca_bounds(x_ref, 1)
+        scale = 1 / math.sqrt(b["var"][0]) if normalize else 1.0
+        tol = b["angle"][0] * math.sqrt(6) * scale + (b["ev"][0] / 2 if normalize else 0) * abs(want[0]) + U32 * abs(want[0])
+        assert abs(float(got[0]) - want[0]) <= tol
 
 
 class TestScale:
@@ -146,10 +141,10 @@ class TestScale:
         x, y = xs[0], xs[1]
         want = R.linear_cka_ref(x, y, debiased)
         got = cka_matrix(xs, debiased=debiased, backend=backend)
-        assert abs(float(got[0, 1]) - want) <= _cka_bound(x, y, debiased, "gram", 16)
-        for method, m in (("gram", 16), ("feature", 120)):
+        assert abs(float(got[0, 1]) - want) <= cka_bound(x, y, debiased=debiased, method="gram", backend=backend)
+        for method in ("gram", "feature"):
             got = float(linear_cka(x, y, debiased=debiased, method=method, backend=backend))
-            assert abs(got - want) <= _cka_bound(x, y, debiased, method, m)
+            assert abs(got - want) <= cka_bound(x, y, debiased=debiased, method=method, backend=backend)
 
     @pytest.mark.parametrize("scale", [1e8, 1e-20])
     def test_pca_of_scaled_float32(self, backend, scale):
@@ -157,12 +152,12 @@ class TestScale:
         x = torch.randn(50, 8, generator=g, dtype=torch.float64) * torch.tensor([8.0, 4.0] + [0.5] * 6, dtype=torch.float64)
         xf = (x * scale).float()
         got = randomized_pca(xf, 2, backend=backend)
-        ref, gaps = R.pca_ref(xf, 2), R.pca_gaps_ref(xf, 2)
-        eps = 4 * U32 * (math.sqrt(50) + math.sqrt(8))
+        ref, b = R.pca_ref(xf, 2), pca_bounds(xf, 2)
+        ev = np.array(b["ev"])  # relative bound of the variances; singular values: half of it
         s_rel = np.abs(R.to_f64(got.singular_values) / ref["singular_values"] - 1)
-        assert np.all(s_rel <= eps * gaps["var"][0] / gaps["var"][:2] + U32)
+        assert np.all(s_rel <= ev / 2 + b["out_u"])
         ratio_err = np.abs(R.to_f64(got.explained_variance_ratio) - ref["explained_variance_ratio"])
-        assert np.all(ratio_err <= (eps * gaps["var"][0] / gaps["var"][:2] + 2 * U32) * ref["explained_variance_ratio"])
+        assert np.all(ratio_err <= (ev + 2 * b["out_u"]) * ref["explained_variance_ratio"])
 
 
 class TestStreamingMixedDtypes:
@@ -176,11 +171,11 @@ class TestStreamingMixedDtypes:
         y = 0.1 * torch.randn(2000, 6, generator=g, dtype=torch.float64) + 0.5 * x[:, :1] - 1.5e6
         dtypes = (torch.float64, torch.float32) if float64_first else (torch.float32, torch.float64)
         s = StreamingCKA(debiased=debiased, backend=backend)
-        for rows, dtype in zip((slice(0, 1000), slice(1000, 2000)), dtypes):
+        for rows, dtype in zip((slice(0, 1000), slice(1000, 2000)), dtypes):  # the issue's 1000 + 1000 rows
             s.update(x[rows].to(dtype), y[rows].to(dtype))
         xr = torch.cat([x[:1000].to(dtypes[0]).double(), x[1000:].to(dtypes[1]).double()])  # the values given
         yr = torch.cat([y[:1000].to(dtypes[0]).double(), y[1000:].to(dtypes[1]).double()])
         got = s.compute()
         assert got.dtype == torch.float64
         want = R.linear_cka_ref(xr, yr, debiased)
-        assert abs(float(got) - want) <= _cka_bound(xr, yr, debiased, "feature", 2000)
+        assert abs(float(got) - want) <= cka_bound(xr, yr, debiased=debiased, backend=backend, dtypes=dtypes)
