@@ -88,7 +88,7 @@ def _shifted_cross_products_torch(x, y, shift_x, shift_y, debiased, scale_x=None
 def _shift_and_scale(x: torch.Tensor, shift: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
     """(x - shift) * scale in shift's dtype: (L, n, d), (L, d), (L,) or None -> (L, n, d)."""
     xs = x.to(shift.dtype) - shift.unsqueeze(-2)  # (L, n, d)
-    return xs if scale is None else xs * scale.to(shift.dtype).view(-1, 1, 1)
+    return xs if scale is None else xs * scale.to(device=shift.device, dtype=shift.dtype).view(-1, 1, 1)
 
 
 def _gram_offsets(rows: torch.Tensor, diag: torch.Tensor, unbiased: bool) -> torch.Tensor:

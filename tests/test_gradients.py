@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch.autograd import gradcheck as _gradcheck
 
+from conftest import DEVICE
 from repforget_kernels import StreamingCKA, cka_matrix, linear_cka, pca_shift, pca_similarity, randomized_pca
 
 
@@ -27,7 +28,7 @@ def gradcheck(fn, inputs) -> bool:
 def _leaf(*shape, seed: int, shift: float = 0.0) -> torch.Tensor:
     """float64 leaf (requires grad) of standard normal draws plus a shift."""
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=g, dtype=torch.float64) + shift).requires_grad_()
+    return (torch.randn(*shape, generator=g, dtype=torch.float64) + shift).to(DEVICE).requires_grad_()
 
 
 class TestCKAGradients:
@@ -43,10 +44,10 @@ class TestCKAGradients:
 
     def test_default_cpu_gram_path_keeps_the_gradient(self):
         # the issue's reproduction: the automatic backend on CPU (cpp Gram kernel when built)
-        x = torch.randn(12, 20, dtype=torch.float64, requires_grad=True)
+        x = _leaf(12, 20, seed=16)
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # no "autograd kernel was not registered" warning either
-            linear_cka(x, torch.randn(12, 20, dtype=torch.float64)).backward()
+            linear_cka(x, _leaf(12, 20, seed=17).detach()).backward()
         assert x.grad is not None and bool(torch.isfinite(x.grad).all()) and float(x.grad.abs().sum()) > 0
 
     @pytest.mark.parametrize("debiased", [False, True])
@@ -67,7 +68,7 @@ class TestCKAGradients:
         assert gradcheck(streamed, (x, y))
 
     def test_all_reduce_refuses_a_state_with_gradients(self):
-        s = StreamingCKA().update(_leaf(5, 2, seed=10), torch.randn(5, 3, dtype=torch.float64))
+        s = StreamingCKA().update(_leaf(5, 2, seed=10), _leaf(5, 3, seed=18).detach())
         with pytest.raises(ValueError, match="all_reduce cannot carry gradients"):
             s.all_reduce()
 

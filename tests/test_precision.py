@@ -15,7 +15,7 @@ import torch
 from repforget_kernels import StreamingCKA, cka_matrix, linear_cka, pca_shift, pca_similarity, randomized_pca
 from repforget_kernels import reference as R
 
-from conftest import cka_bound, pca_bounds
+from conftest import DEVICE, cka_bound, pca_bounds
 
 U32 = 2.0**-24
 
@@ -27,7 +27,7 @@ def _offset_pair(offset: float, n: int = 300, dx: int = 16, dy: int = 12, seed: 
     y = torch.randn(n, dy, generator=g, dtype=torch.float64) + 0.5 * x[:, :1]
     x[:, :3] += offset
     y[:, -2:] -= offset
-    return x.float(), y.float()
+    return x.float().to(DEVICE), y.float().to(DEVICE)
 
 
 class TestOffsets:
@@ -53,7 +53,7 @@ class TestOffsets:
         scores = torch.randn(90, 3, generator=g, dtype=torch.float64) * torch.tensor([6.0, 3.0, 1.5], dtype=torch.float64)
         x = scores @ basis.T + 0.01 * torch.randn(90, 26, generator=g, dtype=torch.float64)  # (90, 26)
         x[:, :4] += offset
-        x = x.float()
+        x = x.float().to(DEVICE)
         got = randomized_pca(x, 3, backend=backend)
         ref, b = R.pca_ref(x, 3), pca_bounds(x, 3)
         rel = np.abs(R.to_f64(got.explained_variance) / ref["explained_variance"] - 1)
@@ -65,8 +65,8 @@ class TestDegenerate:
     @pytest.mark.parametrize("debiased", [False, True])
     @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
     def test_constant_input_raises(self, backend, method, debiased, dtype):
-        const = torch.full((9, 4), 0.1, dtype=dtype)  # 0.1: its float64 mean is not exactly 0.1
-        other = torch.randn(9, 3, generator=torch.Generator().manual_seed(2), dtype=dtype)
+        const = torch.full((9, 4), 0.1, dtype=dtype, device=DEVICE)  # 0.1: its float64 mean is not exactly 0.1
+        other = torch.randn(9, 3, generator=torch.Generator().manual_seed(2), dtype=dtype).to(DEVICE)
         with pytest.raises(ValueError, match=r"x has no variance to compare at batch/layer index \[0\]"):
             linear_cka(const, other, debiased=debiased, method=method, backend=backend)
         with pytest.raises(ValueError, match=r"y has no variance"):
@@ -74,7 +74,7 @@ class TestDegenerate:
 
     @pytest.mark.parametrize("method", ["gram", "feature"])
     def test_cka_matrix_constant_layer_is_not_one(self, backend, method):
-        layers = torch.stack([torch.full((9, 4), 0.1), torch.randn(9, 4, generator=torch.Generator().manual_seed(3))])
+        layers = torch.stack([torch.full((9, 4), 0.1), torch.randn(9, 4, generator=torch.Generator().manual_seed(3))]).to(DEVICE)
         want = r"xs has no variance .* index \[0\]" if method == "gram" else r"\(xs\[0\], xs\[0\]\): x has no variance"
         with pytest.raises(ValueError, match=want):
             cka_matrix(layers, method=method, backend=backend)
@@ -88,38 +88,41 @@ class TestDegenerate:
         x[1:] = x[1] + 100.0
         y = torch.randn(10, 5, generator=g, dtype=torch.float64)
         with pytest.raises(ValueError, match="x has no variance"):
-            linear_cka(x.to(dtype), y.to(dtype), debiased=True, method=method, backend=backend)
+            linear_cka(x.to(DEVICE, dtype), y.to(DEVICE, dtype), debiased=True, method=method, backend=backend)
         # biased CKA of the same rows is defined (a rank-one centred Gram)
-        got = float(linear_cka(x.to(dtype), y.to(dtype), method=method, backend=backend))
-        xr, yr = x.to(dtype), y.to(dtype)
+        xr, yr = x.to(DEVICE, dtype), y.to(DEVICE, dtype)
+        got = float(linear_cka(xr, yr, method=method, backend=backend))
         assert abs(got - R.linear_cka_ref(xr, yr)) <= cka_bound(xr, yr, method=method, backend=backend)
 
     def test_streaming_constant_rows_raise(self, backend):
         s = StreamingCKA(debiased=True, backend=backend)
+        g = torch.Generator().manual_seed(10)
         for _ in range(3):
-            s.update(torch.full((4, 3), 1e6 + 0.5), torch.randn(4, 2))
+            s.update(torch.full((4, 3), 1e6 + 0.5, device=DEVICE), torch.randn(4, 2, generator=g).to(DEVICE))
         with pytest.raises(ValueError, match="x has no variance"):
             s.compute()
 
     @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
     def test_pca_constant_and_identical_rows_raise(self, backend, dtype):
-        rows = torch.randn(1, 6, generator=torch.Generator().manual_seed(5), dtype=torch.float64).repeat(20, 1)
-        for x in (torch.full((20, 6), 3.3, dtype=dtype), rows.to(dtype)):
+        g = torch.Generator().manual_seed(5)
+        rows = torch.randn(1, 6, generator=g, dtype=torch.float64).repeat(20, 1)
+        other = torch.randn(20, 6, generator=g).to(DEVICE, dtype)
+        for x in (torch.full((20, 6), 3.3, dtype=dtype, device=DEVICE), rows.to(DEVICE, dtype)):
             with pytest.raises(ValueError, match=r"x has no variance .* at batch index \[0\]"):
                 randomized_pca(x, 2, backend=backend)
             with pytest.raises(ValueError, match="x_ref has no variance"):
-                pca_similarity(x, torch.randn(20, 6, dtype=dtype), backend=backend)
+                pca_similarity(x, other, backend=backend)
             with pytest.raises(ValueError, match="x_upd has no variance"):
-                pca_similarity(torch.randn(20, 6, dtype=dtype), x, backend=backend)
+                pca_similarity(other, x, backend=backend)
             with pytest.raises(ValueError, match="x_ref has no variance"):
-                pca_shift(x, torch.randn(20, 6, dtype=dtype), backend=backend)
+                pca_shift(x, other, backend=backend)
 
     @pytest.mark.parametrize("normalize", [False, True])
     def test_pca_shift_rank_deficient_reference_names_the_direction(self, backend, normalize):
         g = torch.Generator().manual_seed(6)
-        x_ref = (torch.randn(20, 1, generator=g, dtype=torch.float64) @ torch.randn(1, 6, generator=g, dtype=torch.float64)).float()
+        x_ref = (torch.randn(20, 1, generator=g, dtype=torch.float64) @ torch.randn(1, 6, generator=g, dtype=torch.float64)).float().to(DEVICE)
         with pytest.raises(ValueError, match=r"x_ref is numerically rank-deficient at batch index 0: principal direction 2"):
-            pca_shift(x_ref, torch.randn(20, 6, generator=g), k=2, normalize=normalize, backend=backend)
+            pca_shift(x_ref, torch.randn(20, 6, generator=g).to(DEVICE), k=2, normalize=normalize, backend=backend)
         got = pca_shift(x_ref, x_ref + 1.0, k=1, normalize=normalize, backend=backend)  # k = 1 is defined
         want = R.pca_shift_ref(x_ref, x_ref + 1.0, 1, normalize)
         # shift = v . 1: error <= angle |1| + u |shift| (pca_shift's bound), angle from the rank-one gap
@@ -137,7 +140,7 @@ class TestScale:
         # n = 120: the Gram-pair products (n d x^2)^2 of x ~ 1e8 overflow float32 unless rows are scaled first
         base = torch.randn(120, 16, generator=g, dtype=torch.float64)
         other = base + torch.randn(120, 16, generator=g, dtype=torch.float64)
-        xs = (torch.stack([base, other]) * scale).float()  # (2, 120, 16)
+        xs = (torch.stack([base, other]) * scale).float().to(DEVICE)  # (2, 120, 16)
         x, y = xs[0], xs[1]
         want = R.linear_cka_ref(x, y, debiased)
         got = cka_matrix(xs, debiased=debiased, backend=backend)
@@ -150,7 +153,7 @@ class TestScale:
     def test_pca_of_scaled_float32(self, backend, scale):
         g = torch.Generator().manual_seed(8)
         x = torch.randn(50, 8, generator=g, dtype=torch.float64) * torch.tensor([8.0, 4.0] + [0.5] * 6, dtype=torch.float64)
-        xf = (x * scale).float()
+        xf = (x * scale).float().to(DEVICE)
         got = randomized_pca(xf, 2, backend=backend)
         ref, b = R.pca_ref(xf, 2), pca_bounds(xf, 2)
         ev = np.array(b["ev"])  # relative bound of the variances; singular values: half of it
@@ -172,7 +175,7 @@ class TestStreamingMixedDtypes:
         dtypes = (torch.float64, torch.float32) if float64_first else (torch.float32, torch.float64)
         s = StreamingCKA(debiased=debiased, backend=backend)
         for rows, dtype in zip((slice(0, 1000), slice(1000, 2000)), dtypes):  # the 1000 + 1000 rows
-            s.update(x[rows].to(dtype), y[rows].to(dtype))
+            s.update(x[rows].to(DEVICE, dtype), y[rows].to(DEVICE, dtype))
         xr = torch.cat([x[:1000].to(dtypes[0]).double(), x[1000:].to(dtypes[1]).double()])  # the values given
         yr = torch.cat([y[:1000].to(dtypes[0]).double(), y[1000:].to(dtypes[1]).double()])
         got = s.compute()

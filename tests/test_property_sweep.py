@@ -22,7 +22,7 @@ import torch
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
-from conftest import assert_pca_fit, available_backends, cka_bound, pca_bounds
+from conftest import DEVICE, assert_pca_fit, available_backends, cka_bound, pca_bounds
 from repforget_kernels import StreamingCKA, cka_matrix, linear_cka, pca_shift, pca_similarity, randomized_pca
 from repforget_kernels import reference as R
 from repforget_kernels._numerics import ZERO_TEST_FACTOR, unit_roundoff
@@ -109,7 +109,7 @@ def _pair(draw, n, dx, dy, dtype, lead=()):
     if kind != "none":
         x64 = _degenerate(x64, kind)
     assume(_representable(x64, dtype) and _representable(y64, dtype))
-    return x64.to(dtype), y64.to(dtype)
+    return x64.to(DEVICE, dtype), y64.to(DEVICE, dtype)
 
 
 def _cka_case(draw, fast: bool):
@@ -140,18 +140,19 @@ def _sweep_linear_cka(data, fast: bool):
         _check_cka(call, xb, yb, debiased, method, backend)
 
 
-@pytest.mark.skipif(not _backends(True), reason="no CPU backend")
-@settings(max_examples=150, **SWEEP)
-@given(st.data())
-def test_linear_cka(data):
-    _sweep_linear_cka(data, fast=True)
+def _sweep_test(sweep, fast: bool, examples: int):
+    """A hypothesis test running ``sweep(data, fast)`` on ``examples`` cases, skipped without its backends."""
+    @pytest.mark.skipif(not _backends(fast), reason="no CPU backend" if fast else "triton cannot run here")
+    @settings(max_examples=examples, **SWEEP)
+    @given(st.data())
+    def test(data):
+        sweep(data, fast)
+    return test
 
 
-@pytest.mark.skipif(not _backends(False), reason="triton cannot run here")
-@settings(max_examples=12, **SWEEP)
-@given(st.data())
-def test_linear_cka_triton(data):
-    _sweep_linear_cka(data, fast=False)
+# CPU backends on many cases; Triton (interpreter) on a few small ones
+test_linear_cka = _sweep_test(_sweep_linear_cka, True, 150)
+test_linear_cka_triton = _sweep_test(_sweep_linear_cka, False, 12)
 
 
 @pytest.mark.skipif(not _backends(True), reason="no CPU backend")
@@ -166,7 +167,7 @@ def test_cka_matrix(data):
     if kind != "none":
         layers[-1] = _degenerate(layers[-1], kind)
     assume(all(_representable(t, dtype) for t in layers))
-    layers = [t.to(dtype) for t in layers]
+    layers = [t.to(DEVICE, dtype) for t in layers]
     try:
         got = cka_matrix(layers, debiased=debiased, method=method, backend=backend)
     except ValueError as exc:
@@ -200,7 +201,7 @@ def test_streaming_cka(data):
     s = StreamingCKA(debiased=debiased, backend=backend)
     rounded = []
     for (cx, cy), dt in zip(chunks, dtypes):
-        s.update(cx.to(dt), cy.to(dt))
+        s.update(cx.to(DEVICE, dt), cy.to(DEVICE, dt))
         rounded.append((cx.to(dt).double(), cy.to(dt).double()))
     xr, yr = torch.cat([r[0] for r in rounded]), torch.cat([r[1] for r in rounded])
     _check_cka(s.compute, xr, yr, debiased, "feature", backend, dtypes=dtypes)
@@ -245,8 +246,8 @@ def _sweep_randomized_pca(data, fast: bool):
     if data.draw(st.sampled_from(["none"] * 7 + ["constant"])) == "constant":
         x64 = _degenerate(x64, "constant")
     assume(_representable(x64, dtype) or float(x64.std()) == 0)
-    x = x64.to(dtype)
-    xr = x.double().numpy()
+    x = x64.to(DEVICE, dtype)
+    xr = R.to_f64(x)
     u = unit_roundoff(torch.float64 if dtype == torch.float64 else torch.float32)
     try:
         got = randomized_pca(x, k, backend=backend)
@@ -259,18 +260,8 @@ def _sweep_randomized_pca(data, fast: bool):
     assert_pca_fit(got, x, k, signs=False)  # random data: near-ties of a component's largest entries
 
 
-@pytest.mark.skipif(not _backends(True), reason="no CPU backend")
-@settings(max_examples=80, **SWEEP)
-@given(st.data())
-def test_randomized_pca(data):
-    _sweep_randomized_pca(data, fast=True)
-
-
-@pytest.mark.skipif(not _backends(False), reason="triton cannot run here")
-@settings(max_examples=6, **SWEEP)
-@given(st.data())
-def test_randomized_pca_triton(data):
-    _sweep_randomized_pca(data, fast=False)
+test_randomized_pca = _sweep_test(_sweep_randomized_pca, True, 80)
+test_randomized_pca_triton = _sweep_test(_sweep_randomized_pca, False, 6)
 
 
 def _pca_pair(data):
@@ -279,7 +270,7 @@ def _pca_pair(data):
     n2 = data.draw(st.integers(max(3, k + 1), n + 5))
     y64 = _gapped(data.draw, n2, d, k)
     assume(_representable(x64, dtype) and _representable(y64, dtype))
-    return backend, k, dtype, x64.to(dtype), y64.to(dtype)
+    return backend, k, dtype, x64.to(DEVICE, dtype), y64.to(DEVICE, dtype)
 
 
 @pytest.mark.skipif(not _backends(True), reason="no CPU backend")
@@ -287,7 +278,7 @@ def _pca_pair(data):
 @given(st.data())
 def test_pca_similarity(data):
     backend, k, dtype, x, y = _pca_pair(data)
-    xr, yr = x.double().numpy(), y.double().numpy()
+    xr, yr = R.to_f64(x), R.to_f64(y)
     u = unit_roundoff(torch.float64 if dtype == torch.float64 else torch.float32)
     try:
         got = float(pca_similarity(x, y, k=k, backend=backend))
@@ -308,7 +299,7 @@ def test_pca_similarity(data):
 def test_pca_shift(data):
     backend, k, dtype, x, y = _pca_pair(data)
     normalize = data.draw(st.booleans())
-    xr, yr = x.double().numpy(), y.double().numpy()
+    xr, yr = R.to_f64(x), R.to_f64(y)
     u = unit_roundoff(torch.float64 if dtype == torch.float64 else torch.float32)
     try:
         got = R.to_f64(pca_shift(x, y, k=k, normalize=normalize, backend=backend))

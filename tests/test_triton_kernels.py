@@ -119,8 +119,8 @@ class TestCkaOps:
         n, dx, dy = 53, 37, 45  # n > d
         x, y = _acts(L, n, dx, dtype, gen), _acts(L, n, dy, dtype, gen, offset_cols=(0,))
         sx, sy = x.mean(-2, dtype=torch.float32), y.mean(-2, dtype=torch.float32)
-        gx = torch.tensor([2.0**-3, 2.0**5][:L], dtype=torch.float64)  # exact per-layer scales
-        gy = None if L == 1 else torch.tensor([2.0**7, 1.0], dtype=torch.float64)
+        gx = torch.tensor([2.0**-3, 2.0**5][:L], dtype=torch.float64, device=DEVICE)  # exact per-layer scales
+        gy = None if L == 1 else torch.tensor([2.0**7, 1.0], dtype=torch.float64, device=DEVICE)
         got = triton_cka._shifted_cross_products_triton(x, y, sx, sy, debiased, gx, gy)
         ref = _shifted_cross_products_torch(x.double(), y.double(), sx.double(), sy.double(), debiased, gx, gy)
         xa = ((x.double() - sx.double().unsqueeze(1)) * gx.view(-1, 1, 1)).abs()  # |x'|
@@ -142,7 +142,7 @@ class TestCkaOps:
     def test_centered_gram(self, dtype, unbiased, scale, gen):
         L, n, d = 2, 45, 77  # n < d
         x = _acts(L, n, d, dtype, gen)
-        g = None if scale is None else torch.full((L,), scale, dtype=torch.float64)
+        g = None if scale is None else torch.full((L,), scale, dtype=torch.float64, device=DEVICE)
         got, trace = triton_cka._centered_gram_triton(x, unbiased, g)  # (L, n, n), (L,)
         assert got.dtype == torch.float32 and got.shape == (L, n, n) and trace.dtype == torch.float64
         assert torch.isfinite(got).all() and torch.equal(got, got.transpose(1, 2))
