@@ -58,9 +58,11 @@ def _histogram_cpp(values, lo, hi, bins, log):
     return torch.ops.repforget.histogram(values.contiguous(), float(lo), float(hi), int(bins), bool(log))
 
 
-def _centered_gram_cpp(x, unbiased):
-    """Contract of cka._centered_gram_torch: (L, n, d) -> (L, n, n), upper-triangle blocks, U-centred in the same pass."""
-    return torch.ops.repforget.centered_gram(x.contiguous(), bool(unbiased))
+def _centered_gram_cpp(x, unbiased, scale=None):
+    """Contract of cka._centered_gram_torch: (L, n, d) -> ((L, n, n), (L,) traces); centred in float64,
+    upper-triangle blocks, (U-)centred in the same pass."""
+    scale = None if scale is None else scale.to(torch.float64).contiguous()
+    return torch.ops.repforget.centered_gram(x.contiguous(), bool(unbiased), scale)
 
 
 _KERNELS = {

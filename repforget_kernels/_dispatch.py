@@ -17,6 +17,11 @@ Backends, in order of preference:
 kernel for; ops it has no kernel for run the torch composite, which exists for
 every op. A forced backend that cannot run at all on the inputs' device (the
 extension was not built, Triton is not installed, ...) raises ValueError.
+
+Gradients: the compiled and Triton kernels have no backward. When grad mode is on and
+an input requires grad (:func:`needs_grad`), the front doors ask for ``grad=True`` and
+every op is served by its torch composite, which autograd differentiates; a forced
+backend is still checked, and applies again as soon as no input requires grad.
 """
 from __future__ import annotations
 
@@ -26,7 +31,9 @@ from typing import Callable, Optional
 
 import torch
 
-__all__ = ["BACKENDS", "register", "kernel", "backend_available", "resolve_backend", "registered", "interpreting"]
+__all__ = [
+    "BACKENDS", "register", "kernel", "needs_grad", "backend_available", "resolve_backend", "registered", "interpreting",
+]
 
 BACKENDS = ("torch", "cpp", "triton", "cuda")
 _PREFERENCE = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
@@ -116,10 +123,21 @@ def resolve_backend(backend: Optional[str], device: torch.device) -> Optional[st
     return forced
 
 
-def kernel(op: str, device: torch.device, backend: Optional[str] = None) -> Callable:
-    """The implementation of ``op`` for tensors on ``device``, honouring a forced ``backend``."""
+def needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
+    """True when grad mode is on and one of ``tensors`` (None entries skipped) requires grad."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def kernel(op: str, device: torch.device, backend: Optional[str] = None, *, grad: bool = False) -> Callable:
+    """The implementation of ``op`` for tensors on ``device``, honouring a forced ``backend``.
+
+    ``grad=True`` (an input needs a gradient): the differentiable torch composite, whatever the
+    backend (a forced one is still validated).
+    """
     device = torch.device(device)
     forced = resolve_backend(backend, device)
+    if grad:
+        return _REGISTRY[op]["torch"]
     if forced is not None:
         _load(forced)
         return _REGISTRY[op].get(forced) or _REGISTRY[op]["torch"]

@@ -16,15 +16,22 @@ of either input, and centring first keeps its precision under large offsets):
 Every entry point reduces to the same mergeable sums of shifted rows (one op,
 ``shifted_cross_products``) or to centred Gram matrices (op ``centered_gram``);
 :func:`_cka_from_sums` turns the sums into CKA for all three front doors.
+
+Numerics (``_numerics``): each input is shifted by its float64 column means rounded to the
+compute dtype (the subtraction is exact for columns with a large offset, and the remainder is
+removed exactly by the sums' float64 algebra or by centring the Gram, H K H) and scaled by a
+power of two, so offsets and magnitudes cost no precision and never over- or underflow. An
+input whose self-HSIC is within rounding of zero (given the size of the terms that cancel into
+it) makes CKA undefined: ValueError, on every path and backend alike.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence, Union
 
 import torch
 
-from ._dispatch import kernel, register
+from ._dispatch import kernel, needs_grad, register
+from ._numerics import ZERO_TEST_FACTOR, mean_shift, range_scale, unit_roundoff
 from ._validate import check_rows, check_same_device, check_same_rows, compute_dtype
 
 __all__ = ["linear_cka", "cka_matrix", "StreamingCKA"]
@@ -37,14 +44,17 @@ _DEBIASED_KEYS = ("sa", "sb", "saa", "sbb", "sab", "sax", "sbx", "say", "sby")
 
 
 @register("shifted_cross_products", "torch")
-def _shifted_cross_products_torch(x, y, shift_x, shift_y, debiased):
-    """Sums over the rows of one chunk, after subtracting a shift from every row.
+def _shifted_cross_products_torch(x, y, shift_x, shift_y, debiased, scale_x=None, scale_y=None):
+    """Sums over the rows of one chunk, after subtracting a shift from every row and scaling it.
 
     Contract shared by every backend:
       x (L, n, dx), y (L, n, dy) any float dtype; shift_x (L, dx), shift_y (L, dy) in the
-      compute dtype (float32, or float64 for float64 input).
+      compute dtype (float32, or float64 for float64 input), subtracted in that dtype (so a shift
+      that is the rounded column mean is applied exactly); scale_x, scale_y (L,) float64 powers of
+      two or None (1), multiplying the shifted rows before any product (exact; keeps products of
+      rows of any magnitude in range).
       Returns a dict of tensors in float32 or wider (float64 for float64 input), with
-      x' = x - shift_x, y' = y - shift_y, a_i = ||x'_i||^2, b_i = ||y'_i||^2:
+      x' = (x - shift_x) scale_x, y' = (y - shift_y) scale_y, a_i = ||x'_i||^2, b_i = ||y'_i||^2:
         sxy (L, dx, dy) = X'^T Y'    sxx (L, dx, dx) = X'^T X'    syy (L, dy, dy) = Y'^T Y'
         sx (L, dx) = sum_i x'_i      sy (L, dy) = sum_i y'_i
       and when ``debiased``: sa, sb, saa, sbb, sab (L,) = sum a, b, a^2, b^2, ab;
@@ -52,8 +62,8 @@ def _shifted_cross_products_torch(x, y, shift_x, shift_y, debiased):
     Cost: n (dx dy + dx^2 + dy^2) multiply-adds; memory: one shifted copy of x and y.
     """
     cd = shift_x.dtype
-    xs = x.to(cd) - shift_x.unsqueeze(-2)  # (L, n, dx)
-    ys = y.to(cd) - shift_y.unsqueeze(-2)  # (L, n, dy)
+    xs = _shift_and_scale(x, shift_x, scale_x)  # (L, n, dx)
+    ys = _shift_and_scale(y, shift_y, scale_y)  # (L, n, dy)
     xt = xs.transpose(-1, -2)  # (L, dx, n)
     out = {
         "sxy": torch.bmm(xt, ys),  # (L, dx, dy)
@@ -75,36 +85,62 @@ def _shifted_cross_products_torch(x, y, shift_x, shift_y, debiased):
     return out
 
 
+def _shift_and_scale(x: torch.Tensor, shift: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
+    """(x - shift) * scale in shift's dtype: (L, n, d), (L, d), (L,) or None -> (L, n, d)."""
+    xs = x.to(shift.dtype) - shift.unsqueeze(-2)  # (L, n, d)
+    return xs if scale is None else xs * scale.to(device=shift.device, dtype=shift.dtype).view(-1, 1, 1)
+
+
+def _gram_offsets(rows: torch.Tensor, diag: torch.Tensor, unbiased: bool) -> torch.Tensor:
+    """Offsets u (L, n) float64 such that K_ij - u_i - u_j is the centred (unbiased: U-centred, i != j) Gram.
+
+    rows = K 1 and diag = diag K of a Gram of shifted rows, (L, n) float64.
+    biased: u_i = r_i / n - s / (2 n^2) with r = K 1 (H K H); unbiased: u_i = r_i/(n-2) - s/(2 (n-1)(n-2))
+    with r = K~ 1 (Szekely-Rizzo); s = 1^T r.
+    """
+    n = rows.shape[-1]
+    if unbiased:
+        r = rows - diag  # (L, n) = K~ 1
+        return r / (n - 2) - r.sum(-1, keepdim=True) / (2 * (n - 1) * (n - 2))
+    return rows / n - rows.sum(-1, keepdim=True) / (2 * n * n)
+
+
 @register("centered_gram", "torch")
-def _centered_gram_torch(x, unbiased):
-    """Centred (or U-centred) Gram matrices of a stack of layers.
+def _centered_gram_torch(x, unbiased, scale=None):
+    """Centred (or U-centred) Gram matrices of a stack of layers, and the size of what the centring cancels.
 
     Contract shared by every backend:
-      x (L, n, d) any float dtype -> (L, n, n) in float32 (float64 for float64 input).
-      unbiased=False: Kc = Xc Xc^T (equal to H K H, never built that way).
-      unbiased=True: the U-centred Gram of Szekely & Rizzo, from centred features:
+      x (L, n, d) any float dtype; scale (L,) float64 powers of two or None (1).
+      Rows x' = (x - s) scale with s the column means (float64, rounded to the compute dtype: the
+      shift is then exact in that dtype, no cancellation under large offsets); K = X' X'^T.
+      -> (gram (L, n, n) in float32, float64 for float64 input; trace (L,) float64 = tr K = ||X'||_F^2).
+      unbiased=False: gram = H K H (doubly centred: exact whatever the shift left in X', never
+        built with H); = Xc Xc^T of the column-centred rows.
+      unbiased=True: the U-centred Gram of Szekely & Rizzo (invariant to the shift):
         U_ij = K_ij - r_i/(n-2) - r_j/(n-2) + s/((n-1)(n-2)) for i != j, U_ii = 0,
         with K~ = K with zero diagonal, r = K~ 1, s = 1^T K~ 1; <U(K), U(L)> / (n(n-3)) = HSIC_u.
-    Cost: n^2 d multiply-adds (+ O(n^2) for U-centring); memory: the (L, n, n) result.
+    Cost: n^2 d multiply-adds + 2 passes over the (L, n, n) result; memory: the result and one
+    shifted copy of x.
     """
     cd = compute_dtype(x)
-    xc = x.to(cd)
-    xc = xc - xc.mean(-2, keepdim=True)  # (L, n, d)
-    k = torch.bmm(xc, xc.transpose(-1, -2))  # (L, n, n)
+    _, shift = mean_shift(x, cd)
+    xs = _shift_and_scale(x, shift, scale)  # (L, n, d)
+    k = torch.bmm(xs, xs.transpose(-1, -2))  # (L, n, n) Gram of the shifted rows
+    diag = k.diagonal(dim1=-2, dim2=-1).to(torch.float64)  # (L, n)
+    u = _gram_offsets(k.sum(-1, dtype=torch.float64), diag, unbiased).to(cd)  # (L, n)
+    k = k - u.unsqueeze(-1) - u.unsqueeze(-2)  # (L, n, n), exactly symmetric (the offsets commute)
     if unbiased:
-        n = k.shape[-1]
         k.diagonal(dim1=-2, dim2=-1).zero_()
-        r = k.sum(-1, dtype=torch.float64)  # (L, n)
-        s = r.sum(-1, keepdim=True)  # (L, 1)
-        r_n = (r / (n - 2)).to(cd)  # (L, n)
-        k -= r_n.unsqueeze(-1)
-        k -= r_n.unsqueeze(-2)
-        k += (s / ((n - 1) * (n - 2))).to(cd).unsqueeze(-1)
-        k.diagonal(dim1=-2, dim2=-1).zero_()
-    return k
+    return k, diag.sum(-1)
 
 
 # --------------------------------------------------------------------------- sums -> CKA
+
+
+# Powers of (scale_x, scale_y) in each sum of shifted-and-scaled rows (to move sums between scales).
+_SCALE_POWERS = {"sxy": (1, 1), "sxx": (2, 0), "syy": (0, 2), "sx": (1, 0), "sy": (0, 1), "sa": (2, 0),
+                 "sb": (0, 2), "saa": (4, 0), "sbb": (0, 4), "sab": (2, 2), "sax": (3, 0), "sbx": (1, 2),
+                 "say": (2, 1), "sby": (0, 3)}
 
 
 def _frob2(m: torch.Tensor) -> torch.Tensor:
@@ -136,8 +172,15 @@ def _row_norm_products(s: dict, n: torch.Tensor, u: str, v: str) -> torch.Tensor
     )
 
 
-def _cka_from_sums(s: dict, n: torch.Tensor, debiased: bool) -> torch.Tensor:
-    """CKA for each layer from the float64 sums of shifted rows (see ``shifted_cross_products``): -> (L,) float64."""
+def _cka_from_sums(s: dict, n: torch.Tensor, debiased: bool, u: float, names: tuple = ("x", "y")) -> torch.Tensor:
+    """CKA for each layer from the float64 sums of shifted rows (see ``shifted_cross_products``): -> (L,) float64.
+
+    Each HSIC numerator h comes with the size e of the terms that round into it: the centred
+    cross-products C = S - n m p^T carry errors of a few u sqrt(tr S'_a tr S'_b) (tr S' = sum of
+    squared shifted values, Cauchy-Schwarz), so ||C||_F^2 carries 2 ||C||_F sqrt(tr tr) of them; the
+    debiased estimator adds its row-norm and trace terms, (1 + 2/(n-2)) sum a_i b_i and
+    2 tr tr / ((n-1)(n-2)). ``u`` is the unit roundoff the sums were computed in.
+    """
     nn_ = n.unsqueeze(-1)  # (L, 1)
     m, p = s["sx"] / nn_, s["sy"] / nn_  # (L, dx), (L, dy) shifted means
     nm = (n.unsqueeze(-1) * m).unsqueeze(-1)  # (L, dx, 1)
@@ -146,6 +189,9 @@ def _cka_from_sums(s: dict, n: torch.Tensor, debiased: bool) -> torch.Tensor:
     cxx = torch.baddbmm(s["sxx"], nm, m.unsqueeze(-2), alpha=-1)  # (L, dx, dx)
     cyy = torch.baddbmm(s["syy"], np_, p.unsqueeze(-2), alpha=-1)  # (L, dy, dy)
     hxy, hxx, hyy = _frob2(cxy), _frob2(cxx), _frob2(cyy)  # (L,) tr(KL), tr(KK), tr(LL)
+    tsx = s["sxx"].diagonal(dim1=-2, dim2=-1).sum(-1)  # (L,) sum of squared shifted values of x
+    tsy = s["syy"].diagonal(dim1=-2, dim2=-1).sum(-1)  # (L,)
+    exx, eyy = 2 * hxx.sqrt() * tsx, 2 * hyy.sqrt() * tsy  # (L,) rounding scales
     if debiased:
         trk = cxx.diagonal(dim1=-2, dim2=-1).sum(-1)  # (L,)
         trl = cyy.diagonal(dim1=-2, dim2=-1).sum(-1)  # (L,)
@@ -156,21 +202,28 @@ def _cka_from_sums(s: dict, n: torch.Tensor, debiased: bool) -> torch.Tensor:
         hxy = hxy - kl + trk * trl * c1 - c2 * kl
         hxx = hxx - kk + trk * trk * c1 - c2 * kk
         hyy = hyy - ll + trl * trl * c1 - c2 * ll
-    return _ratio(hxy, hxx, hyy)
+        exx = exx + 2 * (1 + c2) * s["saa"] + 2 * c1 * tsx * tsx
+        eyy = eyy + 2 * (1 + c2) * s["sbb"] + 2 * c1 * tsy * tsy
+    return _ratio(hxy, hxx, hyy, exx, eyy, u, names)
 
 
-def _ratio(hxy: torch.Tensor, hxx: torch.Tensor, hyy: torch.Tensor, names: tuple = ("x", "y")) -> torch.Tensor:
-    """hxy / sqrt(hxx hyy), raising where an input has no variance (CKA undefined).
+def _ratio(hxy, hxx, hyy, exx, eyy, u: float, names: tuple = ("x", "y")) -> torch.Tensor:
+    """hxy / sqrt(hxx hyy), raising where an input's self-HSIC is within rounding of zero (CKA undefined).
 
-    hxx, hyy may be broadcast views ((Lx, 1), (1, Ly)); the error names ``names`` and the flat index.
+    h <= ZERO_TEST_FACTOR * u * e means h is not distinguishable from 0 given the size e of the
+    terms that cancel into it (exactly zero for constant rows; for debiased CKA also for rows that are
+    all equal but one, whose U-centred Gram is zero). Genuine data sit far above: a centred Gram has
+    ||K||_F >= tr K / sqrt(rank). hxx, hyy, exx, eyy may be broadcast views ((Lx, 1), (1, Ly)); the
+    error names ``names`` and the flat index.
     """
-    for h, name in ((hxx, names[0]), (hyy, names[1])):
-        bad = ~(h.flatten() > 0)
+    for h, e, name in ((hxx, exx, names[0]), (hyy, eyy, names[1])):
+        bad = ~(h.flatten() > ZERO_TEST_FACTOR * u * e.flatten())  # NaN counts as bad
         if bool(bad.any()):
             idx = bad.nonzero().flatten().tolist()
             raise ValueError(
-                f"{name} has no variance to compare (all rows equal after centring) at batch/layer index {idx}: "
-                "CKA is undefined"
+                f"{name} has no variance to compare at batch/layer index {idx}: its HSIC is within rounding "
+                "of zero (all rows equal after centring, or for debiased CKA all rows equal but one), "
+                "so CKA is undefined"
             )
     return hxy / (hxx.sqrt() * hyy.sqrt())
 
@@ -182,15 +235,38 @@ def _as_batch(t: torch.Tensor) -> torch.Tensor:
     return t if t.dim() == 3 else t.unsqueeze(0)
 
 
-def _feature_sums(x3, y3, debiased: bool, backend, shift_x=None, shift_y=None) -> dict:
-    """float64 sums of one chunk, shifted by column means (or the given shifts): dict of (L, ...) tensors."""
+def _feature_sums(x3, y3, debiased: bool, backend, unscale: bool = False) -> dict:
+    """float64 sums of one chunk (op ``shifted_cross_products``) with its shifts (float64) and row counts.
+
+    Each input is shifted by its column means rounded to the compute dtype and scaled by
+    ``range_scale``; the sums are returned in those scaled units, or with ``unscale`` in the
+    inputs' units (exact: the scales are powers of two). dict of (L, ...) tensors.
+    """
     cd = compute_dtype(x3, y3)
-    if shift_x is None:
-        shift_x = x3.mean(-2, dtype=cd)  # (L, dx)
-        shift_y = y3.mean(-2, dtype=cd)  # (L, dy)
-    op = kernel("shifted_cross_products", x3.device, backend)
-    sums = op(x3, y3, shift_x, shift_y, debiased)
-    return {k: v.to(torch.float64) for k, v in sums.items()}
+    _, shift_x = mean_shift(x3, cd)  # (L, dx)
+    _, shift_y = mean_shift(y3, cd)  # (L, dy)
+    scale_x, scale_y = range_scale(x3), range_scale(y3)  # (L,) each
+    op = kernel("shifted_cross_products", x3.device, backend, grad=needs_grad(x3, y3))
+    sums = {k: v.to(torch.float64) for k, v in op(x3, y3, shift_x, shift_y, debiased, scale_x, scale_y).items()}
+    if unscale:
+        for k, (px, py) in _SCALE_POWERS.items():
+            if k in sums:
+                sums[k] = sums[k] / (scale_x**px * scale_y**py).view(-1, *[1] * (sums[k].dim() - 1))
+    sums.update(shift_x=shift_x.to(torch.float64), shift_y=shift_y.to(torch.float64),
+                n=torch.full((x3.shape[0],), float(x3.shape[-2]), dtype=torch.float64, device=x3.device))
+    return sums
+
+
+def _gram_hsics(kx: torch.Tensor, tx: torch.Tensor, ky: torch.Tensor, ty: torch.Tensor) -> tuple:
+    """(hxy, hxx, hyy, exx, eyy) from centred Grams (L, n, n) and their traces (L,): float64 (L,) each.
+
+    A Gram K computed from rows of squared norm tr carries errors of a few u tr in Frobenius norm
+    (every entry a few u ||x_i|| ||x_j||, plus the centring terms, of the same size), so ||K||_F^2
+    carries 2 ||K||_F tr of them.
+    """
+    hxx, hyy = _frob2(kx), _frob2(ky)
+    hxy = (kx * ky).sum((-2, -1), dtype=torch.float64)
+    return hxy, hxx, hyy, 2 * hxx.sqrt() * tx, 2 * hyy.sqrt() * ty
 
 
 def linear_cka(
@@ -213,9 +289,28 @@ def linear_cka(
         backend: force a backend (see ``repforget_kernels._dispatch``).
 
     Returns:
-        () or (B,) tensor, float32 (float64 for float64 input).
+        () or (B,) tensor, float32 (float64 for float64 input). Differentiable on every backend
+        (an input that requires grad is served by the torch composites).
 
     Formula: ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F), HSIC sums in float64.
+
+    Numerics: rows are shifted by their column means rounded to the compute dtype (exact under
+    large offsets) and scaled by a power of two (exact; no overflow or underflow for any finite
+    input magnitude), so the result does not depend on offsets or scale.
+
+    Accuracy against float64 arithmetic on the same input values:
+        |error| <= 4 (sqrt(m) u + 2 u_op) kappa + u_out,
+    u the unit roundoff of the accumulation (2^-24 float32, 2^-53 float64), u_op that of the
+    operands of the products (u, but 2^-8 / 2^-11 on Triton for bf16 / fp16 input, which its
+    tensor-core GEMMs round), m the longest reduction (n for the feature method, max(dx, dy) for
+    the Gram method), u_out the rounding of the result to float32 (0 for float64), and kappa the
+    condition factor e_xy / sqrt(h_xx h_yy) + |CKA| (e_xx / h_xx + e_yy / h_yy) / 2 of the HSIC
+    numerators h and the sizes e of the terms that round into them
+    (``reference.linear_cka_condition_ref``): a few for biased CKA; for debiased CKA about
+    1 + d / n (feature) or sqrt(rank) (gram) on generic data, large near degenerate input.
+
+    Raises ValueError naming x or y (and the batch index) when its self-HSIC is within rounding of
+    zero, so CKA is undefined: constant rows, and for debiased CKA rows all equal but one.
     """
     min_rows = 4 if debiased else 2
     check_rows(x, "x", min_rows=min_rows)
@@ -229,14 +324,21 @@ def linear_cka(
         method = "feature" if dx + dy <= n else "gram"
     if method == "feature":
         sums = _feature_sums(x3, y3, debiased, backend)
-        counts = torch.full((x3.shape[0],), float(n), dtype=torch.float64, device=x3.device)
-        cka = _cka_from_sums(sums, counts, debiased)
+        cka = _cka_from_sums(sums, sums["n"], debiased, unit_roundoff(compute_dtype(x3, y3)))
     else:
-        gram = kernel("centered_gram", x3.device, backend)
-        k, l_ = gram(x3, debiased), gram(y3, debiased)  # (B, n, n) each
-        cka = _ratio((k * l_).sum((-2, -1), dtype=torch.float64), _frob2(k), _frob2(l_))
+        kx, tx = _layer_gram(x3, debiased, backend)  # (B, n, n), (B,)
+        ky, ty = _layer_gram(y3, debiased, backend)
+        hxy, hxx, hyy, exx, eyy = _gram_hsics(kx, tx, ky, ty)
+        u = max(unit_roundoff(compute_dtype(x3)), unit_roundoff(compute_dtype(y3)))
+        cka = _ratio(hxy, hxx, hyy, exx, eyy, u)
     cka = cka.to(compute_dtype(x, y))
     return cka if x.dim() == 3 else cka[0]
+
+
+def _layer_gram(x3: torch.Tensor, debiased: bool, backend) -> tuple:
+    """Op ``centered_gram`` on (L, n, d) rows scaled by ``range_scale``: ((L, n, n), (L,) traces)."""
+    op = kernel("centered_gram", x3.device, backend, grad=needs_grad(x3))
+    return op(x3, debiased, range_scale(x3))
 
 
 def _stack_layers(xs, name: str, min_rows: int):
@@ -263,14 +365,33 @@ def _stack_layers(xs, name: str, min_rows: int):
     return layers
 
 
-def _layer_grams(layers, debiased: bool, backend) -> torch.Tensor:
-    """Centred or U-centred Gram of each layer, flattened: -> (L, n*n). A stack, or layers sharing d, go in one call."""
-    gram = kernel("centered_gram", layers[0].device, backend)
+def _layer_grams(layers, debiased: bool, backend) -> tuple:
+    """Centred or U-centred Gram of each layer, flattened, and its trace: ((L, n*n), (L,)).
+
+    A stack, or layers sharing d, go in one call.
+    """
+    if not isinstance(layers, torch.Tensor) and len({t.shape for t in layers}) == 1:
+        layers = torch.stack(layers)
     if isinstance(layers, torch.Tensor):
-        return gram(layers, debiased).flatten(1)
-    if len({t.shape for t in layers}) == 1:
-        return gram(torch.stack(layers), debiased).flatten(1)
-    return torch.cat([gram(t.unsqueeze(0), debiased).flatten(1) for t in layers])
+        k, tr = _layer_gram(layers, debiased, backend)
+        return k.flatten(1), tr
+    parts = [_layer_gram(t.unsqueeze(0), debiased, backend) for t in layers]
+    return torch.cat([k.flatten(1) for k, _ in parts]), torch.cat([tr for _, tr in parts])
+
+
+def _gram_inner_products(gx: torch.Tensor, gy: torch.Tensor) -> torch.Tensor:
+    """All <G_i, G_j>: (Lx, m), (Ly, m) -> (Lx, Ly) float64, accumulated in float64.
+
+    One GEMM per chunk of 2^23 / (Lx + Ly) Gram entries upcast to float64 (at most 64 MiB of copies):
+    a float32 GEMM would sum n^2 products in float32, an error growing like n u.
+    """
+    step = max(1, 2**23 // (gx.shape[0] + gy.shape[0]))
+    out = 0
+    for start in range(0, gx.shape[1], step):
+        a = gx[:, start:start + step].to(torch.float64)  # (Lx, c)
+        b = a if gy is gx else gy[:, start:start + step].to(torch.float64)  # (Ly, c)
+        out = out + a @ b.T
+    return out
 
 
 def cka_matrix(
@@ -287,14 +408,17 @@ def cka_matrix(
         xs: (Lx, n, d) tensor or a sequence of Lx tensors (n, d_i), samples as rows.
         ys: likewise (Ly layers, same n); None compares ``xs`` with itself.
         debiased: unbiased HSIC (n >= 4).
-        method: ``"gram"``: each layer's centred Gram once (L n^2 d), then all pairs as one
-            GEMM on the flattened Grams (Lx Ly n^2), memory (Lx + Ly) n^2;
+        method: ``"gram"``: each layer's centred Gram once (L n^2 d), then all pairs as GEMMs on
+            the flattened Grams (Lx Ly n^2, accumulated in float64 by chunks), memory (Lx + Ly) n^2;
             ``"feature"``: cross-products per pair (Lx Ly n dx dy), memory dx dy;
             ``"auto"``: gram when the Grams fit in 2^28 elements (1 GiB of float32), else feature.
         backend: force a backend.
 
     Returns:
-        (Lx, Ly) tensor, float32 (float64 for float64 input).
+        (Lx, Ly) tensor, float32 (float64 for float64 input); differentiable on every backend.
+        Accuracy as :func:`linear_cka` (each layer is shifted and scaled on its own). Raises
+        ValueError naming the layer (xs / ys and its index) whose self-HSIC is within rounding of
+        zero (no variance), as :func:`linear_cka`.
     """
     min_rows = 4 if debiased else 2
     lx = _stack_layers(xs, "xs", min_rows)
@@ -306,40 +430,55 @@ def cka_matrix(
     if method == "auto":
         method = "gram" if (len(lx) + len(ly)) * n * n <= 2**28 else "feature"
     out_dtype = compute_dtype(lx[0], ly[0])
+    yname = "xs" if ys is None else "ys"
     if method == "gram":
-        gx = _layer_grams(lx, debiased, backend)  # (Lx, n^2)
-        gy = gx if ys is None else _layer_grams(ly, debiased, backend)  # (Ly, n^2)
-        pair = (gx @ gy.T).to(torch.float64)  # (Lx, Ly)
+        gx, tx = _layer_grams(lx, debiased, backend)  # (Lx, n^2), (Lx,)
+        gy, ty = (gx, tx) if ys is None else _layer_grams(ly, debiased, backend)  # (Ly, n^2), (Ly,)
+        pair = _gram_inner_products(gx, gy)  # (Lx, Ly) float64
         if ys is None:  # the diagonal holds the squared norms, from the same GEMM: CKA(X_i, X_i) = 1 exactly
             nx = ny = pair.diagonal().clone()  # (Lx,)
         else:
             nx = torch.linalg.vector_norm(gx, dim=-1, dtype=torch.float64).square()  # (Lx,)
             ny = torch.linalg.vector_norm(gy, dim=-1, dtype=torch.float64).square()  # (Ly,)
-        return _ratio(pair, nx.unsqueeze(1), ny.unsqueeze(0), ("xs", "xs" if ys is None else "ys")).to(out_dtype)
-    out = torch.empty(len(lx), len(ly), dtype=torch.float64)
+        u = max(unit_roundoff(compute_dtype(t)) for t in (lx[0], ly[0]))
+        ex, ey = 2 * nx.clamp_min(0).sqrt() * tx, 2 * ny.clamp_min(0).sqrt() * ty
+        return _ratio(pair, nx.unsqueeze(1), ny.unsqueeze(0), ex.unsqueeze(1), ey.unsqueeze(0), u,
+                      ("xs", yname)).to(out_dtype)
+    rows = []
     for i, xi in enumerate(lx):
+        row = []
         for j, yj in enumerate(ly):
             try:
-                out[i, j] = linear_cka(xi, yj, debiased=debiased, method="feature", backend=backend).double()
+                row.append(linear_cka(xi, yj, debiased=debiased, method="feature", backend=backend).double())
             except ValueError as exc:  # name the layers, not linear_cka's x and y
-                raise ValueError(f"layer pair (xs[{i}], {'xs' if ys is None else 'ys'}[{j}]): {exc}") from None
-    return out.to(device=lx[0].device, dtype=out_dtype)
+                raise ValueError(f"layer pair (xs[{i}], {yname}[{j}]): {exc}") from None
+        rows.append(torch.stack(row))
+    return torch.stack(rows).to(device=lx[0].device, dtype=out_dtype)
 
 
 class StreamingCKA:
     """Exact linear CKA over any number of rows, fed in chunks, in O(dx dy) memory.
 
-    Holds mergeable float64 sums of shifted rows (see ``shifted_cross_products``) with the
-    shift set to the first chunk's column means; :meth:`compute` centres exactly at the end.
-    The result equals :func:`linear_cka` on all rows seen, whatever the chunking, the merge
-    order or the process that saw them (:meth:`merge`, :meth:`all_reduce` move both sides to
-    one shift exactly before adding).
+    Holds mergeable float64 sums of shifted rows (see ``shifted_cross_products``) in the inputs'
+    units, about a float64 shift. Each chunk is summed about its own column means rounded to its
+    compute dtype (so the shift its kernel subtracts is exactly the one recorded) and scaled by a
+    power of two; its sums are unscaled exactly and moved onto the running row-weighted mean of
+    the shifts by exact float64 algebra (``_reshift``), as :meth:`merge` and :meth:`all_reduce`
+    move two states. The shift thus stays at the data's mean, and :meth:`compute` centres
+    exactly at the end. The result equals :func:`linear_cka` (feature method) on all rows seen,
+    up to rounding, whatever the chunking, the chunks' dtypes, the merge order or the process
+    that saw them.
 
     Args:
         layers: None for (n_chunk, d) inputs, else the number of layers L for (L, n_chunk, d) inputs.
         debiased: unbiased HSIC (needs n >= 4 rows in total).
         backend: force a backend for the per-chunk sums.
 
+    Accuracy: as :func:`linear_cka` (feature method), u the coarsest unit roundoff of any chunk.
+    Gradients: chunks that require grad are summed by the torch composite and :meth:`compute` is
+    differentiable through every update and merge; :meth:`all_reduce` refuses such a state.
+    Limits: the state is in the inputs' units, so float64 rows whose centred values lie beyond
+    ~1e+-70 over- or underflow the debiased fourth-order sums.
     Memory: 8 L (dx dy + dx^2 + dy^2) bytes of float64 state.
     """
 
@@ -351,6 +490,7 @@ class StreamingCKA:
         self.backend = backend
         self._state: Optional[dict] = None  # float64 sums + "shift_x", "shift_y", "n"
         self._dtype: Optional[torch.dtype] = None
+        self._u = 0.0  # coarsest unit roundoff of the chunks summed so far
 
     # ----------------------------------------------------------------- feeding
     def _check_chunk(self, t: torch.Tensor, name: str) -> torch.Tensor:
@@ -365,25 +505,16 @@ class StreamingCKA:
         """Add a chunk of rows: x (n_chunk, dx) or (L, n_chunk, dx), y likewise with dy. Returns self."""
         x3, y3 = self._check_chunk(x, "x"), self._check_chunk(y, "y")
         check_same_rows(x3, y3)
-        cd = compute_dtype(x3, y3)
-        if self._state is None:
-            self._state = self._empty(x3.shape[0], x3.shape[-1], y3.shape[-1], x3.device, cd)
-            # stored in float64 but rounded to the compute dtype: exactly the shift the op applies
-            self._state["shift_x"] = x3.mean(-2, dtype=cd).to(torch.float64)
-            self._state["shift_y"] = y3.mean(-2, dtype=cd).to(torch.float64)
-            self._dtype = cd
         st = self._state
-        if (x3.shape[-1], y3.shape[-1]) != (st["sx"].shape[-1], st["sy"].shape[-1]) or x3.device != st["sx"].device:
+        if st is not None and ((x3.shape[-1], y3.shape[-1]) != (st["sx"].shape[-1], st["sy"].shape[-1])
+                               or x3.device != st["sx"].device):
             raise ValueError(
                 f"chunk shapes x {tuple(x.shape)}, y {tuple(y.shape)} on {x.device} do not match the state "
                 f"(dx={st['sx'].shape[-1]}, dy={st['sy'].shape[-1]}, on {st['sx'].device})"
             )
-        if cd == torch.float64:
-            self._dtype = torch.float64
-        sums = _feature_sums(x3, y3, self.debiased, self.backend, st["shift_x"].to(cd), st["shift_y"].to(cd))
-        for k, v in sums.items():
-            st[k] += v
-        st["n"] += x3.shape[-2]
+        chunk = _feature_sums(x3, y3, self.debiased, self.backend, unscale=True)
+        self._state = chunk if st is None else _combine(st, chunk, self._sum_keys())
+        self._note_dtype(compute_dtype(x3, y3), unit_roundoff(compute_dtype(x3, y3)))
         return self
 
     # ----------------------------------------------------------------- results
@@ -394,7 +525,7 @@ class StreamingCKA:
         need = 4 if self.debiased else 2
         if n_total < need:
             raise ValueError(f"StreamingCKA has seen {n_total} row(s); CKA needs at least {need}")
-        cka = _cka_from_sums(st, st["n"], self.debiased).to(self._dtype)
+        cka = _cka_from_sums(st, st["n"], self.debiased, self._u).to(self._dtype)
         return cka if self.layers is not None else cka[0]
 
     @property
@@ -416,58 +547,54 @@ class StreamingCKA:
             return self
         if self._state is None:
             self._state = {k: v.clone() for k, v in other._state.items()}
-            self._dtype = other._dtype
-            return self
-        st, ot = self._state, other._state
-        if st["sxy"].shape != ot["sxy"].shape:
-            raise ValueError(f"cannot merge states of shapes {tuple(ot['sxy'].shape)} and {tuple(st['sxy'].shape)}")
-        moved = _reshift(ot, ot["shift_x"] - st["shift_x"], ot["shift_y"] - st["shift_y"], self.debiased)
-        for k in self._sum_keys():
-            st[k] += moved[k].to(st[k].device)
-        st["n"] += ot["n"].to(st["n"].device)
-        if other._dtype == torch.float64:
-            self._dtype = torch.float64
+        else:
+            st, ot = self._state, other._state
+            if st["sxy"].shape != ot["sxy"].shape:
+                raise ValueError(f"cannot merge states of shapes {tuple(ot['sxy'].shape)} and {tuple(st['sxy'].shape)}")
+            self._state = _combine(st, {k: v.to(st["n"].device) for k, v in ot.items()}, self._sum_keys())
+        self._note_dtype(other._dtype, other._u)
         return self
 
     def all_reduce(self, group=None) -> "StreamingCKA":
         """Sum the state over the ranks of ``group`` (torch.distributed); every rank ends with the total.
 
         Ranks that saw no rows take part with zero sums. All ranks agree on one shift (the
-        row-weighted mean of their shifts) before the sums are added.
+        row-weighted mean of their shifts) before the sums are added. Raises ValueError for a
+        state that carries gradients (collectives are not differentiable).
         """
         import torch.distributed as dist
 
+        st = self._state
+        if st is not None and any(v.requires_grad for v in st.values()):
+            raise ValueError("all_reduce cannot carry gradients (torch.distributed collectives are not "
+                             "differentiable): update with detached chunks or under torch.no_grad()")
         if not dist.is_available() or not dist.is_initialized():
             raise ValueError("all_reduce needs an initialised torch.distributed process group")
-        st = self._state
         if st is not None:
             dev = st["sx"].device
         else:  # NCCL only moves CUDA tensors
             dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
-        meta = torch.zeros(4, dtype=torch.float64, device=dev)
+        meta = torch.zeros(5, dtype=torch.float64, device=dev)
         if st is not None:
             meta[:] = torch.tensor([st["sx"].shape[0], st["sx"].shape[-1], st["sy"].shape[-1],
-                                    1.0 if self._dtype == torch.float64 else 0.0], dtype=torch.float64)
+                                    1.0 if self._dtype == torch.float64 else 0.0, self._u], dtype=torch.float64)
         dist.all_reduce(meta, op=dist.ReduceOp.MAX, group=group)
-        layers, dx, dy, wide = (int(v) for v in meta.tolist())
+        layers, dx, dy, wide = (int(v) for v in meta[:4].tolist())
         if layers == 0:
             raise ValueError("all_reduce: no rank has seen any rows")
         if st is None:
-            self._state = st = self._empty(layers, dx, dy, dev, torch.float32)
-            self._dtype = torch.float32
+            self._state = st = self._empty(layers, dx, dy, dev)
         elif (st["sx"].shape[0], dx, dy) != (layers, st["sx"].shape[-1], st["sy"].shape[-1]):
             raise ValueError(f"all_reduce: ranks hold states of different shapes (this rank: {tuple(st['sxy'].shape)})")
-        if wide:
-            self._dtype = torch.float64
+        self._note_dtype(torch.float64 if wide else torch.float32, float(meta[4]))
         # common shift: the row-weighted mean of every rank's shift
         wx = st["shift_x"] * st["n"].unsqueeze(-1)
         wy = st["shift_y"] * st["n"].unsqueeze(-1)
         n_all = st["n"].clone()
         for t in (wx, wy, n_all):
             dist.all_reduce(t, group=group)
-        # rounded to the dtype later chunks are shifted in, so the stored shift is the one applied
-        shift_x = (wx / n_all.clamp_min(1).unsqueeze(-1)).to(self._dtype).to(torch.float64)
-        shift_y = (wy / n_all.clamp_min(1).unsqueeze(-1)).to(self._dtype).to(torch.float64)
+        shift_x = wx / n_all.clamp_min(1).unsqueeze(-1)
+        shift_y = wy / n_all.clamp_min(1).unsqueeze(-1)
         moved = _reshift(st, st["shift_x"] - shift_x, st["shift_y"] - shift_y, self.debiased)
         for k in self._sum_keys():
             st[k] = moved[k].contiguous()
@@ -479,7 +606,8 @@ class StreamingCKA:
     def state_dict(self) -> dict:
         """Config and float64 state (tensors cloned); loadable with :meth:`load_state_dict`."""
         out = {"layers": self.layers, "debiased": self.debiased,
-               "dtype": None if self._dtype is None else str(self._dtype).replace("torch.", "")}
+               "dtype": None if self._dtype is None else str(self._dtype).replace("torch.", ""),
+               "unit_roundoff": self._u}
         if self._state is not None:
             out["state"] = {k: v.clone() for k, v in self._state.items()}
         return out
@@ -493,13 +621,21 @@ class StreamingCKA:
             )
         self._state = None if "state" not in state else {k: v.clone() for k, v in state["state"].items()}
         self._dtype = None if state.get("dtype") is None else getattr(torch, state["dtype"])
+        # states saved before the roundoff was recorded: float32's, the coarsest a chunk is summed in
+        self._u = float(state.get("unit_roundoff", unit_roundoff(torch.float32)))
         return self
 
     # ----------------------------------------------------------------- internals
+    def _note_dtype(self, cd: Optional[torch.dtype], u: float) -> None:
+        """Result dtype float64 once any float64 chunk arrived; u the coarsest roundoff seen."""
+        if self._dtype is None or cd == torch.float64:
+            self._dtype = cd
+        self._u = max(self._u, u)
+
     def _sum_keys(self) -> tuple:
         return _SUM_KEYS + (_DEBIASED_KEYS if self.debiased else ())
 
-    def _empty(self, layers: int, dx: int, dy: int, device, cd) -> dict:
+    def _empty(self, layers: int, dx: int, dy: int, device) -> dict:
         f64 = dict(dtype=torch.float64, device=device)
         shapes = {"sxy": (layers, dx, dy), "sxx": (layers, dx, dx), "syy": (layers, dy, dy),
                   "sx": (layers, dx), "sy": (layers, dy), "sa": (layers,), "sb": (layers,), "saa": (layers,),
@@ -514,6 +650,24 @@ class StreamingCKA:
         if self._state is None:
             raise ValueError(f"StreamingCKA.{what}() called before any update()")
         return self._state
+
+
+def _combine(a: dict, b: dict, keys: tuple) -> dict:
+    """Two states (sums about their own shifts) as one, about their row-weighted mean shift: a new dict.
+
+    Both are moved exactly (float64 algebra, :func:`_reshift`) onto the common shift, then added;
+    neither input is modified.
+    """
+    debiased = "sa" in keys
+    n = a["n"] + b["n"]  # (L,)
+    wb = (b["n"] / n).unsqueeze(-1)  # (L, 1)
+    shift_x = a["shift_x"] + (b["shift_x"] - a["shift_x"]) * wb  # (L, dx)
+    shift_y = a["shift_y"] + (b["shift_y"] - a["shift_y"]) * wb  # (L, dy)
+    ma = _reshift(a, a["shift_x"] - shift_x, a["shift_y"] - shift_y, debiased)
+    mb = _reshift(b, b["shift_x"] - shift_x, b["shift_y"] - shift_y, debiased)
+    out = {k: ma[k] + mb[k] for k in keys}
+    out.update(shift_x=shift_x, shift_y=shift_y, n=n)
+    return out
 
 
 def _reshift(st: dict, dx_: torch.Tensor, dy_: torch.Tensor, debiased: bool) -> dict:

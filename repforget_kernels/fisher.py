@@ -2,7 +2,7 @@
 
     F_j = (1/N) sum_s (d/d theta_j log p(y_s | x_s))^2
 
-with log p summed over the unmasked target tokens of sequence s (DESIGN.md). Three ops
+with log p summed over the unmasked target tokens of sequence s. Three ops
 carry the arithmetic, each with a torch composite registered here and compiled twins in
 other backends (same contract, see each composite's docstring):
 
@@ -562,11 +562,15 @@ class DiagonalFisher:
             counted position the target is sampled from the model's own predictive distribution
             (true Fisher, one Monte Carlo sample), with a generator seeded by ``seed``.
         per_sample: True: exact per-sample squares, equal to a loop of per-sequence backward
-            passes. False: the original toolkit's estimator, the square of the batch-SUMMED
-            gradient per batch, divided by N at the end: (1/N) sum_batches (sum_{s in b} g_s)^2.
-            It is biased upward by (B - 1) (E g)^2 per parameter (the squared mean gradient;
-            zero in expectation only for labels="model", where it is unbiased but noisier) and
-            depends on the batch size; B = 1 gives the per-sample value.
+            passes. False: the square of each batch's SUMMED gradient, divided by N at the end,
+            (1/N) sum_batches (sum_{s in b} g_s)^2, with g_s the gradient of sequence s's summed
+            log-likelihood over the same counted tokens as per_sample=True (padding excluded),
+            accumulated in float32 or better. It is biased upward by (B - 1) (E g)^2 per
+            parameter (the squared mean gradient; zero in expectation only for labels="model",
+            where it is unbiased but noisier) and depends on the batch size; B = 1 gives the
+            per-sample value. This is not the original toolkit's estimator (that one squares the
+            batch-MEAN gradient of a loss that supervises padding, accumulated in bf16); it is
+            kept to show what squaring batch gradients does, not to reproduce published numbers.
         seed: seed of the sampling generator for labels="model".
         backend: force a backend for the fisher ops.
 
@@ -579,7 +583,9 @@ class DiagonalFisher:
     with the default (1, T) ids it falls back to the loop). Tensors are moved to the model's device.
 
     ``compute()`` -> {name: tensor shaped like the parameter, float32 (float64 for a float64
-    parameter)} = the accumulated squares divided by the number of sequences seen.
+    parameter)} = the accumulated squares divided by N, the number of sequences seen that have at
+    least one counted target token (a sequence whose labels are all -100, or whose mask leaves no
+    counted position, contributes no gradient and is not counted).
 
     How per_sample=True is computed: ONE forward and ONE backward of the batch-summed
     log-likelihood, with parameters frozen so the backward computes no weight gradients.
@@ -666,7 +672,7 @@ class DiagonalFisher:
 
     @property
     def n_sequences(self) -> int:
-        """Sequences accumulated so far (the divisor of :meth:`compute`)."""
+        """Sequences accumulated so far that had at least one counted target (the divisor of :meth:`compute`)."""
         return self._n
 
     # ----------------------------------------------------------------- batch handling
@@ -680,6 +686,8 @@ class DiagonalFisher:
         if not isinstance(ids, torch.Tensor) or ids.dtype.is_floating_point or ids.dim() != 2 or ids.shape[1] < 2:
             got = f"{ids.dtype} {tuple(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids).__name__
             raise ValueError(f"input_ids must be an integer (B, T) tensor with T >= 2, got {got}")
+        if ids.shape[0] == 0:
+            raise ValueError(f"input_ids holds no sequence (B = 0, shape {tuple(ids.shape)}): give at least one")
         am = batch.get("attention_mask")
         am = torch.ones_like(ids) if am is None else am
         labels = batch.get("labels")
@@ -743,7 +751,7 @@ class DiagonalFisher:
             for m, mode in modes:
                 m.training = mode
         self._writing = False
-        self._n += targets.shape[0]
+        self._n += int((targets != -100).any(1).sum())  # sequences with a counted target token
         return self
 
     def compute(self) -> dict:
@@ -756,7 +764,7 @@ class DiagonalFisher:
         if self._broken:
             raise RuntimeError("an earlier update failed midway; this DiagonalFisher is inconsistent, create a new one")
         if self._n == 0:
-            raise ValueError("no sequence seen yet: call update(batch) first")
+            raise ValueError("no sequence seen yet with a counted target token: call update(batch) first")
         n = self._n
         return ((name, f / n) for name, f in self._fisher.items())
 

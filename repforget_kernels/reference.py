@@ -11,12 +11,14 @@ import numpy as np
 __all__ = [
     "to_f64",
     "linear_cka_ref",
+    "linear_cka_condition_ref",
     "cka_matrix_ref",
     "centered_gram_ref",
     "hsic_unbiased_ref",
     "pca_ref",
     "pca_similarity_ref",
     "pca_shift_ref",
+    "pca_gaps_ref",
     "fisher_accumulate_ref",
     "per_sample_linear_fisher_ref",
     "fisher_histogram_ref",
@@ -32,7 +34,10 @@ def to_f64(a) -> np.ndarray:
 
 
 def _center(x: np.ndarray) -> np.ndarray:
-    return x - x.mean(axis=0, keepdims=True)
+    """Column-centred rows: first the differences to row 0, then minus their mean. A constant column
+    becomes exactly zero (its float64 mean need not equal its value), any other loses nothing."""
+    diff = x - x[:1]
+    return diff - diff.mean(axis=0, keepdims=True)
 
 
 def hsic_unbiased_ref(k: np.ndarray, l: np.ndarray) -> float:
@@ -60,6 +65,60 @@ def linear_cka_ref(x, y, debiased: bool = False):
     return float((k * l).sum() / (np.linalg.norm(k) * np.linalg.norm(l)))
 
 
+def _u_centre(k: np.ndarray) -> np.ndarray:
+    """U-centred Gram (Szekely-Rizzo) of an (n, n) Gram, by its definition."""
+    n = k.shape[0]
+    kt = k.copy()
+    np.fill_diagonal(kt, 0.0)
+    r, s = kt.sum(1), kt.sum()
+    u = kt - r[:, None] / (n - 2) - r[None, :] / (n - 2) + s / ((n - 1) * (n - 2))
+    np.fill_diagonal(u, 0.0)
+    return u
+
+
+def linear_cka_condition_ref(x, y, debiased: bool = False, method: str = "feature") -> dict:
+    """The condition factor of linear CKA's accuracy bound (see ``linear_cka``), in float64.
+
+    Returns {"kappa", "self_x", "self_y"}:
+    kappa = e_xy / sqrt(h_xx h_yy) + |CKA| (e_xx / h_xx + e_yy / h_yy) / 2, with h the HSIC
+    numerators and e the sizes of the terms that round into them (t_a = ||A_c||_F^2):
+      feature: e_ab = 2 ||A_c^T B_c||_F sqrt(t_a t_b) [+ debiased: 2 (1 + 2/(n-2)) sum_i |a_i|^2 |b_i|^2
+               + 2 t_a t_b / ((n-1)(n-2))], h_ab = n (n - 3) HSIC_u for debiased CKA;
+      gram:    e_ab = ||G_a||_F t_b + t_a ||G_b||_F, G the centred (U-centred) Gram, h_ab = <G_a, G_b>.
+    A first-order perturbation of each h by at most u e gives |error of CKA| <= u kappa.
+    self_a = h_aa / e_aa: how far a's self-HSIC stands above its rounding (0 for constant rows, and
+    for debiased CKA rows all equal but one); kappa is inf where a self-HSIC is 0.
+    """
+    x, y = _center(to_f64(x)), _center(to_f64(y))
+    n = x.shape[0]
+    t = {"x": float((x * x).sum()), "y": float((y * y).sum())}
+    feats = {"x": x, "y": y}
+    h, e = {}, {}
+    if method == "gram":
+        g = {a: (_u_centre if debiased else (lambda k: k))(f @ f.T) for a, f in feats.items()}
+        gn = {a: float(np.linalg.norm(m)) for a, m in g.items()}
+        for a, b in (("x", "y"), ("x", "x"), ("y", "y")):
+            h[a + b] = float((g[a] * g[b]).sum())
+            e[a + b] = gn[a] * t[b] + t[a] * gn[b]
+    else:
+        rows = {a: (f * f).sum(1) for a, f in feats.items()}  # (n,) squared row norms
+        for a, b in (("x", "y"), ("x", "x"), ("y", "y")):
+            c = float(np.linalg.norm(feats[a].T @ feats[b]))
+            e[a + b] = 2 * c * np.sqrt(t[a] * t[b])
+            if debiased:
+                k, l_ = feats[a] @ feats[a].T, feats[b] @ feats[b].T
+                h[a + b] = hsic_unbiased_ref(k, l_) * n * (n - 3)
+                e[a + b] += 2 * (1 + 2 / (n - 2)) * float((rows[a] * rows[b]).sum()) + 2 * t[a] * t[b] / ((n - 1) * (n - 2))
+            else:
+                h[a + b] = c * c
+    selfs = {a: (h[a + a] / e[a + a] if e[a + a] > 0 else 0.0) for a in ("x", "y")}
+    if min(h["xx"], h["yy"]) <= 0:
+        return {"kappa": np.inf, "self_x": max(selfs["x"], 0.0), "self_y": max(selfs["y"], 0.0)}
+    cka = h["xy"] / np.sqrt(h["xx"] * h["yy"])
+    kappa = e["xy"] / np.sqrt(h["xx"] * h["yy"]) + abs(cka) * (e["xx"] / h["xx"] + e["yy"] / h["yy"]) / 2
+    return {"kappa": float(kappa), "self_x": selfs["x"], "self_y": selfs["y"]}
+
+
 def cka_matrix_ref(xs, ys=None, debiased: bool = False) -> np.ndarray:
     """(Lx, Ly) CKA of every layer pair; layers given as a stack or a list of (n, d_i)."""
     ys = xs if ys is None else ys
@@ -67,19 +126,15 @@ def cka_matrix_ref(xs, ys=None, debiased: bool = False) -> np.ndarray:
 
 
 def centered_gram_ref(x, unbiased: bool = False) -> np.ndarray:
-    """(n, d) -> (n, n): H K H with an explicit centring matrix, or the U-centred Gram by its definition."""
+    """(n, d) -> (n, n): H K H = (H X)(H X)^T with an explicit centring matrix H, or the U-centred Gram
+    by its definition. H is applied to the features first: H (X X^T) H would cancel the squares of
+    large column offsets in float64 (relative error u |offset|^2 / sigma^2)."""
     x = to_f64(x)
     n = x.shape[0]
     h = np.eye(n) - np.ones((n, n)) / n
-    k = h @ (x @ x.T) @ h
-    if not unbiased:
-        return k
-    kt = k.copy()
-    np.fill_diagonal(kt, 0.0)
-    r, s = kt.sum(1), kt.sum()
-    u = kt - r[:, None] / (n - 2) - r[None, :] / (n - 2) + s / ((n - 1) * (n - 2))
-    np.fill_diagonal(u, 0.0)
-    return u
+    hx = h @ x
+    k = hx @ hx.T
+    return _u_centre(k) if unbiased else k
 
 
 def _sign_fix(v: np.ndarray) -> np.ndarray:
@@ -98,7 +153,7 @@ def pca_ref(x, k: int) -> dict:
     """
     x = to_f64(x)
     mean = x.mean(axis=0)
-    _, s, vt = np.linalg.svd(x - mean, full_matrices=False)
+    _, s, vt = np.linalg.svd(_center(x), full_matrices=False)
     var = s**2 / (x.shape[0] - 1)
     return {
         "components": _sign_fix(vt[:k]),
@@ -107,6 +162,21 @@ def pca_ref(x, k: int) -> dict:
         "explained_variance_ratio": var[:k] / var.sum(),
         "mean": mean,
     }
+
+
+def pca_gaps_ref(x, k: int) -> dict:
+    """Spectral quantities of (n, d) that bound PCA's rounding errors (see ``randomized_pca``).
+
+    Returns var (min(n, d),) explained variances (ddof=1), and for the top k: ``component_gap`` (k,)
+    = min distance of var_i to var_{i-1} and var_{i+1} (what a single direction's angle depends
+    on), ``subspace_gap`` = var_k - var_{k+1} (what the top-k subspace's angle depends on).
+    """
+    x = to_f64(x)
+    s = np.linalg.svd(_center(x), compute_uv=False)
+    var = np.concatenate([s**2 / (x.shape[0] - 1), [0.0]])  # var_{min(n,d)+1} = 0
+    above = np.concatenate([[np.inf], var[: k - 1]])
+    comp = np.minimum(above - var[:k], var[:k] - var[1 : k + 1])
+    return {"var": var[:-1], "component_gap": comp, "subspace_gap": float(var[k - 1] - var[k])}
 
 
 def pca_similarity_ref(x_ref, x_upd, k: int = 1, signed: bool = False) -> float:

@@ -2,10 +2,12 @@
 
 The core is one batched kernel, :func:`shifted_gemm`:
 
-    C[l] = (A[l] - SA[l]) @ (B[l] - SB[l])      A (L, M, K), B (L, K, N) any strides, C (L, M, N) float32
+    C[l] = ((A[l] - SA[l]) ga[l]) @ ((B[l] - SB[l]) gb[l])   A (L, M, K), B (L, K, N) any strides, C (L, M, N) float32
 
-where each shift is a vector broadcast along one axis (a per-column mean, a running mean) and is
-subtracted in the load, so no centred copy is ever written. The shifted operands are rounded to
+where each shift is a vector broadcast along one axis (a per-column mean rounded to float32: the
+subtraction is then exact for offset columns) and each scale g a power of two per layer (exact;
+keeps products of rows of any magnitude in float32's range); both are applied in the load, so no
+centred copy is ever written. The shifted operands are rounded to
 the input's half dtype (bf16/fp16) for ``tl.dot`` on the GPU's tensor cores, or kept in float32
 ("ieee", no TF32) for float32 input; products accumulate in float32. A tile table picks the
 output tiles: the full grid, or only the upper triangle for a symmetric product, whose kernel
@@ -21,8 +23,8 @@ Ops registered here (backend "triton"; float64 inputs go to the torch composite,
 cuBLAS DGEMM on a GPU):
   shifted_cross_products: three shifted GEMMs (X'^T Y', and one triangle each of X'^T X', Y'^T Y')
     plus two small O(n d) kernels for the sums (row norms, weighted column sums in float64).
-  centered_gram: one symmetric shifted GEMM (column means subtracted in the load) and, when
-    unbiased, a U-centring epilogue kernel after a torch row-sum pass (float64).
+  centered_gram: one symmetric shifted GEMM (rounded column means subtracted in the load), then a
+    torch row-sum pass (float64) and a centring epilogue kernel (H K H, or U-centring).
 """
 from __future__ import annotations
 
@@ -33,6 +35,8 @@ import triton
 import triton.language as tl
 
 from ._dispatch import interpreting, kernel, register
+from ._numerics import mean_shift
+from .cka import _gram_offsets
 
 __all__ = ["shifted_gemm", "new_output", "dot_code", "num_programs_target"]
 
@@ -131,15 +135,17 @@ def _shifted_gemm_kernel(
     a_ptr, b_ptr, sa_ptr, sb_ptr, c_ptr, tiles_ptr,
     M, N, K, K_PER_SPLIT,
     s_al, s_am, s_ak, s_bl, s_bk, s_bn, s_sal, s_sbl, s_cs, s_cl, s_cm, s_cn,
-    SHIFT_A: tl.constexpr, SHIFT_B: tl.constexpr, MIRROR: tl.constexpr,
-    DOT_CODE: tl.constexpr, INTERPRET: tl.constexpr,
+    ga_ptr, gb_ptr,
+    SHIFT_A: tl.constexpr, SHIFT_B: tl.constexpr, SCALE_A: tl.constexpr, SCALE_B: tl.constexpr,
+    MIRROR: tl.constexpr, DOT_CODE: tl.constexpr, INTERPRET: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
-    """One (BM, BN) tile of (A - SA) @ (B - SB) over one K split of one layer.
+    """One (BM, BN) tile of ((A - SA) ga) @ ((B - SB) gb) over one K split of one layer.
 
     SHIFT_A: 0 none, 1 shift vector along M (sa[l, m]), 2 along K (sa[l, k]); SHIFT_B likewise
-    with 1 along N. MIRROR (symmetric product, upper-triangle tiles): stores entries i <= j and again
-    i < j at (j, i), so the result is exactly symmetric.
+    with 1 along N. SCALE_A / SCALE_B: multiply the shifted operand by ga[l] / gb[l] (float32).
+    MIRROR (symmetric product, upper-triangle tiles): stores entries i <= j and again i < j at
+    (j, i), so the result is exactly symmetric.
     """
     pid = tl.program_id(0)
     lay = tl.program_id(1).to(tl.int64)
@@ -156,6 +162,10 @@ def _shifted_gemm_kernel(
         sa_m = tl.load(sa_ptr + lay * s_sal + rm, mask=mm, other=0.0).to(tl.float32)  # (BM,)
     if SHIFT_B == 1:
         sb_n = tl.load(sb_ptr + lay * s_sbl + rn, mask=mn, other=0.0).to(tl.float32)  # (BN,)
+    if SCALE_A:
+        ga = tl.load(ga_ptr + lay)
+    if SCALE_B:
+        gb = tl.load(gb_ptr + lay)
     k_lo = split * K_PER_SPLIT
     k_hi = tl.minimum(K, k_lo + K_PER_SPLIT)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
@@ -176,6 +186,10 @@ def _shifted_gemm_kernel(
         elif SHIFT_B == 2:
             sb_k = tl.load(sb_ptr + lay * s_sbl + rk, mask=mk, other=0.0).to(tl.float32)  # (BK,)
             b = tl.where(b_mask, b.to(tl.float32) - sb_k[:, None], 0.0)
+        if SCALE_A:
+            a = a.to(tl.float32) * ga
+        if SCALE_B:
+            b = b.to(tl.float32) * gb
         a = _dot_operand(a, DOT_CODE, INTERPRET)
         b = _dot_operand(b, DOT_CODE, INTERPRET)
         acc = _dot_acc(a, b, acc, DOT_CODE, INTERPRET)
@@ -200,6 +214,13 @@ def _shift_arg(shift, along: str, names: tuple, a: torch.Tensor):
     return shift, shift.stride(0), 1 if along == names[0] else 2
 
 
+def _scale_arg(scale, a: torch.Tensor):
+    """(pointer tensor, SCALE flag) for an optional per-layer scale (L,): float32 on a's device."""
+    if scale is None:
+        return a, False
+    return scale.to(device=a.device, dtype=torch.float32).contiguous(), True
+
+
 def shifted_gemm(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -208,15 +229,19 @@ def shifted_gemm(
     shift_a_along: str = "m",
     shift_b: torch.Tensor | None = None,
     shift_b_along: str = "n",
+    scale_a: torch.Tensor | None = None,
+    scale_b: torch.Tensor | None = None,
     symmetric: bool = False,
     split_k: int | None = None,
 ) -> torch.Tensor:
-    """(A - SA) @ (B - SB) for a stack of layers, shifts subtracted in the load: -> (L, M, N) float32.
+    """((A - SA) ga) @ ((B - SB) gb) for a stack of layers, shifts and scales applied in the load: -> (L, M, N) float32.
 
     Args:
         a: (L, M, K) any strides, float16/bfloat16/float32. b: (L, K, N) likewise.
         shift_a: (L, M) (``shift_a_along="m"``) or (L, K) (``"k"``), subtracted from every A entry
             of that row / column; shift_b: (L, N) (``"n"``) or (L, K) (``"k"``).
+        scale_a, scale_b: (L,) per-layer factors (powers of two: exact) multiplying the shifted
+            operands, or None.
         symmetric: the product is symmetric (B - SB = (A - SA)^T): only the upper tile triangle is
             computed, its strict upper part mirrored (the result is exactly symmetric).
         split_k: K splits (partial sums added after); None picks one that fills the device.
@@ -240,13 +265,16 @@ def shifted_gemm(
     out = new_output((split_k, L, M, N), a.device)  # (S, L, M, N)
     sa, s_sal, shift_a_code = _shift_arg(shift_a, shift_a_along, ("m", "k"), a)
     sb, s_sbl, shift_b_code = _shift_arg(shift_b, shift_b_along, ("n", "k"), b)
+    ga, scale_a_on = _scale_arg(scale_a, a)
+    gb, scale_b_on = _scale_arg(scale_b, b)
     grid = (tiles.shape[0], L, split_k)
     _shifted_gemm_kernel[grid](
         a, b, sa, sb, out, tiles,
         M, N, K, k_per,
         a.stride(0), a.stride(1), a.stride(2), b.stride(0), b.stride(1), b.stride(2), s_sal, s_sbl,
-        out.stride(0), out.stride(1), out.stride(2), out.stride(3),
-        SHIFT_A=shift_a_code, SHIFT_B=shift_b_code, MIRROR=symmetric, DOT_CODE=code, INTERPRET=interp,
+        out.stride(0), out.stride(1), out.stride(2), out.stride(3), ga, gb,
+        SHIFT_A=shift_a_code, SHIFT_B=shift_b_code, SCALE_A=scale_a_on, SCALE_B=scale_b_on,
+        MIRROR=symmetric, DOT_CODE=code, INTERPRET=interp,
         BM=bm, BN=bn, BK=bk, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out[0] if split_k == 1 else out.sum(0)
@@ -257,11 +285,12 @@ def shifted_gemm(
 
 @triton.jit
 def _row_sqnorm_kernel(
-    x_ptr, s_ptr, out_ptr, N, D, s_xl, s_xn, s_xd, s_sl,
+    x_ptr, s_ptr, g_ptr, out_ptr, N, D, s_xl, s_xn, s_xd, s_sl,
     BN: tl.constexpr, BD: tl.constexpr,
 ):
-    """out[l, i] = sum_j (x[l, i, j] - s[l, j])^2, float64 accumulation. Grid (row tiles, L)."""
+    """out[l, i] = sum_j ((x[l, i, j] - s[l, j]) g[l])^2, float64 accumulation. Grid (row tiles, L)."""
     lay = tl.program_id(1).to(tl.int64)
+    g = tl.load(g_ptr + lay)
     rn = tl.program_id(0) * BN + tl.arange(0, BN)  # (BN,)
     mn = rn < N
     acc = tl.zeros((BN,), dtype=tl.float64)
@@ -271,23 +300,24 @@ def _row_sqnorm_kernel(
         msk = mn[:, None] & md[None, :]
         v = tl.load(x_ptr + lay * s_xl + rn[:, None].to(tl.int64) * s_xn + rd[None, :] * s_xd, mask=msk, other=0.0)
         sh = tl.load(s_ptr + lay * s_sl + rd, mask=md, other=0.0)
-        v = tl.where(msk, v.to(tl.float32) - sh[None, :], 0.0)  # (BN, BD)
+        v = tl.where(msk, (v.to(tl.float32) - sh[None, :]) * g, 0.0)  # (BN, BD)
         acc += tl.sum((v * v).to(tl.float64), axis=1)
     tl.store(out_ptr + lay * N + rn, acc, mask=mn)
 
 
 @triton.jit
 def _weighted_colsum_kernel(
-    x_ptr, s_ptr, wa_ptr, wb_ptr, out_ptr, N, D, N_PER_SPLIT, s_xl, s_xn, s_xd, s_sl, L,
+    x_ptr, s_ptr, g_ptr, wa_ptr, wb_ptr, out_ptr, N, D, N_PER_SPLIT, s_xl, s_xn, s_xd, s_sl, L,
     WEIGHTED: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
 ):
-    """Column sums of x' = x - s over one row split, float64: out[split, l, 0, j] = sum_i x'_ij, and when
+    """Column sums of x' = (x - s) g over one row split, float64: out[split, l, 0, j] = sum_i x'_ij, and when
     WEIGHTED out[.., 1, j] = sum_i wa_i x'_ij, out[.., 2, j] = sum_i wb_i x'_ij. Grid (column tiles, L, splits)."""
     lay = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
     rd = tl.program_id(0) * BD + tl.arange(0, BD)  # (BD,)
     md = rd < D
     sh = tl.load(s_ptr + lay * s_sl + rd, mask=md, other=0.0)  # (BD,)
+    g = tl.load(g_ptr + lay)
     n_lo = split * N_PER_SPLIT
     n_hi = tl.minimum(N, n_lo + N_PER_SPLIT)
     acc0 = tl.zeros((BD,), dtype=tl.float64)
@@ -298,7 +328,7 @@ def _weighted_colsum_kernel(
         mn = rn < n_hi
         msk = mn[:, None] & md[None, :]
         v = tl.load(x_ptr + lay * s_xl + rn[:, None].to(tl.int64) * s_xn + rd[None, :] * s_xd, mask=msk, other=0.0)
-        v = tl.where(msk, v.to(tl.float32) - sh[None, :], 0.0).to(tl.float64)  # (BN, BD)
+        v = tl.where(msk, (v.to(tl.float32) - sh[None, :]) * g, 0.0).to(tl.float64)  # (BN, BD)
         acc0 += tl.sum(v, axis=0)
         if WEIGHTED:
             wa = tl.load(wa_ptr + lay * N + rn, mask=mn, other=0.0)  # (BN,) float64
@@ -316,22 +346,33 @@ def _sums_config(interp: bool) -> tuple[int, int]:
     return (16, 32) if interp else (64, 128)
 
 
-def row_sqnorms(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """||x_i - shift||^2 for every row: x (L, n, d), shift (L, d) float32 -> (L, n) float64. Cost: one read of x."""
+def _layer_scale(x: torch.Tensor, scale) -> torch.Tensor:
+    """Per-layer scale (L,) as float32 on x's device (ones for None)."""
+    if scale is None:
+        return torch.ones(x.shape[0], device=x.device, dtype=torch.float32)
+    return scale.to(device=x.device, dtype=torch.float32).contiguous()
+
+
+def row_sqnorms(x: torch.Tensor, shift: torch.Tensor, scale=None) -> torch.Tensor:
+    """||(x_i - shift) scale||^2 for every row: x (L, n, d), shift (L, d) float32, scale (L,) or None -> (L, n) float64.
+
+    Cost: one read of x.
+    """
     L, n, d = x.shape
     bn, bd = _sums_config(interpreting())
     shift = shift.contiguous()
     out = new_output((L, n), x.device, torch.float64)  # (L, n)
     _row_sqnorm_kernel[(triton.cdiv(n, bn), L)](
-        x, shift, out, n, d, x.stride(0), x.stride(1), x.stride(2), shift.stride(0), BN=bn, BD=bd,
+        x, shift, _layer_scale(x, scale), out, n, d, x.stride(0), x.stride(1), x.stride(2), shift.stride(0), BN=bn, BD=bd,
     )
     return out
 
 
-def weighted_colsums(x: torch.Tensor, shift: torch.Tensor, wa=None, wb=None) -> torch.Tensor:
-    """Column sums of x' = x - shift (and weighted by wa, wb): -> (L, 3, d) float64 (rows 1, 2 only when weighted).
+def weighted_colsums(x: torch.Tensor, shift: torch.Tensor, scale=None, wa=None, wb=None) -> torch.Tensor:
+    """Column sums of x' = (x - shift) scale (and weighted by wa, wb): -> (L, 3, d) float64 (rows 1, 2 only when weighted).
 
-    x (L, n, d) any float dtype, shift (L, d) float32, wa, wb (L, n) float64. Cost: one read of x.
+    x (L, n, d) any float dtype, shift (L, d) float32, scale (L,) or None, wa, wb (L, n) float64.
+    Cost: one read of x.
     """
     L, n, d = x.shape
     interp = interpreting()
@@ -346,7 +387,7 @@ def weighted_colsums(x: torch.Tensor, shift: torch.Tensor, wa=None, wb=None) -> 
     wb = wb.contiguous() if weighted else shift
     out = new_output((splits, L, 3, d), x.device, torch.float64)  # (S, L, 3, d)
     _weighted_colsum_kernel[(triton.cdiv(d, bd), L, splits)](
-        x, shift, wa, wb, out, n, d, n_per, x.stride(0), x.stride(1), x.stride(2), shift.stride(0), L,
+        x, shift, _layer_scale(x, scale), wa, wb, out, n, d, n_per, x.stride(0), x.stride(1), x.stride(2), shift.stride(0), L,
         WEIGHTED=weighted, BN=bn, BD=bd,
     )
     return out.sum(0)
@@ -356,34 +397,35 @@ def weighted_colsums(x: torch.Tensor, shift: torch.Tensor, wa=None, wb=None) -> 
 
 
 @register("shifted_cross_products", "triton")
-def _shifted_cross_products_triton(x, y, shift_x, shift_y, debiased):
+def _shifted_cross_products_triton(x, y, shift_x, shift_y, debiased, scale_x=None, scale_y=None):
     """Triton version of the op (contract in ``cka._shifted_cross_products_torch``).
 
     X'^T Y' by the shifted GEMM over the tile grid, X'^T X' and Y'^T Y' over one tile triangle
     each (mirrored in the kernel); sx, sy and the debiased extras by two O(n d) kernels (row norms
     a, b in float64, then column sums weighted by 1, a, b in float64); sa, sb, saa, sbb, sab are
-    O(n) float64 torch sums of a and b. float64 input runs the torch composite.
+    O(n) float64 torch sums of a and b. Shifts and scales are applied in every load.
+    float64 input runs the torch composite.
     Cost: n (dx dy + (dx^2 + dy^2) / 2) multiply-adds on tensor cores (bf16/fp16) or in float32.
     """
     if shift_x.dtype == torch.float64:
-        return kernel("shifted_cross_products", x.device, "torch")(x, y, shift_x, shift_y, debiased)
+        return kernel("shifted_cross_products", x.device, "torch")(x, y, shift_x, shift_y, debiased, scale_x, scale_y)
     xt = x.transpose(-1, -2)  # (L, dx, n) view
     yt = y.transpose(-1, -2)  # (L, dy, n) view
+    gx = dict(shift_a=shift_x, shift_a_along="m", scale_a=scale_x)
+    gy = dict(shift_a=shift_y, shift_a_along="m", scale_a=scale_y)
     out = {
-        "sxy": shifted_gemm(xt, y, shift_a=shift_x, shift_a_along="m", shift_b=shift_y, shift_b_along="n"),
-        "sxx": shifted_gemm(xt, x, shift_a=shift_x, shift_a_along="m", shift_b=shift_x, shift_b_along="n",
-                            symmetric=True),
-        "syy": shifted_gemm(yt, y, shift_a=shift_y, shift_a_along="m", shift_b=shift_y, shift_b_along="n",
-                            symmetric=True),
+        "sxy": shifted_gemm(xt, y, **gx, shift_b=shift_y, shift_b_along="n", scale_b=scale_y),
+        "sxx": shifted_gemm(xt, x, **gx, shift_b=shift_x, shift_b_along="n", scale_b=scale_x, symmetric=True),
+        "syy": shifted_gemm(yt, y, **gy, shift_b=shift_y, shift_b_along="n", scale_b=scale_y, symmetric=True),
     }
     if not debiased:
-        out["sx"] = weighted_colsums(x, shift_x)[:, 0]  # (L, dx)
-        out["sy"] = weighted_colsums(y, shift_y)[:, 0]  # (L, dy)
+        out["sx"] = weighted_colsums(x, shift_x, scale_x)[:, 0]  # (L, dx)
+        out["sy"] = weighted_colsums(y, shift_y, scale_y)[:, 0]  # (L, dy)
         return out
-    a = row_sqnorms(x, shift_x)  # (L, n) float64
-    b = row_sqnorms(y, shift_y)  # (L, n) float64
-    cx = weighted_colsums(x, shift_x, a, b)  # (L, 3, dx)
-    cy = weighted_colsums(y, shift_y, a, b)  # (L, 3, dy)
+    a = row_sqnorms(x, shift_x, scale_x)  # (L, n) float64
+    b = row_sqnorms(y, shift_y, scale_y)  # (L, n) float64
+    cx = weighted_colsums(x, shift_x, scale_x, a, b)  # (L, 3, dx)
+    cy = weighted_colsums(y, shift_y, scale_y, a, b)  # (L, 3, dy)
     out.update(
         sx=cx[:, 0], sy=cy[:, 0], sax=cx[:, 1], sbx=cx[:, 2], say=cy[:, 1], sby=cy[:, 2],
         sa=a.sum(-1), sb=b.sum(-1), saa=a.square().sum(-1), sbb=b.square().sum(-1), sab=(a * b).sum(-1),
@@ -392,8 +434,8 @@ def _shifted_cross_products_triton(x, y, shift_x, shift_y, debiased):
 
 
 @triton.jit
-def _u_center_kernel(k_ptr, r_ptr, c_ptr, N, s_kl, s_km, BM: tl.constexpr, BN: tl.constexpr):
-    """In place: K_ij -= r_i + r_j, K_ij += c_l for i != j; K_ii = 0. Grid (row tiles, column tiles, L)."""
+def _centre_gram_kernel(k_ptr, u_ptr, N, s_kl, s_km, ZERO_DIAG: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """In place: K_ij -= u_i + u_j, and K_ii = 0 when ZERO_DIAG. Grid (row tiles, column tiles, L)."""
     lay = tl.program_id(2).to(tl.int64)
     rm = tl.program_id(0) * BM + tl.arange(0, BM)  # (BM,)
     rn = tl.program_id(1) * BN + tl.arange(0, BN)  # (BN,)
@@ -402,35 +444,34 @@ def _u_center_kernel(k_ptr, r_ptr, c_ptr, N, s_kl, s_km, BM: tl.constexpr, BN: t
     msk = mm[:, None] & mn[None, :]
     ptrs = k_ptr + lay * s_kl + rm[:, None].to(tl.int64) * s_km + rn[None, :]
     kv = tl.load(ptrs, mask=msk, other=0.0)
-    ri = tl.load(r_ptr + lay * N + rm, mask=mm, other=0.0)
-    rj = tl.load(r_ptr + lay * N + rn, mask=mn, other=0.0)
-    c = tl.load(c_ptr + lay)
-    u = kv - (ri[:, None] + rj[None, :]) + c  # the sum commutes: U stays exactly symmetric
-    u = tl.where(rm[:, None] == rn[None, :], 0.0, u)
-    tl.store(ptrs, u, mask=msk)
+    ui = tl.load(u_ptr + lay * N + rm, mask=mm, other=0.0)
+    uj = tl.load(u_ptr + lay * N + rn, mask=mn, other=0.0)
+    kv = kv - (ui[:, None] + uj[None, :])  # the sum commutes: K stays exactly symmetric
+    if ZERO_DIAG:
+        kv = tl.where(rm[:, None] == rn[None, :], 0.0, kv)
+    tl.store(ptrs, kv, mask=msk)
 
 
 @register("centered_gram", "triton")
-def _centered_gram_triton(x, unbiased):
+def _centered_gram_triton(x, unbiased, scale=None):
     """Triton version of the op (contract in ``cka._centered_gram_torch``).
 
-    Kc = (X - 1 mu^T)(X - 1 mu^T)^T with mu subtracted in the load, one tile triangle computed
-    (mirrored in the kernel). unbiased: r = K~ 1 and s = 1^T r by a float64 torch pass, then the
-    U-centring kernel rewrites K in place. float64 input runs the torch composite.
-    Cost: n^2 d / 2 multiply-adds + 2 passes over the (L, n, n) result when unbiased.
+    K = X' X'^T with X' = (X - 1 s^T) scale, s the float64 column means rounded to float32,
+    subtracted (exactly, for offset columns) and scaled in the load; one tile triangle computed
+    (mirrored in the kernel). Then K 1 and diag K by a float64 torch pass, and the centring kernel
+    rewrites K in place: K_ij - u_i - u_j (H K H, or U-centring with a zero diagonal).
+    float64 input runs the torch composite.
+    Cost: n^2 d / 2 multiply-adds + 2 passes over the (L, n, n) result.
     """
     if x.dtype == torch.float64:
-        return kernel("centered_gram", x.device, "torch")(x, unbiased)
-    mu = x.mean(-2, dtype=torch.float32)  # (L, d)
-    k = shifted_gemm(x, x.transpose(-1, -2), shift_a=mu, shift_a_along="k", shift_b=mu, shift_b_along="k",
-                     symmetric=True)  # (L, n, n)
-    if not unbiased:
-        return k
+        return kernel("centered_gram", x.device, "torch")(x, unbiased, scale)
+    _, shift = mean_shift(x, torch.float32)  # (L, d)
+    k = shifted_gemm(x, x.transpose(-1, -2), shift_a=shift, shift_a_along="k", shift_b=shift, shift_b_along="k",
+                     scale_a=scale, scale_b=scale, symmetric=True)  # (L, n, n)
     L, n, _ = k.shape
-    r = k.sum(-1, dtype=torch.float64) - k.diagonal(dim1=-2, dim2=-1).to(torch.float64)  # (L, n) = K~ 1
-    s = r.sum(-1)  # (L,)
-    r_n = (r / (n - 2)).to(torch.float32).contiguous()  # (L, n)
-    c = (s / ((n - 1) * (n - 2))).to(torch.float32).contiguous()  # (L,)
+    diag = k.diagonal(dim1=-2, dim2=-1).to(torch.float64)  # (L, n)
+    u = _gram_offsets(k.sum(-1, dtype=torch.float64), diag, unbiased).to(torch.float32).contiguous()  # (L, n)
     bm = 32 if interpreting() else 64
-    _u_center_kernel[(triton.cdiv(n, bm), triton.cdiv(n, bm), L)](k, r_n, c, n, k.stride(0), k.stride(1), BM=bm, BN=bm)
-    return k
+    _centre_gram_kernel[(triton.cdiv(n, bm), triton.cdiv(n, bm), L)](
+        k, u, n, k.stride(0), k.stride(1), ZERO_DIAG=bool(unbiased), BM=bm, BN=bm)
+    return k, diag.sum(-1)

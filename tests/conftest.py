@@ -10,8 +10,10 @@ kernels run (slowly) on CPU tensors and are tested like every other backend.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -21,13 +23,91 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from repforget_kernels._dispatch import BACKENDS, backend_available  # noqa: E402
+from repforget_kernels._numerics import unit_roundoff  # noqa: E402
 
 DEVICE = torch.device(os.environ.get("REPFORGET_TEST_DEVICE", "cpu"))
 DTYPE = getattr(torch, os.environ.get("REPFORGET_TEST_DTYPE", "float32"))
 
-# float32 input vs float64 reference; bf16/fp16 input is compared with the reference on the
-# same rounded values, so only the accumulation differs.
-TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-3}
+# --------------------------------------------------------------------------- tolerances
+#
+# Every comparison is against float64 arithmetic on the values actually given (the rounded input,
+# ``x.to(dtype).double()``), so only the working precision of the path under test differs:
+#
+# TOL[float32] / TOL[float64] bound the relative error (to the sum of |terms|) of a sum or inner
+#   product of m <= TOL_M terms in that working precision (u = 2^-24 / 2^-53), for a quantity whose
+#   condition number is at most TOL_KAPPA: lambda sqrt(m) u kappa with lambda = 5, the probabilistic
+#   rounding-error bound of Higham & Mary (2019), which holds with probability >= 1 - 2 exp(-lambda^2/2)
+#   ~ 1 - 7e-6 per quantity for independent roundings (the worst case m u is never approached by
+#   blocked or pairwise sums). TOL_M = 256 covers the reductions of the op-level tests.
+# TOL[bfloat16] / TOL[float16] add the first-order error of a product of two operands each rounded once
+#   to that type (2 u_h, u_h = 2^-8 / 2^-11): the Triton tensor-core paths round their centred operands.
+# Metric-level tests use the bounds the functions document instead (``cka_bound``, ``pca_bounds``),
+#   whose condition factors are computed from the float64 reference on the same rounded input.
+TOL_LAMBDA, TOL_M, TOL_KAPPA = 5.0, 256, 2.0
+TOL = {dt: TOL_LAMBDA * math.sqrt(TOL_M) * unit_roundoff(dt) * TOL_KAPPA for dt in (torch.float32, torch.float64)}
+TOL.update({dt: 2 * unit_roundoff(dt) + TOL[torch.float32] for dt in (torch.bfloat16, torch.float16)})
+HALF = (torch.bfloat16, torch.float16)
+
+
+def working_roundoff(dtypes, backend: str) -> tuple[float, float]:
+    """(u of the accumulation, u of the operands fed to the products) for inputs of these dtypes on ``backend``.
+
+    Every path accumulates in float32 (float64 when all inputs are float64); Triton feeds its dot the
+    centred bf16 / fp16 operands rounded to that type, every other path the exact upcast values.
+    """
+    u_acc = unit_roundoff(torch.float64 if all(d == torch.float64 for d in dtypes) else torch.float32)
+    u_op = max(unit_roundoff(d) if backend == "triton" and d in HALF else u_acc for d in dtypes)
+    return u_acc, u_op
+
+
+def cka_bound(x, y, *, debiased: bool = False, method: str = "feature", backend: str = "torch",
+              m: Optional[int] = None, dtypes=None) -> float:
+    """The accuracy bound linear_cka documents, for inputs x, y (n, d) or (B, n, d) (max over B).
+
+    4 (sqrt(m) u_acc + 2 u_op) kappa + u_out, kappa = reference.linear_cka_condition_ref on the given
+    (rounded) values, m the longest reduction (n for the feature method, max d for the Gram method),
+    u_out the rounding of the result to float32. ``dtypes``: the dtypes the values were given in, when
+    x, y are their float64 copies (StreamingCKA chunks of several dtypes).
+    """
+    from repforget_kernels import reference as R
+
+    dtypes = (x.dtype, y.dtype) if dtypes is None else tuple(dtypes)
+    u_acc, u_op = working_roundoff(dtypes, backend)
+    xr, yr = x.double(), y.double()
+    if m is None:
+        m = xr.shape[-2] if method == "feature" else max(xr.shape[-1], yr.shape[-1])
+    pairs = list(zip(xr, yr)) if xr.dim() == 3 else [(xr, yr)]
+    kappa = max(R.linear_cka_condition_ref(a, b, debiased, method)["kappa"] for a, b in pairs)
+    out_u = 0.0 if all(d == torch.float64 for d in dtypes) else unit_roundoff(torch.float32)
+    return 4 * (math.sqrt(m) * u_acc + 2 * u_op) * kappa + out_u
+
+
+def pca_bounds(x, k: int, *, oversample: int = 10, n_iter: int = 4) -> dict:
+    """The accuracy bounds randomized_pca documents for (n, d) input x (its rounded values), in float64.
+
+    eps = 4 u (sqrt(n) + sqrt(d)) (u of the compute dtype); angle_i = eps var_1 / component_gap_i and
+    subspace = eps var_1 / subspace_gap (Davis-Kahan), ev_i = eps var_1 / var_i (Weyl), each plus the
+    randomized term 10 sqrt(d) (var_{l+1} / var_i)^(q + 1/2); out_u the rounding of float32 results.
+    """
+    from repforget_kernels import reference as R
+
+    xr = x.double().cpu().numpy()
+    n, d = xr.shape
+    u = unit_roundoff(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    g = R.pca_gaps_ref(xr, k)
+    var = g["var"]
+    eps = 4 * u * (math.sqrt(n) + math.sqrt(d))
+    l = min(k + oversample, n, d)
+    tail = var[l] if l < len(var) else 0.0
+    rand = [10 * math.sqrt(d) * (tail / var[i]) ** (n_iter + 0.5) for i in range(k)]
+    return {
+        "var": var,
+        "angle": [eps * var[0] / g["component_gap"][i] + rand[i] for i in range(k)],
+        "subspace": eps * var[0] / g["subspace_gap"] + rand[-1],
+        "ev": [eps * var[0] / var[i] + rand[i] for i in range(k)],
+        "out_u": 0.0 if x.dtype == torch.float64 else unit_roundoff(torch.float32),
+        "u": u,
+    }
 
 
 def available_backends(device: torch.device = DEVICE) -> list[str]:
@@ -82,6 +162,50 @@ def randn(*shape, gen: torch.Generator, dtype=None, device=None) -> torch.Tensor
     """Standard normal draws on CPU (reproducible), moved to the test device and dtype."""
     t = torch.randn(*shape, generator=gen, dtype=torch.float64)
     return t.to(device=device or DEVICE, dtype=dtype or DTYPE)
+
+
+def principal_angle(a, b) -> float:
+    """Largest principal angle (radians) between the row spaces of a (k, d) and b (k, d).
+
+    Computed from the sine (the residual of a's rows after projecting on b's orthonormalised
+    rows), which stays accurate for tiny angles where arccos of a cosine near 1 does not.
+    """
+    import numpy as np
+
+    from repforget_kernels.reference import to_f64
+
+    a = np.linalg.qr(to_f64(a).reshape(-1, to_f64(a).shape[-1]).T)[0]  # (d, k)
+    b = np.linalg.qr(to_f64(b).reshape(-1, to_f64(b).shape[-1]).T)[0]  # (d, k)
+    sin = np.linalg.norm(a - b @ (b.T @ a), ord=2)
+    return float(np.arcsin(min(sin, 1.0)))
+
+
+def assert_pca_fit(got, x, k: int, *, signs: bool = True) -> None:
+    """One randomized_pca result for (n, d) x against the full float64 SVD of the same values,
+    within the bounds randomized_pca documents (``pca_bounds``).
+
+    signs: also compare the sign-fixed vectors (|v - v_ref|_inf <= 2 sin(angle / 2) <= angle), which
+    a near-tie between a component's two largest entries would make ambiguous.
+    """
+    import numpy as np
+
+    from repforget_kernels import reference as R
+
+    ref, b = R.pca_ref(x, k), pca_bounds(x, k)
+    comps = R.to_f64(got.components)
+    assert principal_angle(comps, ref["components"]) <= b["subspace"]
+    for i in range(k):
+        assert principal_angle(comps[i:i + 1], ref["components"][i:i + 1]) <= b["angle"][i], i
+        if signs:
+            assert np.abs(comps[i] - ref["components"][i]).max() <= b["angle"][i], i
+    ev_tol = np.array(b["ev"]) + b["out_u"]
+    assert np.all(np.abs(R.to_f64(got.explained_variance) / ref["explained_variance"] - 1) <= ev_tol)
+    ratio = R.to_f64(got.explained_variance_ratio) / ref["explained_variance_ratio"]
+    assert np.all(np.abs(ratio - 1) <= ev_tol + b["out_u"])
+    # the mean: a float64 sum (error <= 5 sqrt(n) u64 mean |x_j|), rounded once to the output dtype
+    xa = np.abs(R.to_f64(x))
+    mean_tol = b["out_u"] * np.abs(ref["mean"]) + 5 * math.sqrt(xa.shape[0]) * 2.0**-53 * xa.mean(0)
+    assert np.all(np.abs(R.to_f64(got.mean) - ref["mean"]) <= mean_tol)
 
 
 # --------------------------------------------------------------------------- driver: small benchmark and model

@@ -9,17 +9,10 @@ import torch
 from repforget_kernels import StreamingCKA, cka_matrix, linear_cka
 from repforget_kernels import reference as R
 
-from conftest import DTYPE, TOL, free_port, gloo_group, randn
+from conftest import DTYPE, cka_bound, free_port, gloo_group, randn
 
 # (n, dx, dy): n > d, n < d, odd sizes that are multiples of no block size
 SHAPES = [(37, 13, 29), (11, 40, 23), (67, 5, 71)]
-
-
-def _half_tol(dtype, backend) -> float:
-    """Half-precision input vs the float64 reference on the same rounded values: the torch and C++
-    paths upcast first, so only float32 accumulation differs; Triton feeds the tensor cores
-    bf16/fp16 operands after centring, so the issue's 2e-3 applies there."""
-    return TOL[dtype] if backend == "triton" else TOL[torch.float32]
 
 
 def _pair(gen, n, dx, dy, batch=None, dtype=None, offsets=False):
@@ -43,7 +36,8 @@ class TestLinearCKA:
         want = R.linear_cka_ref(x, y, debiased)
         assert got.shape == (() if batch is None else (batch,))
         assert got.dtype == (torch.float64 if DTYPE == torch.float64 else torch.float32)
-        np.testing.assert_allclose(R.to_f64(got), want, rtol=0, atol=TOL[DTYPE])
+        tol = cka_bound(x, y, debiased=debiased, method=method, backend=backend)
+        np.testing.assert_allclose(R.to_f64(got), want, rtol=0, atol=tol)
 
     @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
     @pytest.mark.parametrize("debiased", [False, True])
@@ -51,46 +45,72 @@ class TestLinearCKA:
         x, y = _pair(gen, 45, 19, 33, batch=2, dtype=dtype)
         got = linear_cka(x, y, debiased=debiased, backend=backend)
         assert got.dtype == torch.float32
-        np.testing.assert_allclose(R.to_f64(got), R.linear_cka_ref(x, y, debiased), rtol=0, atol=_half_tol(dtype, backend))
+        # reference on the same rounded values; Triton also rounds the centred operands (u_op in the bound)
+        tol = cka_bound(x, y, debiased=debiased, method="feature", backend=backend)
+        np.testing.assert_allclose(R.to_f64(got), R.linear_cka_ref(x, y, debiased), rtol=0, atol=tol)
 
     @pytest.mark.parametrize("debiased", [False, True])
     @pytest.mark.parametrize("method", ["feature", "gram"])
     def test_large_offsets_keep_precision(self, gen, backend, debiased, method):
         x, y = _pair(gen, 53, 21, 17, offsets=True)
         got = linear_cka(x, y, debiased=debiased, method=method, backend=backend)
-        want = R.linear_cka_ref(x.double(), y.double(), debiased)
-        assert torch.isfinite(got)
-        np.testing.assert_allclose(R.to_f64(got), want, rtol=0, atol=1e-4)
+        want = R.linear_cka_ref(x, y, debiased)  # on the rounded values: the offsets must cost nothing
+        tol = cka_bound(x, y, debiased=debiased, method=method, backend=backend)
+        np.testing.assert_allclose(R.to_f64(got), want, rtol=0, atol=tol)
 
     def test_auto_picks_cheaper_form_and_agrees(self, gen, backend):
         for n, d in ((100, 10), (10, 100)):
             x, y = _pair(gen, n, d, d)
             auto = linear_cka(x, y, backend=backend)
             for method in ("feature", "gram"):
-                torch.testing.assert_close(auto, linear_cka(x, y, method=method, backend=backend), rtol=0, atol=1e-5)
+                # both within their bounds of the same reference
+                tol = sum(cka_bound(x, y, method=m, backend=backend) for m in ("feature", "gram"))
+                torch.testing.assert_close(auto, linear_cka(x, y, method=method, backend=backend), rtol=0, atol=tol)
+
+
+def _transformed_agrees(tx, y, base_x, debiased: bool, backend: str) -> None:
+    """linear_cka(tx, y) equals linear_cka(base_x, y) up to both bounds and the float64 CKA change that
+    rounding the transformed input tx to its dtype makes (the transformations are exact invariances)."""
+    got = float(linear_cka(tx, y, debiased=debiased, backend=backend))
+    base = float(linear_cka(base_x, y, debiased=debiased, backend=backend))
+    rounding = abs(R.linear_cka_ref(tx, y, debiased) - R.linear_cka_ref(base_x, y, debiased))
+    tol = cka_bound(tx, y, debiased=debiased, backend=backend) + cka_bound(base_x, y, debiased=debiased, backend=backend)
+    assert abs(got - base) <= tol + rounding
 
 
 class TestInvariances:
     @pytest.mark.parametrize("debiased", [False, True])
     def test_orthogonal_and_isotropic_scaling(self, gen, backend, debiased):
         x, y = _pair(gen, 40, 12, 15)
-        q = torch.linalg.qr(randn(12, 12, gen=gen, dtype=torch.float64)).Q.to(x.dtype)
-        base = linear_cka(x, y, debiased=debiased, backend=backend)
-        torch.testing.assert_close(linear_cka(x @ q, y, debiased=debiased, backend=backend), base, rtol=0, atol=1e-5)
-        torch.testing.assert_close(linear_cka(x, 7.5 * y, debiased=debiased, backend=backend), base, rtol=0, atol=1e-5)
-        torch.testing.assert_close(linear_cka(x + 3.0, y, debiased=debiased, backend=backend), base, rtol=0, atol=1e-5)
+        q = torch.linalg.qr(randn(12, 12, gen=gen, dtype=torch.float64)).Q  # (12, 12) float64
+        _transformed_agrees((x.double() @ q).to(x.dtype), y, x, debiased, backend)
+        _transformed_agrees((7.5 * x.double()).to(x.dtype), y, x, debiased, backend)
+        _transformed_agrees((x.double() + 3.0).to(x.dtype), y, x, debiased, backend)
 
     @pytest.mark.parametrize("debiased", [False, True])
     def test_self_similarity_is_one(self, gen, backend, debiased):
         x, _ = _pair(gen, 30, 9, 9)
-        torch.testing.assert_close(linear_cka(x, x, debiased=debiased, backend=backend), torch.tensor(1.0, dtype=x.dtype if x.dtype == torch.float64 else torch.float32, device=x.device), rtol=0, atol=1e-5)
+        got = linear_cka(x, x, debiased=debiased, backend=backend)
+        assert abs(float(got) - 1.0) <= cka_bound(x, x, debiased=debiased, backend=backend)
 
     def test_symmetric_and_in_unit_interval(self, gen, backend):
         for n, dx, dy in SHAPES:
             x, y = _pair(gen, n, dx, dy)
-            c = linear_cka(x, y, backend=backend)
-            torch.testing.assert_close(c, linear_cka(y, x, backend=backend), rtol=0, atol=1e-6)
-            assert 0.0 <= float(c) <= 1.0 + 1e-6
+            c, c_t = linear_cka(x, y, backend=backend), linear_cka(y, x, backend=backend)
+            tol = cka_bound(x, y, backend=backend) + cka_bound(y, x, backend=backend)
+            assert abs(float(c) - float(c_t)) <= tol
+            assert 0.0 <= float(c) <= 1.0 + cka_bound(x, y, backend=backend)
+
+
+def _matrix_bounds(xs, ys, debiased: bool, method: str, backend: str) -> np.ndarray:
+    """(Lx, Ly) documented bounds of every layer pair (cka_matrix's accuracy is linear_cka's)."""
+    return np.array([[cka_bound(a, b, debiased=debiased, method=method, backend=backend) for b in ys] for a in xs])
+
+
+def _assert_within(got, want, bounds) -> None:
+    """|got - want| <= bounds elementwise (arrays of one shape)."""
+    err = np.abs(R.to_f64(got) - np.asarray(want))
+    assert np.all(err <= bounds), f"errors {err} exceed bounds {bounds}"
 
 
 class TestCKAMatrix:
@@ -101,25 +121,28 @@ class TestCKAMatrix:
         ys = randn(3, 23, 7, gen=gen) + xs[:3, :, :1]
         got = cka_matrix(xs, ys, debiased=debiased, method=method, backend=backend)
         assert got.shape == (4, 3)
-        np.testing.assert_allclose(R.to_f64(got), R.cka_matrix_ref(xs, ys, debiased), rtol=0, atol=TOL[DTYPE])
+        _assert_within(got, R.cka_matrix_ref(xs, ys, debiased), _matrix_bounds(xs, ys, debiased, method, backend))
 
     def test_list_with_different_widths_and_self(self, gen, backend):
         layers = [randn(19, d, gen=gen) for d in (5, 31, 8)]
         got = cka_matrix(layers, backend=backend)
-        np.testing.assert_allclose(R.to_f64(got), R.cka_matrix_ref(layers), rtol=0, atol=TOL[DTYPE])
-        np.testing.assert_allclose(R.to_f64(got.diagonal()), 1.0, atol=1e-5)
-        torch.testing.assert_close(got, got.T)
+        tol = _matrix_bounds(layers, layers, False, "gram", backend)
+        _assert_within(got, R.cka_matrix_ref(layers), tol)
+        _assert_within(got.diagonal(), np.ones(3), tol.diagonal())
+        # pair (i, j) and (j, i) are the same float64 products and norms: equal up to one float64 rounding
+        torch.testing.assert_close(got, got.T, rtol=2.0**-52, atol=0)
 
     def test_bf16_layers(self, gen, backend):
         xs = randn(3, 29, 13, gen=gen, dtype=torch.bfloat16)
         got = cka_matrix(xs, debiased=True, backend=backend)
-        np.testing.assert_allclose(R.to_f64(got), R.cka_matrix_ref(xs, None, True), rtol=0, atol=_half_tol(torch.bfloat16, backend))
+        _assert_within(got, R.cka_matrix_ref(xs, None, True), _matrix_bounds(xs, xs, True, "gram", backend))
 
     def test_offsets(self, gen, backend):
         xs = randn(3, 41, 9, gen=gen, dtype=torch.float64)
         xs[:, :, :2] += 1e3
-        got = cka_matrix(xs.to(DTYPE), debiased=True, backend=backend)
-        np.testing.assert_allclose(R.to_f64(got), R.cka_matrix_ref(xs, None, True), rtol=0, atol=1e-4)
+        xs = xs.to(DTYPE)  # the reference below runs on these rounded values
+        got = cka_matrix(xs, debiased=True, backend=backend)
+        _assert_within(got, R.cka_matrix_ref(xs, None, True), _matrix_bounds(xs, xs, True, "gram", backend))
 
 
 def _chunks(n, sizes):
@@ -140,9 +163,11 @@ class TestStreamingCKA:
         for sl in _chunks(47, sizes):
             s.update(x[sl], y[sl])
         assert s.n == 47
-        want = R.linear_cka_ref(x.double(), y.double(), debiased)
-        np.testing.assert_allclose(R.to_f64(s.compute()), want, rtol=0, atol=1e-4)
-        torch.testing.assert_close(s.compute(), linear_cka(x, y, debiased=debiased), rtol=0, atol=1e-5)
+        want = R.linear_cka_ref(x, y, debiased)
+        tol = cka_bound(x, y, debiased=debiased, backend=backend)  # the feature method's bound
+        np.testing.assert_allclose(R.to_f64(s.compute()), want, rtol=0, atol=tol)
+        one_shot = linear_cka(x, y, debiased=debiased, method="feature", backend=backend)
+        torch.testing.assert_close(s.compute(), one_shot, rtol=0, atol=2 * tol)
 
     @pytest.mark.parametrize("debiased", [False, True])
     def test_merge_order_does_not_matter(self, gen, backend, debiased):
@@ -157,10 +182,11 @@ class TestStreamingCKA:
         for p in reversed(parts):
             backward.merge(p)
         tree = parts[0].merge(parts[3]).merge(parts[1].merge(parts[2]))
-        want = R.linear_cka_ref(x.double(), y.double(), debiased)
+        want = R.linear_cka_ref(x, y, debiased)
+        tol = cka_bound(x, y, debiased=debiased, backend=backend)
         for s in (forward, backward, tree):
             assert s.n == 60
-            np.testing.assert_allclose(R.to_f64(s.compute()), want, rtol=0, atol=1e-4)
+            np.testing.assert_allclose(R.to_f64(s.compute()), want, rtol=0, atol=tol)
 
     def test_merge_across_dtypes_and_large_offsets(self, gen, backend):
         x, y = _pair(gen, 50, 9, 7, dtype=torch.float64)
@@ -169,8 +195,10 @@ class TestStreamingCKA:
         b = StreamingCKA(debiased=True, backend=backend).update(x[20:], y[20:])
         merged = a.merge(b)
         assert merged.compute().dtype == torch.float64  # any float64 chunk makes the result float64
-        want = R.linear_cka_ref(torch.cat([x[:20].float().double(), x[20:]]), torch.cat([y[:20].float().double(), y[20:]]), True)
-        np.testing.assert_allclose(R.to_f64(merged.compute()), want, rtol=0, atol=1e-5)
+        xr, yr = torch.cat([x[:20].float().double(), x[20:]]), torch.cat([y[:20].float().double(), y[20:]])
+        want = R.linear_cka_ref(xr, yr, True)  # on the values given (the float32 chunk rounded)
+        tol = cka_bound(xr, yr, debiased=True, backend=backend, dtypes=(torch.float32, torch.float64))
+        np.testing.assert_allclose(R.to_f64(merged.compute()), want, rtol=0, atol=tol)
 
     def test_layers_mode_and_state_dict(self, gen, backend):
         x = randn(3, 33, 10, gen=gen)
@@ -178,7 +206,8 @@ class TestStreamingCKA:
         s = StreamingCKA(layers=3, debiased=True, backend=backend)
         for sl in _chunks(33, (4, 9)):
             s.update(x[:, sl], y[:, sl])
-        np.testing.assert_allclose(R.to_f64(s.compute()), R.linear_cka_ref(x, y, True), rtol=0, atol=TOL[DTYPE])
+        np.testing.assert_allclose(R.to_f64(s.compute()), R.linear_cka_ref(x, y, True), rtol=0,
+                                   atol=cka_bound(x, y, debiased=True, backend=backend))
         restored = StreamingCKA(layers=3, debiased=True).load_state_dict(s.state_dict())
         torch.testing.assert_close(restored.compute(), s.compute())
         with pytest.raises(ValueError, match="state_dict is for StreamingCKA"):
@@ -190,7 +219,8 @@ class TestStreamingCKA:
         for sl in _chunks(40, (6,)):
             s.update(x[sl], y[sl])
         assert s.compute().dtype == torch.float32
-        np.testing.assert_allclose(R.to_f64(s.compute()), R.linear_cka_ref(x, y, True), rtol=0, atol=_half_tol(torch.bfloat16, backend))
+        np.testing.assert_allclose(R.to_f64(s.compute()), R.linear_cka_ref(x, y, True), rtol=0,
+                                   atol=cka_bound(x, y, debiased=True, backend=backend))
 
     def test_errors(self, gen):
         s = StreamingCKA()
@@ -229,8 +259,9 @@ class TestAllReduce:
         torch.multiprocessing.spawn(_all_reduce_worker, args=(world, port, x, y, out), nprocs=world, join=True)
         seen = torch.cat([torch.arange(s, min(s + 5, 43)) for r in range(2) for s in range(r * 5, 43, world * 5)])
         want = R.linear_cka_ref(x[:, seen].double(), y[:, seen].double(), True)
+        tol = cka_bound(x[:, seen], y[:, seen], debiased=True)
         for rank in range(world):
-            np.testing.assert_allclose(R.to_f64(out[rank]), want, rtol=0, atol=1e-5)
+            np.testing.assert_allclose(R.to_f64(out[rank]), want, rtol=0, atol=tol)
 
 
 class TestBadInput:
@@ -268,7 +299,7 @@ class TestBadInput:
         with pytest.raises(ValueError, match="one device, got x on cpu, y on meta"):
             linear_cka(randn(4, 3, gen=gen, device="cpu"), torch.empty(4, 3, device="meta"))
 
-    def test_constant_input_is_undefined_not_nan(self, gen):
+    def test_constant_input_is_undefined_not_nan(self, gen):  # every backend and dtype: test_precision
         with pytest.raises(ValueError, match="x has no variance"):
             linear_cka(torch.ones(8, 3), randn(8, 3, gen=gen))
 

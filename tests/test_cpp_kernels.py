@@ -49,7 +49,9 @@ def max_rel_diff(got, want) -> float:
 
 
 def work_tol(*dtypes) -> float:
-    """Inputs are rounded identically for the reference, so only float32 (or float64) work differs."""
+    """Inputs are rounded identically for the reference, so only float32 (or float64) work differs:
+    TOL of the working precision (conftest: 5 sqrt(m) u kappa, m <= 256; the Gram entries here sum d <= 53
+    products, the U-centring sums run in float64)."""
     return TOL[torch.float64] if all(d == torch.float64 for d in dtypes) else TOL[torch.float32]
 
 
@@ -94,7 +96,8 @@ class TestSquareAccumulate:
         cpp("square_accumulate")(a_cpp, grads, 2.5)
         composite("square_accumulate")(a_ref, grads, 2.5)
         for got, want in zip(a_cpp, a_ref):
-            torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+            # both round acc + 2.5 g^2 (positive terms, exact upcast) at most three times in float32
+            torch.testing.assert_close(got, want, rtol=2 * 3 * 2.0**-24, atol=0)
 
     def test_half_squares_do_not_underflow(self):
         g = torch.full((9,), 1e-4).to(torch.float16)  # its square (1e-8) underflows in fp16, not in fp32
@@ -235,44 +238,72 @@ class TestCenteredGram:
     @pytest.mark.parametrize("dtype", (torch.float32, torch.float64))
     def test_matches_reference(self, gen, l_, n, d, unbiased, dtype, two_threads):
         x = randn(l_, n, d, gen=gen, dtype=dtype)
-        got = cpp("centered_gram")(x, unbiased)
+        got, trace = cpp("centered_gram")(x, unbiased)
         assert got.shape == (l_, n, n) and got.dtype == dtype
+        assert trace.shape == (l_,) and trace.dtype == torch.float64
         for i in range(l_):
             assert max_rel_diff(got[i], centered_gram_ref(x[i], unbiased)) < work_tol(dtype)
+            assert max_rel_diff(trace[i], np.trace(centered_gram_ref(x[i]))) < work_tol(dtype)
 
     @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
     @pytest.mark.parametrize("unbiased", [False, True], ids=["centred", "ucentred"])
     def test_half_inputs(self, gen, dtype, unbiased):
         x = randn(2, 41, 23, gen=gen, dtype=dtype)
-        got = cpp("centered_gram")(x, unbiased)
+        got, _ = cpp("centered_gram")(x, unbiased)
         assert got.dtype == torch.float32
         for i in range(2):
             assert max_rel_diff(got[i], centered_gram_ref(x[i], unbiased)) < TOL[torch.float32]
 
     @pytest.mark.parametrize("unbiased", [False, True], ids=["centred", "ucentred"])
     def test_exact_structure(self, gen, unbiased):
-        got = cpp("centered_gram")(randn(1, 300, 9, gen=gen), unbiased)[0]
+        got = cpp("centered_gram")(randn(1, 300, 9, gen=gen), unbiased)[0][0]
         assert torch.equal(got, got.T)  # mirrored blocks: exactly symmetric
         if unbiased:
             assert torch.all(got.diagonal() == 0)
-            assert float(got.double().sum(1).abs().max()) < 1e-4 * float(got.abs().max()) * 300  # U 1 = 0
+        # K 1 = 0 (H K H and U-centring alike): every entry is K_ij - u_i - u_j, three terms of size
+        # <= max |K| each rounded once (4 u max |K| with the GEMM's own), so a row sum of 300 of them is
+        # at most 300 * 12 u max |K| (worst case, u = 2^-24)
+        assert float(got.double().sum(1).abs().max()) <= 300 * 12 * 2.0**-24 * float(got.abs().max())
 
     @pytest.mark.parametrize("unbiased", [False, True], ids=["centred", "ucentred"])
-    def test_large_offsets_keep_precision(self, gen, unbiased):
+    @pytest.mark.parametrize("offset", [1e3, 1e6])
+    def test_large_offsets_keep_precision(self, gen, unbiased, offset):
         x = randn(1, 83, 31, gen=gen, dtype=torch.float64)
-        x[..., :3] += 1e3  # "massive activations"
-        got = cpp("centered_gram")(x.float(), unbiased)
-        assert max_rel_diff(got[0], centered_gram_ref(x[0].float(), unbiased)) < 1e-4
+        x[..., :3] += offset  # "massive activations"
+        got, _ = cpp("centered_gram")(x.float(), unbiased)
+        # centred in float64 and rounded once: the offset costs nothing, float32 work only
+        assert max_rel_diff(got[0], centered_gram_ref(x[0].float(), unbiased)) < TOL[torch.float32]
+
+    @pytest.mark.parametrize("unbiased", [False, True], ids=["centred", "ucentred"])
+    def test_scale_is_exact(self, gen, unbiased):
+        x = randn(2, 40, 9, gen=gen, dtype=torch.float64)
+        scale = torch.tensor([2.0**-70, 2.0**40], dtype=torch.float64)
+        got, trace = cpp("centered_gram")(x, unbiased, scale)
+        plain, plain_trace = cpp("centered_gram")(x, unbiased)
+        # a power of two only moves exponents: every entry is the unscaled one times scale^2, exactly
+        assert torch.equal(got, plain * scale.square().view(2, 1, 1))
+        assert torch.equal(trace, plain_trace * scale.square())
+
+    @pytest.mark.parametrize("unbiased", [False, True], ids=["centred", "ucentred"])
+    def test_constant_float64_columns_centre_to_zero(self, unbiased):
+        # the float64 mean of 7 copies of 0.1 is not exactly 0.1; the doubly centred Gram is zero anyway,
+        # to rounding of the tiny residual rows (entries of size |x - mean|^2 d ~ (u 0.1)^2)
+        x = torch.full((1, 7, 5), 0.1, dtype=torch.float64)
+        got, trace = cpp("centered_gram")(x, unbiased)
+        assert float(got.abs().max()) <= 16 * 2.0**-53 * float(trace[0])
 
     @pytest.mark.parametrize("unbiased", [False, True], ids=["centred", "ucentred"])
     def test_equals_composite(self, gen, unbiased):
         x = randn(2, 270, 33, gen=gen)
-        want = composite("centered_gram")(x, unbiased)
-        torch.testing.assert_close(cpp("centered_gram")(x, unbiased), want, rtol=0, atol=2e-5 * float(want.abs().max()))
+        want, want_trace = composite("centered_gram")(x, unbiased)
+        got, trace = cpp("centered_gram")(x, unbiased)
+        # both are float32 Grams of the same rows (float64- vs float32-centred): TOL[float32] of max |K| apart
+        torch.testing.assert_close(got, want, rtol=0, atol=TOL[torch.float32] * float(want.abs().max()))
+        torch.testing.assert_close(trace, want_trace, rtol=TOL[torch.float32], atol=0)
 
     def test_strided_input(self, gen):
         x = randn(1, 12, 40, gen=gen).transpose(1, 2)  # (1, 40, 12) non-contiguous
-        assert max_rel_diff(cpp("centered_gram")(x, True)[0], centered_gram_ref(x[0], True)) < TOL[torch.float32]
+        assert max_rel_diff(cpp("centered_gram")(x, True)[0][0], centered_gram_ref(x[0], True)) < TOL[torch.float32]
 
     def test_bad_input(self):
         with pytest.raises(RuntimeError, match=r"x must be \(L, n, d\), got shape \[3, 4\]"):
@@ -281,6 +312,8 @@ class TestCenteredGram:
             cpp("centered_gram")(torch.zeros(1, 2, 4), True)
         with pytest.raises(RuntimeError, match="x must have a floating dtype, got Int"):
             cpp("centered_gram")(torch.zeros(1, 5, 4, dtype=torch.int32), False)
+        with pytest.raises(RuntimeError, match=r"scale must be a float64 CPU tensor of shape \[1\]"):
+            torch.ops.repforget.centered_gram(torch.zeros(1, 5, 4), False, torch.ones(2, dtype=torch.float64))
 
 
 # --------------------------------------------------------------------------- missing extension

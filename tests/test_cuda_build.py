@@ -66,8 +66,10 @@ out["gemm"] = ptx(
     tc._shifted_gemm_kernel,
     {"a_ptr": "*bf16", "b_ptr": "*bf16", "sa_ptr": "*fp32", "sb_ptr": "*fp32", "c_ptr": "*fp32", "tiles_ptr": "*i32",
      **{k: "i32" for k in ("M", "N", "K", "K_PER_SPLIT")},
-     **{k: "i64" for k in "s_al s_am s_ak s_bl s_bk s_bn s_sal s_sbl s_cs s_cl s_cm s_cn".split()}},
-    dict(SHIFT_A=1, SHIFT_B=1, MIRROR=True, DOT_CODE=1, INTERPRET=False, BM=g["BM"], BN=g["BN"], BK=g["BK"]),
+     **{k: "i64" for k in "s_al s_am s_ak s_bl s_bk s_bn s_sal s_sbl s_cs s_cl s_cm s_cn".split()},
+     "ga_ptr": "*fp32", "gb_ptr": "*fp32"},
+    dict(SHIFT_A=1, SHIFT_B=1, SCALE_A=True, SCALE_B=True, MIRROR=True, DOT_CODE=1, INTERPRET=False,
+         BM=g["BM"], BN=g["BN"], BK=g["BK"]),
     num_warps=g["num_warps"], num_stages=g["num_stages"])
 f = tf._fisher_config(1, False)
 out["fisher"] = ptx(

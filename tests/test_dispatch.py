@@ -35,6 +35,22 @@ class TestResolve:
         register("test_only_op", "cpp")(lambda: "cpp")
         assert kernel("test_only_op", torch.device("cpu"), "cpp")() == "cpp"
 
+    def test_grad_serves_the_torch_composite_whatever_the_backend(self, monkeypatch):
+        torch_fn = _dispatch._REGISTRY["centered_gram"]["torch"]
+        for backend in (None, "torch", "cpp"):
+            if backend == "cpp" and not backend_available("cpp", torch.device("cpu"))[0]:
+                continue
+            assert kernel("centered_gram", torch.device("cpu"), backend, grad=True) is torch_fn
+        with pytest.raises(ValueError, match="backend='cuda' cannot run here"):  # still validated
+            kernel("centered_gram", torch.device("cpu"), "cuda", grad=True)
+
+    def test_needs_grad(self):
+        leaf = torch.zeros(2, requires_grad=True)
+        assert _dispatch.needs_grad(None, torch.zeros(2), leaf)
+        assert not _dispatch.needs_grad(torch.zeros(2), None)
+        with torch.no_grad():
+            assert not _dispatch.needs_grad(leaf)
+
     def test_unavailable_backend_is_an_error(self):
         with pytest.raises(ValueError, match="backend='cuda' cannot run here: the cuda backend runs on CUDA tensors"):
             kernel("centered_gram", torch.device("cpu"), "cuda")

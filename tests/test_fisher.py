@@ -2,6 +2,8 @@
 float64 references, and DiagonalFisher against an autograd brute force on tiny transformers models."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -64,7 +66,7 @@ class TestFisherAccumulate:
         acc = torch.zeros(4, dtype=torch.float64, device=device)
         fisher_accumulate_(acc, torch.full((4,), 3e-30, dtype=torch.bfloat16, device=device), backend=backend)
         g64 = float(torch.tensor(3e-30, dtype=torch.bfloat16).double())
-        assert torch.allclose(acc, torch.full_like(acc, g64**2), rtol=1e-12, atol=0)
+        assert torch.equal(acc, torch.full_like(acc, g64**2))  # a bf16 value's square is exact in float64
         # fp16: 1e-4**2 = 1e-8 is below fp16's smallest subnormal (6e-8).
         acc32 = torch.zeros(4, dtype=torch.float32, device=device)
         fisher_accumulate_(acc32, torch.full((4,), 1e-4, dtype=torch.float16, device=device), backend=backend)
@@ -214,6 +216,8 @@ class TestFisherHistogram:
     @pytest.mark.parametrize("log", [True, False])
     @pytest.mark.parametrize("vdtype", ALL_FLOATS)
     def test_matches_reference(self, backend, gen, device, log, vdtype):
+        # edges: torch's and numpy's logspace / linspace both round the exponent t = a + i h (|t| <= 30 here)
+        # or the point lo + i h, a relative error <= ln(10) |t| 4 u ~ 3e-14: rtol 1e-12
         v = _fisher_like(gen, 57, 31, dtype=vdtype, device=device)
         counts, edges = fisher_histogram(v, bins=23, log=log, backend=backend)
         want_counts, want_edges, want_zero = fisher_histogram_ref(v, bins=23, log=log)
@@ -280,6 +284,17 @@ class TestFisherHistogram:
 
 
 VOCAB = 97
+# DiagonalFisher against per-sequence backward passes of the same model: the same products summed in
+# another order (batched vs single GEMMs). A gradient entry sums m <= B T V ~ 3e3 products (B = 3-4,
+# T = 10, V = 97), so its error is <= 5 sqrt(m) u (conftest's probabilistic bound) times the sum of
+# |terms|, which in these tiny random models exceeds max |g| by a factor kappa; a square doubles the
+# relative error. float64: 2 * 5 * 55 * 2^-53 * kappa <= 1e-9 for kappa <= 1.6e4. float32: the same
+# with u = 2^-24 and kappa <= 1.5: 1e-4. bf16 weights: every bf16 activation of the batched forward
+# is rounded independently of the per-sequence one (u = 2^-8), ~6 such roundings on a gradient's path
+# through two blocks, so |error| <= 6 u max |g| to first order and twice that for the squares.
+F64_MODEL = 1e-9
+F32_MODEL = 2 * 5 * math.sqrt(3000) * 2.0**-24 * 1.5
+BF16_MODEL = 2 * 6 * 2.0**-8
 
 
 def _tiny(kind: str = "llama", *, tie: bool = False, dtype=torch.float64, seed: int = 0):
@@ -355,7 +370,7 @@ class TestDiagonalFisher:
         batch = _batch(gen, labels=True)
         got = DiagonalFisher(model, backend=backend).update(batch).compute()
         assert all(got[n].dtype == torch.float64 and got[n].shape == p.shape for n, p in model.named_parameters())
-        _assert_close_dicts(got, _brute_force(model, batch), 1e-4)
+        _assert_close_dicts(got, _brute_force(model, batch), F64_MODEL)
 
     def test_tied_qwen2_equals_brute_force(self, gen):
         model = _tiny("qwen2", tie=True)
@@ -363,7 +378,7 @@ class TestDiagonalFisher:
         batch = _batch(gen, b=4)
         df = DiagonalFisher(model)
         assert df._strategy["model.embed_tokens.weight"] == "tied"
-        _assert_close_dicts(df.update(batch).compute(), _brute_force(model, batch), 1e-4)
+        _assert_close_dicts(df.update(batch).compute(), _brute_force(model, batch), F64_MODEL)
 
     @pytest.mark.parametrize("batched_positions", [True, False], ids=["position_ids", "default-positions"])
     def test_gpt2_conv1d_equals_brute_force(self, gen, batched_positions):
@@ -380,14 +395,14 @@ class TestDiagonalFisher:
             batch["position_ids"] = torch.arange(9).expand(3, 9)
         got = df.update(batch).compute()
         batch.pop("position_ids", None)
-        _assert_close_dicts(got, _brute_force(model, batch), 1e-4)
+        _assert_close_dicts(got, _brute_force(model, batch), F64_MODEL)
 
     def test_float32_model_within_1e4(self, gen):
         model = _tiny("qwen2", dtype=torch.float32)
         batch = _batch(gen)
         got = DiagonalFisher(model).update(batch).compute()
         assert all(v.dtype == torch.float32 for v in got.values())
-        _assert_close_dicts(got, _brute_force(model, batch), 1e-4)
+        _assert_close_dicts(got, _brute_force(model, batch), F32_MODEL)
 
     def test_padding_is_ignored(self, gen):
         model = _tiny("llama")
@@ -396,7 +411,11 @@ class TestDiagonalFisher:
         am = batch["attention_mask"].bool()
         alone = [{"input_ids": batch["input_ids"][s, am[s]][None], "attention_mask": torch.ones(1, int(am[s].sum()), dtype=torch.long)} for s in range(2)]
         want = [_brute_force(model, a) for a in alone]
-        _assert_close_dicts(got, {n: (want[0][n] + want[1][n]) / 2 for n in got}, 1e-4)
+        # left padding moves sequence 0 by 3 positions; transformers computes the rotary angles p theta in
+        # float32 (error <= u32 p, p <= 10, for q and for k), so its scores and their gradients move by
+        # <= 2 u32 (T + 1) relatively, the squares by twice that
+        rope = 2 * 2 * 2.0**-24 * (10 + 1)
+        _assert_close_dicts(got, {n: (want[0][n] + want[1][n]) / 2 for n in got}, F64_MODEL + rope)
 
     def test_updates_average_over_sequences(self, gen):
         model = _tiny("llama")
@@ -406,7 +425,38 @@ class TestDiagonalFisher:
         for sl in (slice(0, 1), slice(1, 4)):
             halves.update({k: v[sl] for k, v in batch.items()})
         assert halves.n_sequences == 4
-        _assert_close_dicts(halves.compute(), whole, 1e-10)
+        _assert_close_dicts(halves.compute(), whole, F64_MODEL)
+
+    @pytest.mark.parametrize("per_sample", [True, False])
+    def test_sequences_without_a_target_are_not_counted(self, gen, per_sample):
+        model = _tiny("llama")
+        batch = _batch(gen, b=3, labels=True)
+        batch["labels"][2] = -100  # no target token
+        batch["attention_mask"][1] = 0  # no real token, so no counted position
+        batch["labels"][1] = -100
+        df = DiagonalFisher(model, per_sample=per_sample).update(batch)
+        assert df.n_sequences == 1
+        # only sequence 0 carries a gradient, so both estimators equal its per-sequence square
+        _assert_close_dicts(df.compute(), _brute_force(model, {k: v[:1] for k, v in batch.items()}), F64_MODEL)
+
+    def test_a_batch_without_targets_leaves_the_mean_unchanged(self, gen):
+        model = _tiny("llama")
+        batch = _batch(gen, labels=True)
+        empty = {k: v.clone() for k, v in batch.items()}
+        empty["labels"][:] = -100
+        alone = DiagonalFisher(model).update(batch)
+        both = DiagonalFisher(model).update(batch).update(empty)
+        assert both.n_sequences == alone.n_sequences == 3
+        # the empty batch's gradients are exactly zero: the same sums, divided by the same count
+        assert all(torch.equal(both.compute()[n], v) for n, v in alone.compute().items())
+        with pytest.raises(ValueError, match="no sequence seen yet with a counted target token"):
+            DiagonalFisher(model).update(empty).compute()
+
+    def test_empty_batch_is_a_clear_error(self):
+        df = DiagonalFisher(_tiny("llama"))
+        with pytest.raises(ValueError, match=r"input_ids holds no sequence \(B = 0, shape \(0, 5\)\)"):
+            df.update({"input_ids": torch.zeros(0, 5, dtype=torch.long)})
+        assert df.n_sequences == 0
 
     def test_params_subset(self, gen):
         model = _tiny("llama")
@@ -436,7 +486,7 @@ class TestDiagonalFisher:
         params = dict(model.named_parameters())
         ll = sum(_sequence_ll(model, {k: v[s : s + 1] for k, v in batch.items()}) for s in range(3))
         grads = torch.autograd.grad(ll, list(params.values()))
-        _assert_close_dicts(got, {n: g.double() ** 2 / 3 for n, g in zip(params, grads)}, 1e-8)
+        _assert_close_dicts(got, {n: g.double() ** 2 / 3 for n, g in zip(params, grads)}, F64_MODEL)
 
     def test_labels_model_reproducible_and_not_data(self, gen):
         model = _tiny("llama")
@@ -454,16 +504,16 @@ class TestDiagonalFisher:
         one = {k: v[:1] for k, v in _batch(gen).items()}
         a = DiagonalFisher(model, labels="model", seed=3).update(one).compute()
         b = DiagonalFisher(model, labels="model", seed=3, per_sample=False).update(one).compute()
-        _assert_close_dicts(a, b, 1e-8)
+        _assert_close_dicts(a, b, F64_MODEL)
 
     def test_bf16_model_accumulates_in_float32(self, gen):
         model = _tiny("llama", dtype=torch.bfloat16)
         batch = _batch(gen)
         got = DiagonalFisher(model).update(batch).compute()
         assert all(v.dtype == torch.float32 and bool(torch.isfinite(v).all()) for v in got.values())
-        # Same bf16 model, per-sequence backward passes: only the bf16 rounding of batched vs single GEMMs
-        # differs, a few bf16 epsilons (2^-8) in the gradients (1.2e-2 worst seen).
-        _assert_close_dicts(got, _brute_force(model, batch), 5e-2)
+        # same bf16 model, per-sequence backward passes: only the bf16 rounding of batched vs single GEMMs
+        # differs (BF16_MODEL)
+        _assert_close_dicts(got, _brute_force(model, batch), BF16_MODEL)
 
     def test_model_state_restored(self, gen):
         model = _tiny("llama").train()
@@ -485,7 +535,7 @@ class TestDiagonalFisher:
         names = ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.input_layernorm.weight", "lm_head.weight"]
         batch = _batch(gen)
         got = DiagonalFisher(model, params=names).update(batch).compute()
-        _assert_close_dicts(got, _brute_force(model, batch, names), 1e-4)
+        _assert_close_dicts(got, _brute_force(model, batch, names), F64_MODEL)
 
     def test_gradient_checkpointing_model_in_train_mode(self, gen):
         model = _tiny("llama")
@@ -495,7 +545,7 @@ class TestDiagonalFisher:
         batch = _batch(gen)
         got = DiagonalFisher(model).update(batch).compute()
         model.eval()
-        _assert_close_dicts(got, _brute_force(model, batch), 1e-4)
+        _assert_close_dicts(got, _brute_force(model, batch), F64_MODEL)
 
     @pytest.mark.parametrize("checkpoint", [False, True], ids=["plain", "non-reentrant-checkpoint"])
     def test_uncovered_parameters_fall_back_to_the_loop(self, gen, checkpoint):
@@ -505,7 +555,7 @@ class TestDiagonalFisher:
         df = DiagonalFisher(model)
         assert df._strategy["shared"] == "loop" and df._strategy["norm.weight"] == "generic"
         got = df.update(batch).compute()
-        _assert_close_dicts(got, _brute_force(model, batch), 1e-8)
+        _assert_close_dicts(got, _brute_force(model, batch), F64_MODEL)
 
     def test_errors(self, gen):
         model = _tiny("llama")

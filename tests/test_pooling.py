@@ -30,7 +30,9 @@ class TestPoolTokens:
         m = _mask([9, 3, 1, 6], 9, left).to(h.device)
         got = pool_tokens(h, m, sample=how)
         assert got.shape == (4, 13)
-        np.testing.assert_allclose(R.to_f64(got), R.masked_pool_ref(h, m, how), rtol=TOL[dtype], atol=TOL[dtype])
+        # the reference pools the same (rounded) values; the mean is a float32 (float64) GEMV of <= 9 terms
+        work = torch.float64 if dtype == torch.float64 else torch.float32
+        np.testing.assert_allclose(R.to_f64(got), R.masked_pool_ref(h, m, how), rtol=TOL[work], atol=TOL[work])
 
     def test_tokens_are_every_real_token(self, gen):
         h = randn(3, 5, 4, gen=gen)

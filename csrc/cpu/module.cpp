@@ -26,6 +26,6 @@ TORCH_LIBRARY(repforget, m) {
   m.def("square_accumulate(Tensor(a!)[] accs, Tensor[] grads, float scale) -> ()");
   // counts (bins,) int64 of values in [lo, hi], linear or log10 bins.
   m.def("histogram(Tensor values, float lo, float hi, int bins, bool log) -> Tensor");
-  // (L, n, d) -> (L, n, n) centred (or U-centred) Gram matrices.
-  m.def("centered_gram(Tensor x, bool unbiased) -> Tensor");
+  // (L, n, d) -> ((L, n, n) centred (or U-centred) Gram matrices of (x - mean) * scale, (L,) traces).
+  m.def("centered_gram(Tensor x, bool unbiased, Tensor? scale=None) -> (Tensor, Tensor)");
 }

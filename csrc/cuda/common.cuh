@@ -1,5 +1,5 @@
 // Shared helpers for the CUDA kernels of repforget_kernels: dtype codes and conversions.
-// Plain CUDA (no torch headers), see DESIGN.md "Building".
+// Plain CUDA (no torch headers: the CPU torch wheel ships none for CUDA), so nvcc checks it anywhere.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
