@@ -14,8 +14,7 @@ import torch
 import repforget_kernels.driver as driver_package
 from repforget_kernels.driver.cli import build_parser, demo_specs, main
 
-from conftest import free_port
-from test_driver_diagnostics import small_corpus
+from conftest import free_port, load_small, small_benchmark
 from test_driver_pipeline import assert_stages_match
 
 
@@ -24,11 +23,14 @@ def write_jsonl(path, items):
     return path
 
 
+DATA_SPLITS = ("forget", "retain", "holdout", "unrelated")
+
+
 @pytest.fixture
 def splits(tmp_path):
-    """The small corpus written as four JSONL files (so the CLI reuses the cached tiny model)."""
-    corpus = small_corpus()
-    return {k: write_jsonl(tmp_path / f"{k}.jsonl", v) for k, v in corpus.items()}
+    """The small benchmark's forget, retain, holdout and unrelated splits written as JSONL files."""
+    corpus = small_benchmark()
+    return {k: write_jsonl(tmp_path / f"{k}.jsonl", corpus[k]) for k in DATA_SPLITS}
 
 
 def split_args(splits, **override):
@@ -83,17 +85,18 @@ class TestErrors:
     def test_analyze_missing_checkpoint(self, tmp_path, capsys, splits):
         out = tmp_path / "out"
         rc = main(["analyze", "--ref", str(tmp_path / "a"), "--upd", str(tmp_path / "b"),
-                   "--data", str(splits["probe"]), "--out", str(out)])
+                   "--data", str(splits["unrelated"]), "--out", str(out)])
         assert_error(capsys, rc, out, str(tmp_path / "a"))
         assert not (out / "analysis.json").exists()
 
-    def test_previous_report_survives_a_failed_run(self, tmp_path, capsys, splits, tiny_cache):  # noqa: F811
+    def test_previous_report_survives_a_failed_run(self, tmp_path, capsys, splits, checkpoints):
         out = tmp_path / "out"
         (out / "state").mkdir(parents=True)
         (out / "state" / "config.json").write_text('{"model": "something else"}')  # no checksum: damaged
         (out / "report.json").write_text('{"complete": true}')
         (out / "report.md").write_text("previous")
-        rc = main(["run", "--out", str(out), "--cache-dir", str(tiny_cache), "--no-progress",
+        capsys.readouterr()
+        rc = main(["run", "--out", str(out), "--model", str(checkpoints[0]), "--no-progress", "--no-nulls",
                    *split_args(splits)])
         assert_error(capsys, rc, out, "config.json is damaged", "--restart", report=True)
         assert (out / "report.json").read_text() == '{"complete": true}'
@@ -164,7 +167,8 @@ class TestErrors:
 
 @pytest.fixture
 def checkpoints(tmp_path, tiny):
-    """(ref_dir, upd_dir): the tiny model and a copy with every weight scaled by 1.05, saved as HF checkpoints."""
+    """(ref_dir, upd_dir): the small pretrained model and a copy with every weight scaled by 1.05, saved as HF
+    checkpoints."""
     model, tok, _ = tiny
     ref_dir, upd_dir = tmp_path / "ref", tmp_path / "upd"
     upd = copy.deepcopy(model)
@@ -178,7 +182,7 @@ def checkpoints(tmp_path, tiny):
 
 
 class TestAnalyzeShapes:
-    @pytest.mark.parametrize("field,value", [("hidden_size", 64), ("vocab_size", 7)])
+    @pytest.mark.parametrize("field,value", [("hidden_size", 96), ("vocab_size", 7)])
     def test_models_of_another_shape_are_refused(self, tmp_path, capsys, splits, checkpoints, field, value):
         ref_dir, upd_dir = checkpoints
         cfg = json.loads((upd_dir / "config.json").read_text())
@@ -186,37 +190,65 @@ class TestAnalyzeShapes:
         (upd_dir / "config.json").write_text(json.dumps(cfg))
         out = tmp_path / "analysis"
         capsys.readouterr()  # the fixture's own output
-        rc = main(["analyze", "--ref", str(ref_dir), "--upd", str(upd_dir), "--data", str(splits["probe"]),
+        rc = main(["analyze", "--ref", str(ref_dir), "--upd", str(upd_dir), "--data", str(splits["unrelated"]),
                    "--out", str(out)])
         assert_error(capsys, rc, out, f"--upd has {field}={value}", "not two checkpoints of one model")
         assert not out.exists()
 
 
-class TestCommands:
-    def test_run_writes_a_complete_report(self, tmp_path, capsys, splits, tiny, tiny_cache):  # noqa: F811
+class TestData:
+    def test_data_files_need_forget_and_retain(self, tmp_path, capsys, splits):
         out = tmp_path / "out"
-        rc = main(["run", "--method", "ga", "--lr", "3e-3", "--batch-size", "4", "--relearn-lr", "3e-3",
-                   "--out", str(out), "--cache-dir", str(tiny_cache), "--device", "cpu", "--no-progress",
+        rc = main(["run", "--out", str(out), "--forget", str(splits["forget"])])
+        assert_error(capsys, rc, out, "--retain missing", "--fill-synthetic")
+
+    def test_relearning_control_needs_its_data(self, tmp_path, capsys, splits):
+        out = tmp_path / "out"
+        rc = main(["run", "--out", str(out), "--forget", str(splits["forget"]), "--retain", str(splits["retain"])])
+        assert_error(capsys, rc, out, "relearning control(s) unrelated need --unrelated")
+
+    def test_missing_null_model(self, tmp_path, capsys, splits):
+        out = tmp_path / "out"
+        rc = main(["run", "--out", str(out), "--retain-model", str(tmp_path / "no-oracle"), *split_args(splits)])
+        assert_error(capsys, rc, out, "no-oracle")
+
+
+RUN = ["--method", "ga", "--lr", "3e-3", "--epochs", "2", "--batch-size", "4", "--relearn-lr", "3e-3", "--device", "cpu",
+       "--no-progress", "--eval-items", "48", "--probe-items", "16", "--diag-batch-size", "8"]
+
+
+class TestCommands:
+    def test_run_writes_a_complete_report(self, tmp_path, capsys, splits, checkpoints, tiny_cache):
+        oracle_dir = tmp_path / "oracle"
+        oracle, tok, _ = load_small(tiny_cache, "retain_oracle")
+        oracle.save_pretrained(oracle_dir)
+        tok.save_pretrained(oracle_dir)
+        out = tmp_path / "out"
+        capsys.readouterr()
+        rc = main(["run", *RUN, "--model", str(checkpoints[0]), "--retain-model", str(oracle_dir), "--out", str(out),
                    "--no-fisher", *split_args(splits)])
         assert rc == 0
         report = json.loads((out / "report.json").read_text())
         assert report["complete"] is True and report["runs"][0]["method"] == "ga"
         assert report["config"]["data"]["forget"].endswith("forget.jsonl")
-        assert all(r["fisher_mass_ratio"] is None for r in report["runs"][0]["stages"][1]["layers"])
+        assert set(report["nulls"]) == {"random_init", "retain_oracle"}  # no other-seed model given
+        assert "relearned" in report["nulls"]["retain_oracle"]
+        layers = report["runs"][0]["stages"][1]["structure"]["forget"]["layers"]
+        assert all(r["fisher_mass_ratio"] is None for r in layers)
         printed = capsys.readouterr().out
-        assert "ga_lr0.003_single" in printed and "thresholds:" in printed
+        assert "ga_lr0.003_single_seed0" in printed and "thresholds:" in printed and "Spearman" in printed
 
     def test_analyze_two_checkpoints(self, tmp_path, capsys, splits, checkpoints):
         ref_dir, upd_dir = checkpoints
         out = tmp_path / "analysis"
-        rc = main(["analyze", "--ref", str(ref_dir), "--upd", str(upd_dir), "--data", str(splits["probe"]),
+        rc = main(["analyze", "--ref", str(ref_dir), "--upd", str(upd_dir), "--data", str(splits["unrelated"]),
                    "--forget", str(splits["forget"]), "--out", str(out), "--device", "cpu", "--no-progress"])
         assert rc == 0
         analysis = json.loads((out / "analysis.json").read_text())
-        assert analysis["complete"] is True and len(analysis["layers"]) == 4
+        assert analysis["complete"] is True and len(analysis["layers"]) == 2
         for row in analysis["layers"]:
             assert 0.0 < row["cka"] < 1.0 and row["fisher_mass_ratio"] > 0
-        assert (out / "analysis.md").read_text().count("\n| ") >= 5
+        assert (out / "analysis.md").read_text().count("\n| ") >= 3
         assert (out / "analysis.png").stat().st_size > 0
         assert "layer   0" in capsys.readouterr().out
 
@@ -226,12 +258,29 @@ class TestCommands:
         assert proc.returncode == 0 and "demo" in proc.stdout and "analyze" in proc.stdout
 
     def test_demo_grid_and_defaults(self):
-        specs = demo_specs()
-        assert {s.method for s in specs} == {"ga", "npo"}
-        assert len({s.lr for s in specs}) == 2 and {s.setting for s in specs} == {"single", "continual"}
-        assert all(s.requests == 5 for s in specs if s.setting == "continual")
+        from repforget_kernels.driver.cli import DEMO_LRS, DEMO_REQUESTS
+        from repforget_kernels.driver.methods import METHOD_NAMES
+
         args = build_parser().parse_args(["demo"])
-        assert str(args.out) == "runs/demo" and args.model == "tiny"
+        assert str(args.out) == "runs/demo" and args.model == "tiny" and args.seeds == 1
+        specs = demo_specs(args)
+        assert {s.method for s in specs} == set(METHOD_NAMES)  # every method of the registry
+        single = {(s.method, s.lr) for s in specs if s.setting == "single"}
+        assert single == {(m, lr) for m in METHOD_NAMES for lr in DEMO_LRS} and len(DEMO_LRS) >= 3
+        continual = {(s.method, s.requests) for s in specs if s.setting == "continual"}
+        assert continual == {(m, n) for m in METHOD_NAMES for n in DEMO_REQUESTS}
+        assert 5 in DEMO_REQUESTS and max(DEMO_REQUESTS) >= 10
+        assert all(s.reference == "original" for s in specs)
+        three = demo_specs(build_parser().parse_args(["demo", "--seeds", "3"]))
+        assert len(three) == 3 * len(specs) and {s.seed for s in three} == {0, 1, 2}
+
+    def test_run_grid_of_settings(self):
+        args = build_parser().parse_args(["run", "--out", "x", "--method", "ga", "npo", "--lr", "1e-4", "1e-3",
+                                          "--setting", "single", "continual", "--requests", "2", "4"])
+        from repforget_kernels.driver.cli import _specs
+
+        ids = [s.run_id for s in _specs(args)]
+        assert len(ids) == 2 * 2 * 3 and "npo_lr0.001_continual4_seed0" in ids and "ga_lr0.0001_single_seed0" in ids
 
 
 def launch(args: list, launcher: str = "torchrun") -> subprocess.CompletedProcess:
@@ -248,9 +297,10 @@ def launch(args: list, launcher: str = "torchrun") -> subprocess.CompletedProces
 
 
 # SGD at a large rate moves the weights a lot, with float rounding between the ranks staying at its level
-RUN_ARGS = ["run", "--method", "ga_gd", "npo", "--lr", "0.5", "--relearn-lr", "0.5", "--optimizer", "sgd",
-            "--setting", "continual", "--requests", "2", "--batch-size", "4", "--device", "cpu", "--no-progress",
-            "--diag-batch-size", "4"]
+RUN_ARGS = ["run", "--method", "ga_gd", "npo", "--lr", "0.2", "--relearn-lr", "0.2", "--optimizer", "sgd",
+            "--relearn-optimizer", "sgd",
+            "--setting", "continual", "--requests", "2", "--epochs", "1", "--batch-size", "4", "--device", "cpu",
+            "--no-progress", "--diag-batch-size", "4", "--no-nulls", "--eval-items", "48", "--probe-items", "16"]
 
 
 @pytest.fixture
@@ -265,7 +315,7 @@ class TestSeveralProcesses:
     def test_analyze_under_torchrun_equals_one_process(self, tmp_path, splits, checkpoints):
         """Two gloo ranks (torchrun) split the probe batches and merge: the numbers of one process."""
         ref_dir, upd_dir = checkpoints
-        common = ["analyze", "--ref", str(ref_dir), "--upd", str(upd_dir), "--data", str(splits["probe"]),
+        common = ["analyze", "--ref", str(ref_dir), "--upd", str(upd_dir), "--data", str(splits["unrelated"]),
                   "--forget", str(splits["forget"]), "--device", "cpu", "--no-progress", "--diag-batch-size", "4",
                   "--no-token-cka"]
         assert main([*common, "--out", str(tmp_path / "one")]) == 0
@@ -289,7 +339,7 @@ class TestSeveralProcesses:
         two = json.loads((tmp_path / "two" / "report.json").read_text())
         assert (one["config"]["world_size"], two["config"]["world_size"]) == (1, 2)
         assert two["complete"] and done.stdout.count("report:") == 1  # rank 0 alone prints and writes
-        assert one["runs"][0]["stages"][2]["forget_acc"] < one["runs"][0]["stages"][0]["forget_acc"]
+        assert one["runs"][0]["stages"][2]["em"]["forget"] < one["runs"][0]["stages"][0]["em"]["forget"]
         assert_stages_match(one, two)
 
     @pytest.mark.parametrize("env, argv, fragment", [
@@ -303,5 +353,5 @@ class TestSeveralProcesses:
             monkeypatch.setenv(key, value)
         out = tmp_path / "out"
         rc = main(["run", *argv, "--out", str(out), "--cache-dir", str(tmp_path), *split_args(splits)])
-        assert_error(capsys, rc, out, fragment)
+        assert_error(capsys, rc, out, fragment, report=True)
         assert not (out / "state").exists()

@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 
 from repforget_kernels.driver import distributed as Dist
 from repforget_kernels.driver import train as T
-from repforget_kernels.driver.losses import METHODS
+from repforget_kernels.driver.methods import METHOD_NAMES as METHODS
 
 from conftest import free_port, gloo_group
 from test_driver_diagnostics import random_models
@@ -35,9 +35,10 @@ def _train(model, enc, method, optimizer, lr, frozen_copy):
     T.KL_CACHE_BYTES = 0 if frozen_copy else cache  # 0: GA+KL / NPO+KL keep a frozen copy instead of a cache
     try:
         cfg = T.TrainConfig(lr=lr, epochs=2, batch_size=5, progress=False, optimizer=optimizer)
+        forget = {k: v[:8] for k, v in enc["forget"].items()}  # 8 rows: batches of 5 and 3, two per epoch
         if method == "relearn":
-            return T.relearn(model, enc["forget"], cfg)
-        return T.unlearn(model, method, enc["forget"], enc["retain"], cfg)
+            return T.relearn(model, forget, cfg)
+        return T.unlearn(model, method, forget, enc["retain"], cfg)
     finally:
         T.KL_CACHE_BYTES = cache
 
@@ -178,7 +179,8 @@ class TestCopies:
 
     def test_bf16_compute_trains_like_float32(self, copies):
         """bf16 compute on float32 masters moves the weights like a float32 run, up to bf16 rounding of the
-        compute (0.6% of the update here), while bf16 weights drop the updates under half an ulp (16%)."""
+        compute (0.3-0.6% of the update here), while bf16 weights drop the updates under half an ulp (10-16%,
+        over ten times as much)."""
         ref, _, enc = random_models()
         start = ref.to(torch.bfloat16)
         runs = {"float32": copy.deepcopy(start).float(), "bf16 weights": copy.deepcopy(start)}
@@ -193,7 +195,7 @@ class TestCopies:
         error = {name: float((delta(state) - want).norm() / want.norm())
                  for name, state in (("masters", copies[0]["half_trained"]),
                                      ("bf16 weights", runs["bf16 weights"].state_dict()))}
-        assert error["masters"] < 0.05 and error["bf16 weights"] > 0.1, error
+        assert error["masters"] < 0.05 and error["bf16 weights"] > 10 * error["masters"], error
 
     def test_main_rank_first_runs_rank_zero_alone_before_the_others(self, copies):
         assert copies[0]["first"] == ((0, 1), False)  # alone: no rank, no collective sees the others

@@ -102,7 +102,7 @@ class BenchmarkConfig:
     entities: int = 100
     holdout_entities: int = 20
     forget: str = "forget10"
-    utility_train: int = 120
+    utility_train: int = 80
     utility: int = 20
     unrelated: int = 120
 

@@ -95,7 +95,8 @@ def _common(p: argparse.ArgumentParser, out_default: Optional[Path] = None) -> N
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sample", choices=SAMPLE_DEFINITIONS, default="mean", help="rows for CKA / PCA")
-    p.add_argument("--pca-k", type=int_at_least(1), default=1, help="also report the top-k subspace similarity (k > 1)")
+    p.add_argument("--pca-k", type=int_at_least(1), default=4,
+                   help="top-k principal-angle similarity beside PC1's (1: PC1 only)")
     p.add_argument("--diag-batch-size", type=int_at_least(1), default=16, help="batch size of the diagnostic passes")
     p.add_argument("--no-token-cka", action="store_true", help="skip token-level CKA (saves holding the original)")
     p.add_argument("--no-fisher", action="store_true", help="skip the Fisher diagnostics")
@@ -117,6 +118,7 @@ def _experiment(p: argparse.ArgumentParser) -> None:
                    help="epochs of every relearning control (over as many items as the forget set)")
     p.add_argument("--relearn-lr", type=positive_float, default=1e-3)
     p.add_argument("--relearn-batch-size", type=int_at_least(1), default=16)
+    p.add_argument("--relearn-optimizer", choices=("adamw", "sgd", "adafactor"), default="adamw")
     p.add_argument("--relearn-controls", nargs="+", choices=("forget", "retain", "unrelated"),
                    default=["forget", "retain", "unrelated"], help="the relearning data of the controls")
     p.add_argument("--eval-items", type=int_at_least(1), default=240, help="items per evaluation split at most")
@@ -153,6 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-length", type=int_at_least(2), default=64, help="tokens per example")
     for split in SPLIT_FLAGS:
         run.add_argument(f"--{split}", type=Path, default=None, help=f"JSONL for the {split} split")
+    run.add_argument("--fill-synthetic", action="store_true",
+                     help="take the splits not given as files from the embedded benchmark")
+    run.add_argument("--retain-model", default=None,
+                     help="the retain oracle for a local model: the same architecture trained without the forget data")
+    run.add_argument("--other-seed-model", default=None,
+                     help="a null for a local model: the same architecture and data, another seed")
 
     an = sub.add_parser("analyze", help="diagnostics of two existing checkpoints")
     _common(an)
@@ -246,17 +254,25 @@ def _benchmark_config(args):
 
 
 def _examples(args) -> tuple:
-    """The embedded benchmark with user JSONL splits swapped in, and {split: path} of those files."""
+    """(splits, {split: path}): the embedded benchmark without data files; with them, exactly the user's splits
+    (forget and retain required), or the benchmark with the user's splits swapped in under --fill-synthetic."""
     from .benchmark import make_benchmark
     from .data import load_jsonl
 
-    corpus = make_benchmark(args.seed, _benchmark_config(args))
-    sources = {}
-    for split in SPLIT_FLAGS:
-        path = getattr(args, split, None)
-        if path is not None:
-            corpus[split] = load_jsonl(path, split)
-            sources[split] = path
+    sources = {split: getattr(args, split) for split in SPLIT_FLAGS if getattr(args, split, None) is not None}
+    if not sources:
+        return make_benchmark(args.seed, _benchmark_config(args)), {}
+    missing = [f"--{s}" for s in ("forget", "retain") if s not in sources]
+    if missing and not args.fill_synthetic:
+        raise UsageError(f"data files given but {' and '.join(missing)} missing: give them, or --fill-synthetic to take "
+                         "the missing splits from the embedded benchmark (its facts are unrelated to yours)")
+    corpus = make_benchmark(args.seed, _benchmark_config(args)) if args.fill_synthetic else {}
+    for split, path in sources.items():
+        corpus[split] = load_jsonl(path, split)
+    wanted = [c for c in args.relearn_controls if c != "forget" and not corpus.get(c)]
+    if wanted:
+        raise UsageError(f"relearning control(s) {', '.join(wanted)} need --{wanted[0]} data (or leave them out of "
+                         "--relearn-controls)")
     return corpus, sources
 
 
@@ -273,11 +289,24 @@ def _pipeline(args, examples=None, sources=None):
                          seed=args.seed, benchmark=_benchmark_config(args), max_length=getattr(args, "max_length", 64),
                          eval_items=args.eval_items, probe_items=args.probe_items, relearn_lr=args.relearn_lr,
                          relearn_epochs=args.relearn_epochs, relearn_batch_size=args.relearn_batch_size,
+                         relearn_optimizer=args.relearn_optimizer,
                          relearn_controls=tuple(dict.fromkeys(args.relearn_controls)), diagnostics=_diag_config(args),
                          examples=examples, data_sources=sources or {}, nulls=() if args.no_nulls else NULLS,
+                         null_models=_null_models(args),
                          workers=_workers(args, device), progress=is_main and not args.no_progress, fsdp=fsdp,
                          restart=args.restart)
     return Pipeline(cfg)
+
+
+def _null_models(args) -> dict:
+    """{null: directory} from --retain-model / --other-seed-model (checked to exist)."""
+    out = {}
+    for name, flag in (("retain_oracle", "retain_model"), ("other_seed", "other_seed_model")):
+        spec = getattr(args, flag, None)
+        if spec is not None:
+            _check_model(spec)
+            out[name] = spec
+    return out
 
 
 def _workers(args, device: str) -> int:
@@ -373,6 +402,7 @@ def cmd_run(args) -> int:
         raise UsageError("--optimizer adafactor does not run on FSDP-sharded parameters (several processes): "
                          "use adamw (its states are sharded too) or sgd")
     _check_model(args.model)
+    _null_models(args)
     examples, sources = _examples(args)
     entities = len({item.get("entity", i) for i, item in enumerate(examples["forget"])})
     for n in (args.requests if "continual" in args.setting else ()):

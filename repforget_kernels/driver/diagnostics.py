@@ -33,7 +33,8 @@ class DiagnosticsConfig:
     """Settings of one diagnostics pass.
 
     sample: rows for pooled CKA / PCA (``mean`` | ``last`` | ``first`` | ``tokens``).
-    pca_k: subspace size of the extra PCA similarity (k = 1 is always reported).
+    pca_k: subspace size of the extra PCA similarity, the mean cosine of the top-k principal angles (k = 1, the
+        first principal directions' |cos|, is always reported; pca_k = 1 adds nothing).
     shift_k: number of reference principal directions for the PCA shift (default 2).
     batch_size: probe / forget batch size of the diagnostic forward (and Fisher backward) passes.
     token_cka: also compute token-level CKA (needs the reference model in memory).
@@ -44,7 +45,7 @@ class DiagnosticsConfig:
     """
 
     sample: str = "mean"
-    pca_k: int = 1
+    pca_k: int = 4
     shift_k: int = 2
     batch_size: int = 16
     token_cka: bool = True

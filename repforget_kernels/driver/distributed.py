@@ -323,13 +323,13 @@ def _mesh(device_type: str):
 def shard_model(model, settings: FSDPSettings = FSDPSettings()):
     """Shard ``model`` in place over every rank with FSDP2 and return it (needs the process group).
 
-    One ``fully_shard`` group per decoder block (``models.decoder_layers``), one for the rest (embeddings,
+    One ``fully_shard`` group per decoder block (``repforget_kernels.decoder_layers``), one for the rest (embeddings,
     final norm, head: the root). With ``settings.master_dtype`` above the loaded dtype, each block is
     upcast just before it is sharded (one block of transient memory) and FSDP casts the gathered
     parameters back to the loaded dtype for compute, reducing gradients in float32. Per rank, the
     model then holds 1/world of the parameters; names in ``named_parameters`` stay the same.
     """
-    from .models import decoder_layers
+    from repforget_kernels.activations import decoder_layers
 
     if world()[1] == 1:
         raise ValueError("shard_model needs a process group of more than one rank")

@@ -89,6 +89,7 @@ RELEARN_CONTROLS = ("forget", "retain", "unrelated")
 PROBES = ("forget", "retain", "unrelated")
 NULLS = ("random_init", "other_seed", "retain_oracle")
 STRUCTURE_DRAWS = 200  # bootstrap draws of the pooled-CKA drift per probe set and stage
+_TOKEN_STORE_BYTES = 256 << 20  # the original's token rows of one probe set are stored up to this size
 _SELECTIVE = {"forget_drop": 0.5, "retain_drop": 0.1}
 
 
@@ -198,7 +199,8 @@ def split_requests(items: list, n: int) -> list:
     without one are their own unit), contiguous in first-appearance order, sizes differing by at most one unit."""
     units: dict = {}
     for i, item in enumerate(items):
-        units.setdefault(item.get("entity", f"#{i}"), []).append(item)
+        entity = item.get("entity") if isinstance(item, dict) else None
+        units.setdefault(f"#{i}" if entity is None else entity, []).append(item)
     groups = list(units.values())
     if not 1 <= n <= len(groups):
         raise ValueError(f"cannot split {len(groups)} forget entities into {n} requests (need 1 <= requests <= entities)")
@@ -315,6 +317,7 @@ class Pipeline:
                          "verdict": verdict(stages, nulls, self.cfg.thresholds)})
         for run in runs:
             b = run["verdict"]["behaviour"]
+            run["label"] = b["label"]
             run["recoveries"] = {c: b.get("recovery" if c == "forget" else f"recovery_{c}")
                                  for c in self.cfg.relearn_controls}
         report = {"kind": "repforget-report", "config": self._config_json(), "versions": versions(),
@@ -368,6 +371,17 @@ class Pipeline:
         self.encoded_probes = {s: enc(items) for s, items in self.probes.items()}
         self.forget_all = enc(self.examples["forget"])
 
+    def _token_source(self) -> Optional[str]:
+        """Where token-level CKA gets the original's token rows: stored once ("store", when every probe set's
+        rows fit in ``_TOKEN_STORE_BYTES``), else by running the original again at every stage ("model")."""
+        if not self.cfg.diagnostics.token_cka:
+            return None
+        if world()[1] > 1:  # each rank would store only its own batches' rows; reference.pt holds rank 0's
+            return "model"
+        config = self.reference.config
+        tokens = max(int(enc["attention_mask"].sum()) for enc in self.encoded_probes.values())
+        return "store" if tokens * config.num_hidden_layers * config.hidden_size * 4 <= _TOKEN_STORE_BYTES else "model"
+
     def _evaluate(self, model) -> dict:
         return evaluate(model, self.eval_splits, batch_size=self.cfg.eval_batch_size, tokenizer=self.tokenizer,
                         generate_batch_size=self.cfg.eval_batch_size)
@@ -399,7 +413,8 @@ class Pipeline:
     def _original_stage(self) -> dict:
         """The original model's stage record (and reference statistics per probe set), computed once per OUT."""
         dcfg = self.cfg.diagnostics
-        token_model = self.reference if dcfg.token_cka else None  # run again per stage for token-level CKA
+        tokens = self._token_source()
+        token_model = self.reference if tokens == "model" else None  # run again per stage for token-level CKA
         if broadcast(self.state.exists("original.json")):
             saved = self.state.read_json("original.json")
             stats = self.state.load_torch("reference.pt", saved["reference_sha256"])
@@ -409,7 +424,7 @@ class Pipeline:
         self.ref_stats = {}
         for probe, enc in self.encoded_probes.items():
             self.ref_stats[probe] = ReferenceStatistics.compute(
-                self.reference, **statistics_options(dcfg, enc, enc), tokens="model" if dcfg.token_cka else None)
+                self.reference, **statistics_options(dcfg, enc, enc), tokens=tokens, max_token_bytes=_TOKEN_STORE_BYTES)
         torch.manual_seed(self.cfg.seed)
         record = dict(name="original", train=None, **self._measure(self.reference))
         if is_main():
