@@ -129,6 +129,8 @@ class TestExactMatch:
             want.append(normalize_answer(tok.decode(new)) == normalize_answer(item["answer"]))
         assert got.tolist() == want
         assert any(want) and not all(want)  # the trained facts right, the never-seen holdout wrong
+        decoded = exact_match(model, enc, tokenizer=tok, batch_size=4, teacher_forced=torch.zeros(len(items), dtype=torch.bool))
+        assert decoded.tolist() == want  # the teacher-forced shortcut changes nothing: every item decoded agrees
 
 
 class TestRocAuc:

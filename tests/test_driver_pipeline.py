@@ -73,8 +73,10 @@ class TestEndToEnd:
                 assert set(stage["mia_auc"]) == {"loss", "zlib", "min_k", "min_k_plus_plus"}
                 for probe in stage["structure"].values():
                     assert [r["layer"] for r in probe["layers"]] == [0, 1]
-                    assert {"summary", "draws", "fisher"} <= probe.keys()
+                    assert {"summary", "fisher"} <= probe.keys()
                     assert len(probe["layers"][0]["pca_shift"]) == 2
+            last = [s for s in run["stages"] if s["name"].startswith("unlearned")][-1]
+            assert all(len(p["draws"]["cka_pooled"]) == 200 for p in last["structure"].values())  # the verdict's stage
             curves = [s["curve"] for s in run["stages"] if s["name"] in CONTROLS]
             assert len(curves) == 3 and all(len(c) == curves[0][0] is not None or len(c) > 1 for c in curves)
 

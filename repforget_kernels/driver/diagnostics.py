@@ -40,6 +40,7 @@ class DiagnosticsConfig:
     token_cka: also compute token-level CKA (needs the reference model in memory).
     fisher: compute the Fisher diagnostics (one backward pass per forget sequence batch).
     fisher_samples: entries per layer kept for the rank correlation and histograms (strided subsample).
+    fisher_items: sequences of each probe set the pipeline's Fisher is taken on (the first ones).
     hist_bins: bins of the log-spaced Fisher histograms.
     max_token_rows: rows per layer kept for PCA when ``sample == "tokens"``.
     """
@@ -51,6 +52,7 @@ class DiagnosticsConfig:
     token_cka: bool = True
     fisher: bool = True
     fisher_samples: int = 100_000
+    fisher_items: int = 32
     hist_bins: int = 48
     max_token_rows: int = 4096
 

@@ -5,6 +5,8 @@
   continuation up to EOS (EOS excluded), decoded and normalised (:func:`normalize_answer`: lower case,
   punctuation dropped, whitespace collapsed), equals the normalised reference answer. The split's
   number is the fraction of correct items; the per-item outcomes are kept for bootstrap intervals.
+  Items whose every supervised token is the argmax under teacher forcing need no decoding (greedy
+  decoding then reproduces the reference token by token); only the others are decoded.
 
 The other per-example numbers of a split come from ONE forward pass per batch (``split_scores``):
 
@@ -28,6 +30,7 @@ from __future__ import annotations
 import inspect
 import math
 import zlib
+from typing import Optional
 
 import torch
 
@@ -134,29 +137,59 @@ def _answer_text(ids: list, eos_id, tokenizer) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True) if tokenizer is not None else " ".join(map(str, ids))
 
 
+def _subset(encoded: dict, rows: torch.Tensor) -> dict:
+    """The encode() rows ``rows`` of every (N, ...) tensor."""
+    n = encoded["input_ids"].shape[0]
+    return {k: v[rows] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n else v for k, v in encoded.items()}
+
+
 @torch.no_grad()
-def exact_match(model, encoded: dict, *, tokenizer=None, batch_size: int = 64) -> torch.Tensor:
+def _teacher_forced_greedy(model, encoded: dict, batch_size: int) -> torch.Tensor:
+    """(N,) bool: every supervised token (answer and EOS) is the argmax given the reference prefix; one forward
+    pass per batch."""
+    device = next(model.parameters()).device
+    parts = []
+    for index, batch in rank_batches(encoded, batch_size):
+        batch = {key: value.to(device) for key, value in batch.items()}
+        target = batch["labels"][:, 1:]  # (B, T-1)
+        hit = (forward_logits(model, batch)[:, :-1].argmax(-1) == target) | (target == -100)  # (B, T-1)
+        parts.append((index, hit.all(1).cpu()))
+    return torch.cat(gather_in_order(parts))
+
+
+@torch.no_grad()
+def exact_match(model, encoded: dict, *, tokenizer=None, batch_size: int = 64,
+                teacher_forced: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(N,) bool: whether the greedy answer to each encoded item equals its reference (see the module docstring).
 
-    encoded: an encode() output (prompt unsupervised, answer + EOS supervised). Rows in order; under
-    torch.distributed each rank generates its share of the batches and the outcomes are gathered.
+    encoded: an encode() output (prompt unsupervised, answer + EOS supervised). An item whose every supervised
+    token is the argmax under teacher forcing (``teacher_forced``, computed here in one forward pass per batch
+    when not given) is answered exactly so by greedy decoding, whose prefix at every step is then the
+    reference's; only the other items are decoded, and compared as normalised text. Rows in order; under
+    torch.distributed each rank takes its share of the batches and the outcomes are gathered.
     """
     was_training = model.training
     model.eval()
     eos = _eos_id(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
-    parts = []
     try:
-        for index, batch in rank_batches(encoded, batch_size):
+        if teacher_forced is None:
+            teacher_forced = _teacher_forced_greedy(model, encoded, batch_size)
+        result = teacher_forced.clone()
+        todo = (~teacher_forced).nonzero().flatten()  # (M,) the items greedy decoding must answer
+        parts = []
+        for index, batch in (rank_batches(_subset(encoded, todo), batch_size) if todo.numel() else ()):
             rows = split_rows(batch)
             refs = [_answer_text(answer, eos, tokenizer) for _, answer in rows]
             caps = [len(answer) + 2 for _, answer in rows]
             outs = greedy_continuations(model, [p for p, _ in rows], max_new_tokens=caps, eos_id=eos, pad_id=pad)
             got = [normalize_answer(_answer_text(o, eos, tokenizer)) == normalize_answer(r) for o, r in zip(outs, refs)]
             parts.append((index, torch.tensor(got, dtype=torch.bool)))
+        if todo.numel():
+            result[todo] = torch.cat(gather_in_order(parts))
     finally:
         model.train(was_training)
-    return torch.cat(gather_in_order(parts))
+    return result
 
 
 def _min_k(values: torch.Tensor, mask: torch.Tensor, k: float) -> torch.Tensor:
@@ -196,7 +229,8 @@ def _zlib_lengths(batch: dict, tokenizer) -> torch.Tensor:
 def split_scores(model, encoded: dict, *, batch_size: int = 16, tokenizer=None, k: float = MIN_K) -> dict:
     """Per-example numbers of one split, one forward pass per batch, eval mode, float32 reductions.
 
-    Returns {"correct" (N,) and "tokens" (N,) answer-token counts (EOS excluded), "nll" (N,) summed NLL of
+    Returns {"greedy" (N,) bool: every supervised token is the argmax (the greedy answer is the reference,
+    see :func:`exact_match`), "correct" (N,) and "tokens" (N,) answer-token counts (EOS excluded), "nll" (N,) summed NLL of
     the supervised tokens, "supervised" (N,) their counts,
     and the four MIA scores (N,) float64 ("loss", "zlib", "min_k", "min_k_plus_plus")}, on CPU, in row
     order (under torch.distributed: every rank's batches, gathered).
@@ -216,8 +250,10 @@ def split_scores(model, encoded: dict, *, batch_size: int = 16, tokenizer=None, 
             tokens = mask.sum(1)  # (B,)
             answer = mask & (target != eos) if eos is not None else mask  # (B, T-1) answer tokens, no EOS
             nll = -(logp.masked_fill(~mask, 0.0)).sum(1)  # (B,)
+            argmax = logp_all.argmax(-1)  # (B, T-1)
             parts.append((index, {
-                "correct": ((logp_all.argmax(-1) == target) & answer).sum(1).cpu(),
+                "greedy": ((argmax == target) | ~mask).all(1).cpu(),
+                "correct": ((argmax == target) & answer).sum(1).cpu(),
                 "tokens": answer.sum(1).cpu(),
                 "supervised": tokens.cpu(),
                 "nll": nll.double().cpu(),
@@ -229,7 +265,8 @@ def split_scores(model, encoded: dict, *, batch_size: int = 16, tokenizer=None, 
     finally:
         model.train(was_training)
     batches = gather_in_order(parts)
-    return {key: torch.cat([b[key] for b in batches]) for key in ("correct", "tokens", "supervised", "nll", *_MIA)}
+    return {key: torch.cat([b[key] for b in batches])
+            for key in ("greedy", "correct", "tokens", "supervised", "nll", *_MIA)}
 
 
 def evaluate(model, splits: dict[str, dict], *, batch_size: int = 16, tokenizer=None, generate: bool = True,
@@ -249,8 +286,8 @@ def evaluate(model, splits: dict[str, dict], *, batch_size: int = 16, tokenizer=
     out: dict = {"token_acc": {name: float(s["correct"].sum()) / max(1, int(s["tokens"].sum()))
                                for name, s in scores.items()}}
     if generate:
-        hits = {name: exact_match(model, enc, tokenizer=tokenizer, batch_size=generate_batch_size)
-                for name, enc in splits.items()}
+        hits = {name: exact_match(model, enc, tokenizer=tokenizer, batch_size=generate_batch_size,
+                                  teacher_forced=scores[name]["greedy"]) for name, enc in splits.items()}
         out["em"] = {name: float(h.float().mean()) for name, h in hits.items()}
         out["em_items"] = {name: "".join("1" if v else "0" for v in h.tolist()) for name, h in hits.items()}
     out["perplexity"] = None

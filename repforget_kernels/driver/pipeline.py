@@ -97,7 +97,8 @@ _SELECTIVE = {"forget_drop": 0.5, "retain_drop": 0.1}
 class RunSpec:
     """One unlearning run: ``method`` at ``lr`` for ``epochs`` per request, in the ``single`` setting (the whole
     forget set at once) or ``continual`` (``requests`` chunks of whole forget entities, one after another,
-    each with the full budget); ``seed`` seeds the data order, RLabel's answers and the relearning subsets;
+    each with the full budget); ``retain_weight`` scales the retain term of the methods that have one;
+    ``seed`` seeds the data order, RLabel's answers and the relearning subsets;
     ``reference``: NPO's reference and the KL anchor are the ``original`` model or the ``current`` one at
     the start of each request."""
 
@@ -108,6 +109,7 @@ class RunSpec:
     epochs: int = 5
     batch_size: int = 16
     beta: float = 0.1
+    retain_weight: float = 1.0
     seed: int = 0
     reference: str = "original"
     optimizer: str = "adamw"  # "adamw" | "sgd" | "adafactor" (see models.memory_plan for 7B on one GPU)
@@ -118,7 +120,7 @@ class RunSpec:
             raise ValueError(f"setting must be one of {SETTINGS}, got {self.setting!r}")
         if self.reference not in REFERENCES:
             raise ValueError(f"reference must be one of {REFERENCES}, got {self.reference!r}")
-        for name in ("lr", "beta"):
+        for name in ("lr", "beta", "retain_weight"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive finite number, got {value!r}")
@@ -148,9 +150,9 @@ class PipelineConfig:
     examples: {split: items} (``benchmark.make_benchmark(seed, benchmark)`` when None); model: ``tiny`` | path
     | preset; seed: the benchmark's and the embedded models' seed. relearn_*: the relearning budget of every
     control (matched to the forget set: as many items, ``relearn_epochs`` epochs). eval_items: items per
-    evaluation split at most (a fixed subset); probe_items: items per probe set. nulls: the null models to
-    measure, among NULLS (pretrained variants of the embedded model, or ``null_models`` {name: directory}
-    for a local model; random_init is built from the config).
+    evaluation split at most (a fixed subset; the forget split is always whole); probe_items: items per probe
+    set. nulls: the null models to measure, among NULLS (pretrained variants of the embedded model, or
+    ``null_models`` {name: directory} for a local model; random_init is built from the config).
     tiny_options: overrides of the embedded model's architecture / recipe / vocabulary (``pretrain.load_tiny``).
     workers: run-level parallelism in one process's stead (``workers``: single-threaded processes; ignored
     under a torch.distributed launcher).
@@ -165,8 +167,8 @@ class PipelineConfig:
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     max_length: int = 64
     eval_batch_size: int = 64
-    eval_items: int = 240
-    probe_items: int = 96
+    eval_items: int = 96
+    probe_items: int = 64
     relearn_lr: float = 1e-3
     relearn_epochs: int = 1
     relearn_batch_size: int = 16
@@ -366,9 +368,11 @@ class Pipeline:
                 progress=c.progress, tiny_options=c.tiny_options)
         self.reference.requires_grad_(False)
         enc = lambda items: encode(self.tokenizer, items, max_length=c.max_length)  # noqa: E731
-        self.eval_splits = {s: enc(self._subset(s, c.eval_items)) for s in EVAL_SPLITS if self.examples.get(s)}
+        limit = {s: len(self.examples[s]) if s == "forget" else c.eval_items for s in EVAL_SPLITS}  # forget: all of it
+        self.eval_splits = {s: enc(self._subset(s, limit[s])) for s in EVAL_SPLITS if self.examples.get(s)}
         self.probes = {s: self._subset(s, c.probe_items) for s in PROBES if self.examples.get(s)}
         self.encoded_probes = {s: enc(items) for s, items in self.probes.items()}
+        self.fisher_probes = {s: enc(items[:c.diagnostics.fisher_items]) for s, items in self.probes.items()}
         self.forget_all = enc(self.examples["forget"])
 
     def _token_source(self) -> Optional[str]:
@@ -392,23 +396,25 @@ class Pipeline:
         return float(exact_match(model, self.eval_splits["forget"], tokenizer=self.tokenizer,
                                  batch_size=self.cfg.eval_batch_size).float().mean())
 
-    def _structure(self, model) -> dict:
-        """{probe: {"layers", "fisher", "summary", "draws"}} of ``model`` against the original on every probe set."""
+    def _structure(self, model, draws: bool = False) -> dict:
+        """{probe: {"layers", "fisher", "summary"[, "draws"]}} of ``model`` against the original on every probe set;
+        ``draws``: also the bootstrap draws of the pooled-CKA drift (the verdict's stage and the nulls only)."""
         out = {}
         dcfg = self.cfg.diagnostics
         for probe, enc in self.encoded_probes.items():
-            options = comparison_options(dcfg, enc, enc)
+            options = comparison_options(dcfg, enc, self.fisher_probes[probe])
             comparison = compare_models(self.ref_stats[probe], model, **options)
             record = comparison.to_dict()
             record["summary"] = structure_summary(record["layers"], record.get("fisher"))
-            record["draws"] = {"cka_pooled": _cka_drift_draws(comparison.rows_reference, comparison.rows_updated)}
+            if draws:
+                record["draws"] = {"cka_pooled": _cka_drift_draws(comparison.rows_reference, comparison.rows_updated)}
             out[probe] = record
         return out
 
-    def _measure(self, model) -> dict:
+    def _measure(self, model, draws: bool = False) -> dict:
         """Evaluation and diagnostics of a stage's model (a sharded trainee through a gathered plain replica)."""
         plain = plain_copy(model) if is_sharded(model) else model
-        return dict(**self._evaluate(plain), structure=self._structure(plain))
+        return dict(**self._evaluate(plain), structure=self._structure(plain, draws))
 
     def _original_stage(self) -> dict:
         """The original model's stage record (and reference statistics per probe set), computed once per OUT."""
@@ -424,7 +430,8 @@ class Pipeline:
         self.ref_stats = {}
         for probe, enc in self.encoded_probes.items():
             self.ref_stats[probe] = ReferenceStatistics.compute(
-                self.reference, **statistics_options(dcfg, enc, enc), tokens=tokens, max_token_bytes=_TOKEN_STORE_BYTES)
+                self.reference, **statistics_options(dcfg, enc, self.fisher_probes[probe]), tokens=tokens,
+                max_token_bytes=_TOKEN_STORE_BYTES)
         torch.manual_seed(self.cfg.seed)
         record = dict(name="original", train=None, **self._measure(self.reference))
         if is_main():
@@ -466,7 +473,7 @@ class Pipeline:
                 continue
             model, info = got
             torch.manual_seed(self.cfg.seed)
-            entry = {"info": info, "record": dict(name=name, train=None, **self._measure(model))}
+            entry = {"info": info, "record": dict(name=name, train=None, **self._measure(model, draws=True))}
             if name == "retain_oracle":
                 entry["relearned"] = self._relearn_control(model, "forget", self.cfg.seed)
             if is_main():
@@ -508,10 +515,11 @@ class Pipeline:
             torch.manual_seed(spec.seed * 1000 + i + 1)
             if i < len(unl):
                 tc = TrainConfig(lr=spec.lr, epochs=spec.epochs, batch_size=spec.batch_size, beta=spec.beta,
-                                 seed=spec.seed * 1000 + i, progress=self.cfg.progress, optimizer=spec.optimizer)
+                                 retain_weight=spec.retain_weight, seed=spec.seed * 1000 + i,
+                                 progress=self.cfg.progress, optimizer=spec.optimizer)
                 train = unlearn(model, spec.method, requests[i], self.encoded_retain_train(), tc,
                                 reference=self.reference if spec.reference == "original" else None)
-                record = dict(name=names[i], train=train, **self._measure(model))
+                record = dict(name=names[i], train=train, **self._measure(model, draws=i == len(unl) - 1))
                 holds_unlearned = i == len(unl) - 1
             else:
                 if not holds_unlearned:  # an earlier control relearned it: back to the unlearned checkpoint

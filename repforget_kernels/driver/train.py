@@ -6,11 +6,12 @@ passed as ``reference``, or the model itself at the start of the request when ``
 never by a second copy held for NPO:
 
 - NPO family: the reference sequence log-prob of every forget example (N floats, no model copy).
-- KL methods: the reference's log-softmax on every retain position, cached as a (N, T, V) float32
-  tensor when it is at most ``KL_CACHE_BYTES`` (the embedded model: ~1000 x 20 x 2048 floats); above
-  that (7B vocabularies: 152k logits per token, tens of GB for a retain set) the reference model
-  itself computes it per batch (a frozen copy of the current model when no reference is given: bf16
-  weights, no gradients, no optimizer state, + 2 bytes per parameter, see models.memory_plan).
+- KL methods: the reference model computes its log-softmax on each retain batch as it comes (one
+  forward pass, no gradients); without a reference, the current model's log-softmax on every retain
+  position is cached before the first step as a (N, T, V) float32 tensor when it is at most
+  ``KL_CACHE_BYTES``, else (7B vocabularies: 152k logits per token, tens of GB for a retain set) a
+  frozen copy computes it per batch (bf16 weights, no gradients, no optimizer state, + 2 bytes per
+  parameter, see models.memory_plan).
 
 Several processes: a model sharded with ``distributed.shard_model`` (FSDP2) is trained data-parallel.
 Every rank walks the same global batches (same seeds) and computes each loss term on its share of
@@ -56,6 +57,8 @@ class TrainConfig:
     max_steps: int | None = None
     progress: bool = True
     optimizer: str = "adamw"  # "adamw" | "sgd" | "adafactor" (the latter two for 7B KL runs, see memory_plan)
+    forget_weight: float = 1.0  # the loss is forget_weight * forget term + retain_weight * retain term
+    retain_weight: float = 1.0
 
     def __post_init__(self):
         if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
@@ -64,8 +67,10 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not (isinstance(self.beta, (int, float)) and self.beta > 0):
-            raise ValueError(f"beta must be a positive number, got {self.beta!r}")
+        for name in ("beta", "forget_weight", "retain_weight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive finite number, got {value!r}")
         if self.optimizer not in _OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {tuple(_OPTIMIZERS)}, got {self.optimizer!r}")
         if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
@@ -106,15 +111,16 @@ def reference_logprobs(model, encoded: dict, batch_size: int, *, full: bool) -> 
 
 
 def _kl_reference(model, reference, retain: dict, cfg: TrainConfig):
-    """(retain dict with cached 'ref_logprobs', None) if small enough, else (retain, the model that computes
-    the reference log-softmax per batch: ``reference``, or a frozen copy of ``model`` when it is None)."""
-    source = model if reference is None else reference
-    n, width = retain["input_ids"].shape
-    vocab = source.get_output_embeddings().weight.shape[0]
-    if n * width * vocab * 4 <= KL_CACHE_BYTES:
-        return {**retain, "ref_logprobs": reference_logprobs(source, retain, cfg.batch_size, full=True)}, None
+    """(retain, the frozen model that computes the KL anchor's log-softmax per batch): ``reference`` when given
+    (one forward of a retain batch per step, no cache of the whole retain set); without one, the model as it
+    is now: its log-softmax cached as (retain with 'ref_logprobs', None) when that fits KL_CACHE_BYTES, else a
+    frozen copy."""
     if reference is not None:
         return retain, reference
+    n, width = retain["input_ids"].shape
+    vocab = model.get_output_embeddings().weight.shape[0]
+    if n * width * vocab * 4 <= KL_CACHE_BYTES:
+        return {**retain, "ref_logprobs": reference_logprobs(model, retain, cfg.batch_size, full=True)}, None
     return retain, plain_copy(model).eval().requires_grad_(False)
 
 
@@ -243,9 +249,9 @@ def unlearn(model, method: str, forget: dict, retain: dict | None, cfg: TrainCon
     units = (spec.forget_units, spec.retain_units)
 
     def terms(batches, denominators):
-        out = [spec.forget_term(model, batches[0], cfg, denominators[0])]
+        out = [cfg.forget_weight * spec.forget_term(model, batches[0], cfg, denominators[0])]
         if len(batches) > 1:
-            out.append(spec.retain_term(model, batches[1], frozen, denominators[1]))
+            out.append(cfg.retain_weight * spec.retain_term(model, batches[1], frozen, denominators[1]))
         return out
 
     def step(batch):
