@@ -16,7 +16,22 @@ the covariance in ONE read of X, row block by row block (each block is used twic
     components = V^T[:k], singular values S[:k], explained variance = S^2 / (n - 1)
 
 In exact arithmetic Q spans Xc (Xc^T Xc)^q Omega, exactly Halko's basis after q power
-iterations, so the result is the same; it costs q + 2 reads of X instead of 2 q + 2. The price
+iterations, so the result is the same; it costs q + 2 reads of X instead of 2 q + 2.
+
+The default, ``method="krylov"``, keeps every block instead of the last (randomized block Krylov
+iteration, Musco & Musco 2015) and extracts the components by Rayleigh-Ritz on the covariance
+C = Xc^T Xc, reusing the products it already made:
+
+    W_0 = C orth(Omega)                               (d, b)  b = k + oversample, one pass over X
+    K_j = orth(W_{j-1} - K K^T W_{j-1})  (twice),  W_j = Xc^T Y_j, Y_j = Xc K_j   j = 1 .. q
+    Y = [Y_1 .. Y_q] = U S V^T                        (n, q b); the last block needs only Y_q
+    components = (K V)^T[:k], explained variance = S[:k]^2 / (n - 1)
+
+K spans C Omega, C^2 Omega, .., C^q Omega: every power up to the subspace method's, so it converges
+like a Chebyshev polynomial of degree q rather than a monomial; on activation-like spectra without a
+clean gap it reaches the subspace method's error with a block of k + 2 instead of k + 10 columns, in
+q + 1 reads of X and 2 q n d b multiply-adds. The Ritz pairs come from the SVD of Xc K, not from the
+eigenvalues of K^T C K, so the accuracy is that of the subspace method's final SVD. The price
 is orthonormalising after each covariance product rather than after each half: directions whose
 variance is below float32 eps (float64 eps) times the largest fade, which leaves the top
 components untouched. Batched over a leading layer dimension; computed in float32 (float64 for
@@ -24,6 +39,7 @@ float64 input); signs fixed so the largest-magnitude entry of each component is 
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -32,7 +48,7 @@ from ._dispatch import kernel, needs_grad, register
 from ._numerics import ZERO_TEST_FACTOR, mean_shift, range_scale, unit_roundoff
 from ._validate import check_rows, check_same_device, compute_dtype
 
-__all__ = ["PCAResult", "randomized_pca", "pca_similarity", "pca_shift"]
+__all__ = ["METHODS", "PCAResult", "randomized_pca", "pca_similarity", "pca_shift"]
 
 
 class PCAResult(NamedTuple):
@@ -124,15 +140,19 @@ def _t_times(xb, c: _Centring, q, matmul_t) -> torch.Tensor:
     return matmul_t(xb, c.shift, q) - c.rem.unsqueeze(-1) * q.sum(-2, keepdim=True)
 
 
-def _covariance_times(x3, c: _Centring, z, matmul, matmul_t, block: int) -> torch.Tensor:
-    """scale^2 Xc^T (Xc Z) in one pass over x, row block by row block: (L, n, d), (L, d, l) -> (L, d, l)."""
-    out = 0
+def _covariance_times(x3, c: _Centring, z, matmul, matmul_t, block: int, keep: bool = False):
+    """scale^2 Xc^T (Xc Z) in one pass over x, row block by row block: (L, n, d), (L, d, l) -> (L, d, l);
+    with ``keep``, also the intermediate scale^2 Xc Z (L, n, l)."""
+    out, kept = 0, []
     zs = z * c.scale  # (L, d, l)
     rz = c.rem.unsqueeze(-2) @ zs  # (L, 1, l)
     for start in range(0, x3.shape[-2], block):
         xb = x3[:, start:start + block]  # (L, b, d)
-        out = out + _t_times(xb, c, (matmul(xb, c.shift, zs) - rz) * c.scale, matmul_t)  # (L, d, l)
-    return out
+        yb = (matmul(xb, c.shift, zs) - rz) * c.scale  # (L, b, l)
+        out = out + _t_times(xb, c, yb, matmul_t)  # (L, d, l)
+        if keep:
+            kept.append(yb)
+    return (out, torch.cat(kept, -2)) if keep else out
 
 
 def _total_variance(x3: torch.Tensor, c: _Centring, block: int) -> torch.Tensor:
@@ -160,19 +180,25 @@ def randomized_pca(
     x: torch.Tensor,
     k: int,
     *,
-    oversample: int = 10,
-    n_iter: int = 4,
+    method: str = "krylov",
+    oversample: Optional[int] = None,
+    n_iter: Optional[int] = None,
     center: bool = True,
     seed: int = 0,
     backend: Optional[str] = None,
 ) -> PCAResult:
-    """Top-k principal components of x by randomized subspace iteration.
+    """Top-k principal components of x by randomized block Krylov or subspace iteration.
 
     Args:
         x: (n, d) or (B, n, d), samples as rows; any float dtype (half input computed in float32).
         k: number of components, 1 <= k <= min(n, d).
-        oversample: extra random directions p >= 0; the sketch has l = min(k + p, min(n, d)) columns.
-        n_iter: power iterations q >= 0, each re-orthonormalised.
+        method: ``"krylov"`` (default: Rayleigh-Ritz on the block Krylov space of the covariance) or
+            ``"subspace"`` (Halko et al.'s subspace iteration, the last block only); see the module docstring.
+        oversample: extra random directions p >= 0 (default 2 for krylov, 10 for subspace); the block has
+            b = min(k + p, min(n, d)) columns.
+        n_iter: power iterations q >= 0 (subspace) or Krylov blocks q >= 1 (krylov), default 4, each block
+            re-orthonormalised; krylov stops at the rank bound min(n - 1, d) of centred data (then exact to
+            rounding).
         center: subtract column means (implicitly); False treats x as already centred
             (mean is then reported as zeros and the variance as the raw second moment / (n - 1)).
         seed: seeds the Gaussian test matrix (drawn on the CPU, so results agree across devices).
@@ -189,9 +215,13 @@ def randomized_pca(
     two, so the result depends neither on offsets nor on the data's magnitude.
 
     Accuracy against a float64 SVD of the same input values, with eps = 4 u (sqrt(n) + sqrt(d))
-    (u = 2^-24 for float32 work, half input included; 2^-53 for float64) and r_i =
-    10 sqrt(d) (var_{l+1} / var_i)^(q + 1/2) the randomized term (negligible once the power
-    iterations have separated the top k): the angle of component i is at most
+    (u = 2^-24 for float32 work, half input included; 2^-53 for float64; krylov with a space of m <
+    min(n - 1, d) directions: times sqrt(m), for the rounding of the product Xc K of m columns and of its
+    SVD mapped back through K, where the subspace method's SVD of the projection Q^T Xc needs no such
+    factor) and r_i =
+    10 sqrt(d) (var_{l+1} / var_i)^(q + 1/2) the randomized term of the subspace method with l = b
+    columns (krylov: exponent q, its space holding the subspace method's last block, in practice far
+    smaller, and 0 when q b >= min(n - 1, d)), negligible once the iterations have separated the top k: the angle of component i is at most
     eps var_1 / gap_i + r_i, gap_i its variance's distance to its neighbours'; that of the top-k
     subspace eps var_1 / (var_k - var_{k+1}) + r_k; the relative error of explained variance i
     eps var_1 / var_i + r_i (the ratio's the same, the singular value's half); plus the rounding
@@ -203,19 +233,37 @@ def randomized_pca(
     it, so its direction is undefined); the error names the input, the batch index and the
     direction.
 
-    Cost: (2 q + 2) n d l multiply-adds in q + 2 reads of x, q QRs of (d, l), one of (n, l), an SVD of (l, d).
+    Cost: krylov 2 q n d b multiply-adds in q + 1 reads of x, 2 q QRs of (d, b), an SVD of (n, q b), and
+    memory for Xc K (n, q b); subspace (2 q + 2) n d b in q + 2 reads, q QRs of (d, b), one of (n, b), an SVD
+    of (b, d).
     """
-    return _fit(x, k, "x", oversample=oversample, n_iter=n_iter, center=center, seed=seed, backend=backend)[0]
+    return _fit(x, k, "x", method=method, oversample=oversample, n_iter=n_iter, center=center, seed=seed,
+                backend=backend)[0]
 
 
-def _fit(x, k, name, *, oversample, n_iter, center, seed, backend) -> tuple:
+METHODS = {"krylov": {"oversample": 2, "n_iter": 4}, "subspace": {"oversample": 10, "n_iter": 4}}
+
+
+def _options(method, oversample, n_iter) -> tuple:
+    """(oversample, n_iter) with the method's defaults filled in; ValueError naming a bad option."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
+    oversample = METHODS[method]["oversample"] if oversample is None else oversample
+    n_iter = METHODS[method]["n_iter"] if n_iter is None else n_iter
+    for opt, v in (("oversample", oversample), ("n_iter", n_iter)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"{opt} must be a non-negative int, got {v!r}")
+    if method == "krylov" and n_iter < 1:
+        raise ValueError(f"n_iter must be >= 1 for method='krylov' (its space is C Omega .. C^q Omega), got {n_iter}")
+    return oversample, n_iter
+
+
+def _fit(x, k, name, *, method, oversample, n_iter, center, seed, backend) -> tuple:
     """randomized_pca of ``x`` (named ``name`` in errors): (PCAResult, mean float64 (..., d), variances float64 (..., k))."""
     check_rows(x, name, min_rows=2)
     _check_k(k, x, name)
     n, d = x.shape[-2], x.shape[-1]
-    for opt, v in (("oversample", oversample), ("n_iter", n_iter)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise ValueError(f"{opt} must be a non-negative int, got {v!r}")
+    oversample, n_iter = _options(method, oversample, n_iter)
     cd = compute_dtype(x)
     x3 = x if x.dim() == 3 else x.unsqueeze(0)  # (L, n, d)
     L = x3.shape[0]
@@ -234,14 +282,14 @@ def _fit(x, k, name, *, oversample, n_iter, center, seed, backend) -> tuple:
     matmul_t = kernel("centered_matmul_t", x.device, backend, grad=grad)
     orth = kernel("orthonormalize", x.device, backend, grad=grad)
     block = _block_rows(x3)
-    z = omega  # (L, d, l)
-    for _ in range(n_iter):
-        z = orth(_covariance_times(x3, c, z, matmul, matmul_t, block))  # (L, d, l)
-    q = orth(_times(x3, c, z * c.scale, matmul, block))  # (L, n, l) orthonormal basis of Xc (Xc^T Xc)^q Omega
-    b = sum(_t_times(x3[:, i:i + block], c, q[:, i:i + block], matmul_t) for i in range(0, n, block))  # (L, d, l)
-    _, s, vt = torch.linalg.svd(b.transpose(-1, -2) * c.scale, full_matrices=False)  # s (L, l), vt (L, l, d)
+    if method == "krylov":
+        room = max(min(n - 1 if center else n, d), l)
+        vt, s = _krylov(x3, c, omega, n_iter, matmul, matmul_t, orth, block, gen, room)
+        s64 = s[:, :k].to(torch.float64) / c.scale.view(L, 1).to(torch.float64) ** 2  # (L, k) unscaled, exact
+    else:
+        vt, s = _subspace(x3, c, omega, n_iter, matmul, matmul_t, orth, block)
+        s64 = s[:, :k].to(torch.float64) / c.scale.view(L, 1).to(torch.float64)  # (L, k) unscaled, exact
     components = _fix_signs(vt[:, :k])  # (L, k, d)
-    s64 = s[:, :k].to(torch.float64) / c.scale.view(L, 1).to(torch.float64)  # (L, k) unscaled, exact
     var = s64.square() / (n - 1)  # (L, k) float64
     total = _total_variance(x3, c, block)  # (L,) float64
     # the float64 mean is exact to ~u64 |mean| (so is a constant float64 column's centring): no variance
@@ -252,6 +300,77 @@ def _fit(x, k, name, *, oversample, n_iter, center, seed, backend) -> tuple:
     if x.dim() == 2:
         out, mean, var = PCAResult(*(t[0] for t in out)), mean[0], var[0]
     return out, mean, var
+
+
+def _subspace(x3, c: _Centring, omega, n_iter: int, matmul, matmul_t, orth, block: int) -> tuple:
+    """Halko's subspace iteration in covariance form: -> (vt (L, l, d), singular values (L, l) of scale Xc)."""
+    n = x3.shape[-2]
+    z = omega  # (L, d, l)
+    for _ in range(n_iter):
+        z = orth(_covariance_times(x3, c, z, matmul, matmul_t, block))  # (L, d, l)
+    q = orth(_times(x3, c, z * c.scale, matmul, block))  # (L, n, l) orthonormal basis of Xc (Xc^T Xc)^q Omega
+    b = sum(_t_times(x3[:, i:i + block], c, q[:, i:i + block], matmul_t) for i in range(0, n, block))  # (L, d, l)
+    _, s, vt = torch.linalg.svd(b.transpose(-1, -2) * c.scale, full_matrices=False)  # s (L, l), vt (L, l, d)
+    return vt, s
+
+
+def _project_out(w: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """w minus its projection on the orthonormal columns of basis, twice (CGS2): (L, d, b), (L, d, m)."""
+    for _ in range(2):
+        w = w - basis @ (basis.transpose(-1, -2) @ w)
+    return w
+
+
+def _next_block(image, basis: Optional[torch.Tensor], noise, orth, width: int) -> torch.Tensor:
+    """The next orthonormal Krylov block, (L, d, width), from the first ``width`` columns of image = C K_j
+    (L, d, b): their part outside basis (L, d, m).
+
+    Where C K_j lies (nearly) inside span(basis) (the data's rank reached, or directions converged),
+    the residual is rounding noise and a QR would complete it with arbitrary columns that may lie
+    inside the basis again; ``noise`` (L, d, b), Gaussian times u |image|_F, is added so that such
+    columns become random directions outside the basis (a perturbation at the level of the
+    projection's own rounding), and the block is projected out once more after its QR.
+    """
+    w = image[..., :width] if basis is None else _project_out(image[..., :width], basis)
+    size = torch.linalg.matrix_norm(image).view(-1, 1, 1) / math.sqrt(noise.shape[-2] * noise.shape[-1])
+    w = w + noise[..., :width] * size  # (L, d, width), |noise|_F about u |image|_F
+    q = orth(w)
+    return q if basis is None else orth(_project_out(q, basis))
+
+
+def _krylov(x3, c: _Centring, omega, depth: int, matmul, matmul_t, orth, block: int, gen, room: int) -> tuple:
+    """Block Krylov iteration with Rayleigh-Ritz, in depth + 1/2 passes over x: -> (vt (L, m, d), the
+    singular values (L, m) of scale^2 Xc K, decreasing), m = min(depth b, room): the last block is cut to fit.
+
+    The Ritz pairs of C on span K come from the SVD of Xc K = U S V^T (components (K V)^T, variances
+    S^2 / (n - 1)) rather than from K^T C K, so the squared matrix's rounding never enters; Xc K_j is the
+    intermediate of the pass that makes C K_j, kept, and the last block needs only that half pass.
+    room = min(n - 1, d) for centred data (min(n, d) uncentred, never below b) is the dimension of the
+    row space that C maps into: a full space holds all of it, and then the components come from the SVD
+    of Q^T Xc, Q = orth(Xc K) (one more half pass, as the subspace method ends), exact to rounding with
+    the subspace method's constant, and no direction is left to rounding noise (whose QR has no gradient).
+    """
+    u = unit_roundoff(omega.dtype)
+    image = _covariance_times(x3, c, orth(omega), matmul, matmul_t, block)  # (L, d, b) scale^2 C Omega
+    blocks, rows, m = [], [], 0  # K_j, and scale^2 Xc K_j
+    for j in range(depth):
+        noise = u * torch.randn(omega.shape, generator=gen, dtype=torch.float64).to(omega)  # (L, d, b)
+        blocks.append(_next_block(image, torch.cat(blocks, -1) if blocks else None, noise, orth,
+                                  min(image.shape[-1], room - m)))  # (L, d, <= b)
+        m += blocks[-1].shape[-1]
+        if j == depth - 1 or m == room:
+            rows.append(_times(x3, c, blocks[-1] * c.scale, matmul, block) * c.scale)  # (L, n, <= b)
+            break
+        image, y = _covariance_times(x3, c, blocks[-1], matmul, matmul_t, block, keep=True)
+        rows.append(y)  # (L, n, b)
+    y = torch.cat(rows, -1)  # (L, n, m) scale^2 Xc K
+    if m == room:  # K holds the whole row space: project x on range(Xc K) as the subspace method does
+        q, n = orth(y), x3.shape[-2]  # (L, n, m)
+        b = sum(_t_times(x3[:, i:i + block], c, q[:, i:i + block], matmul_t) for i in range(0, n, block))
+        _, s, vt = torch.linalg.svd(b.transpose(-1, -2) * c.scale ** 2, full_matrices=False)  # (L, m), (L, m, d)
+        return vt, s
+    _, s, vt = torch.linalg.svd(y, full_matrices=False)  # s (L, m), vt (L, m, m)
+    return vt @ torch.cat(blocks, -1).transpose(-1, -2), s  # (L, m, d) Ritz vectors, (L, m)
 
 
 def _check_spectrum(flat: torch.Tensor, var: torch.Tensor, u: float, name: str, center: bool) -> None:
@@ -292,8 +411,9 @@ def pca_similarity(
     *,
     k: int = 1,
     signed: bool = False,
-    oversample: int = 10,
-    n_iter: int = 4,
+    method: str = "krylov",
+    oversample: Optional[int] = None,
+    n_iter: Optional[int] = None,
     seed: int = 0,
     backend: Optional[str] = None,
 ) -> torch.Tensor:
@@ -307,6 +427,7 @@ def pca_similarity(
             V_ref V_upd^T; |cos| of the first directions for k = 1), in [0, 1] and sign-free.
             True -> mean of the signed cosines of matching components, as the original toolkit
             reported for k = 1; sign-ambiguous, for comparison only.
+        method, oversample, n_iter, seed, backend: as in :func:`randomized_pca`, for both fits.
 
     Returns:
         () or (B,) tensor, float32 (float64 for float64 input); differentiable on every backend.
@@ -316,7 +437,7 @@ def pca_similarity(
     it has no variance or is rank-deficient for this k (see :func:`randomized_pca`).
     """
     _check_pair(x_ref, x_upd, k, fit_upd=True)
-    opts = dict(oversample=oversample, n_iter=n_iter, center=True, seed=seed, backend=backend)
+    opts = dict(method=method, oversample=oversample, n_iter=n_iter, center=True, seed=seed, backend=backend)
     cd = compute_dtype(x_ref, x_upd)
     a = _fit(x_ref, k, "x_ref", **opts)[0].components.to(cd)  # (..., k, d)
     b = _fit(x_upd, k, "x_upd", **opts)[0].components.to(cd)  # (..., k, d)
@@ -331,8 +452,9 @@ def pca_shift(
     *,
     k: int = 2,
     normalize: bool = False,
-    oversample: int = 10,
-    n_iter: int = 4,
+    method: str = "krylov",
+    oversample: Optional[int] = None,
+    n_iter: Optional[int] = None,
     seed: int = 0,
     backend: Optional[str] = None,
 ) -> torch.Tensor:
@@ -343,7 +465,8 @@ def pca_shift(
     read in reference standard deviations and compare across layers. The means, their difference,
     the projection and the division are float64 (no cancellation under large offsets), rounded once.
 
-    Args: x_ref (n1, d) or (B, n1, d); x_upd (n2, d) or (B, n2, d); k as in :func:`randomized_pca`.
+    Args: x_ref (n1, d) or (B, n1, d); x_upd (n2, d) or (B, n2, d); k, method, oversample, n_iter, seed and
+    backend as in :func:`randomized_pca`.
     Returns: (k,) or (B, k), float32 (float64 for float64 input); differentiable on every backend.
 
     Accuracy: |error_i| <= angle_i |mean difference| + u |shift_i| (angle_i the bound of
@@ -352,8 +475,8 @@ def pca_shift(
     variance within rounding of zero, which ``normalize`` would divide by), or has no variance.
     """
     _check_pair(x_ref, x_upd, k, fit_upd=False)
-    ref, mean_ref, var = _fit(x_ref, k, "x_ref", oversample=oversample, n_iter=n_iter, center=True, seed=seed,
-                              backend=backend)
+    ref, mean_ref, var = _fit(x_ref, k, "x_ref", method=method, oversample=oversample, n_iter=n_iter, center=True,
+                              seed=seed, backend=backend)
     delta = x_upd.mean(-2, dtype=torch.float64) - mean_ref  # (..., d) float64
     shift = (ref.components.to(torch.float64) @ delta.unsqueeze(-1)).squeeze(-1)  # (..., k)
     if normalize:

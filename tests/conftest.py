@@ -82,13 +82,15 @@ def cka_bound(x, y, *, debiased: bool = False, method: str = "feature", backend:
     return 4 * (math.sqrt(m) * u_acc + 2 * u_op) * kappa + out_u
 
 
-def pca_bounds(x, k: int, *, oversample: int = 10, n_iter: int = 4) -> dict:
+def pca_bounds(x, k: int, *, method: str = "krylov", oversample=None, n_iter: int = 4) -> dict:
     """The accuracy bounds randomized_pca documents for (n, d) input x (its rounded values), in float64.
 
-    eps = 4 u (sqrt(n) + sqrt(d)) (u of the compute dtype); angle_i = eps var_1 / component_gap_i and
+    eps = 4 u (sqrt(n) + sqrt(d)) (u of the compute dtype; krylov: times sqrt(m)); angle_i = eps var_1 / component_gap_i and
     subspace = eps var_1 / subspace_gap (Davis-Kahan), ev_i = eps var_1 / var_i (Weyl), each plus the
-    randomized term 10 sqrt(d) (var_{l+1} / var_i)^(q + 1/2); out_u the rounding of float32 results.
+    randomized term 10 sqrt(d) (var_{l+1} / var_i)^e, e = q + 1/2 (subspace) or q (krylov), l the
+    block's columns; out_u the rounding of float32 results.
     """
+    from repforget_kernels.pca import METHODS
     from repforget_kernels import reference as R
 
     xr = x.double().cpu().numpy()
@@ -96,10 +98,15 @@ def pca_bounds(x, k: int, *, oversample: int = 10, n_iter: int = 4) -> dict:
     u = unit_roundoff(torch.float64 if x.dtype == torch.float64 else torch.float32)
     g = R.pca_gaps_ref(xr, k)
     var = g["var"]
-    eps = 4 * u * (math.sqrt(n) + math.sqrt(d))
-    l = min(k + oversample, n, d)
+    l = min(k + (METHODS[method]["oversample"] if oversample is None else oversample), n, d)
+    room = max(min(n - 1, d), l)  # krylov: the row space's dimension; its space has min(q l, room) directions
+    full = method == "krylov" and n_iter * l >= room
+    eps = 4 * u * (math.sqrt(n) + math.sqrt(d)) * (math.sqrt(n_iter * l) if method == "krylov" and not full else 1.0)
     tail = var[l] if l < len(var) else 0.0
-    rand = [10 * math.sqrt(d) * (tail / var[i]) ** (n_iter + 0.5) for i in range(k)]
+    power = n_iter + 0.5 if method == "subspace" else n_iter
+    if full:
+        tail = 0.0  # the Krylov space holds the whole centred row space
+    rand = [10 * math.sqrt(d) * (tail / var[i]) ** power for i in range(k)]
     return {
         "var": var,
         "angle": [eps * var[0] / g["component_gap"][i] + rand[i] for i in range(k)],
@@ -180,7 +187,7 @@ def principal_angle(a, b) -> float:
     return float(np.arcsin(min(sin, 1.0)))
 
 
-def assert_pca_fit(got, x, k: int, *, signs: bool = True) -> None:
+def assert_pca_fit(got, x, k: int, *, signs: bool = True, method: str = "krylov") -> None:
     """One randomized_pca result for (n, d) x against the full float64 SVD of the same values,
     within the bounds randomized_pca documents (``pca_bounds``).
 
@@ -191,7 +198,7 @@ def assert_pca_fit(got, x, k: int, *, signs: bool = True) -> None:
 
     from repforget_kernels import reference as R
 
-    ref, b = R.pca_ref(x, k), pca_bounds(x, k)
+    ref, b = R.pca_ref(x, k), pca_bounds(x, k, method=method)
     comps = R.to_f64(got.components)
     assert principal_angle(comps, ref["components"]) <= b["subspace"]
     for i in range(k):

@@ -7,6 +7,7 @@ import torch
 
 from repforget_kernels import PCAResult, pca_shift, pca_similarity, randomized_pca
 from repforget_kernels import reference as R
+from repforget_kernels.pca import METHODS
 
 from conftest import DTYPE, assert_pca_fit, pca_bounds, principal_angle, randn
 
@@ -22,27 +23,28 @@ def _gapped(gen, n, d, k, batch=None, dtype=None, decay=0.5):
     return x.to(dtype or DTYPE)
 
 
+@pytest.mark.parametrize("method", sorted(METHODS))
 class TestRandomizedPCA:
-    @pytest.mark.parametrize("n,d,k", [(83, 29, 3), (21, 57, 4), (130, 130, 1)])
+    @pytest.mark.parametrize("n,d,k", [(83, 29, 3), (21, 57, 4), (130, 130, 1), (12, 7, 5)])
     @pytest.mark.parametrize("batch", [None, 1, 2])
-    def test_matches_full_svd(self, gen, backend, n, d, k, batch):
+    def test_matches_full_svd(self, gen, backend, method, n, d, k, batch):
         x = _gapped(gen, n, d, k, batch)
-        got = randomized_pca(x, k, backend=backend)
+        got = randomized_pca(x, k, method=method, backend=backend)
         if batch is None:
-            assert_pca_fit(got, x, k)
+            assert_pca_fit(got, x, k, method=method)
         for i in range(batch or 0):
-            assert_pca_fit(PCAResult(*(t[i] for t in got)), x[i], k)
+            assert_pca_fit(PCAResult(*(t[i] for t in got)), x[i], k, method=method)
 
     @pytest.mark.parametrize("offset", [1e3, 1e5])
-    def test_large_column_offsets(self, gen, backend, offset):
+    def test_large_column_offsets(self, gen, backend, method, offset):
         x = _gapped(gen, 90, 26, 3, dtype=torch.float64)
         x[:, :4] += offset  # massive activations: the centring must not lose the subspace
         x = x.to(DTYPE)  # the reference runs on the values given
-        assert_pca_fit(randomized_pca(x, 3, backend=backend), x, 3)
+        assert_pca_fit(randomized_pca(x, 3, method=method, backend=backend), x, 3, method=method)
 
-    def test_shapes_and_dtypes(self, gen, backend):
+    def test_shapes_and_dtypes(self, gen, backend, method):
         x = _gapped(gen, 40, 17, 3, batch=3)
-        got = randomized_pca(x, 3, backend=backend)
+        got = randomized_pca(x, 3, method=method, backend=backend)
         assert got.components.shape == (3, 3, 17)
         assert got.singular_values.shape == got.explained_variance.shape == (3, 3)
         assert got.mean.shape == (3, 17)
@@ -50,36 +52,60 @@ class TestRandomizedPCA:
         assert all(t.dtype == want for t in got)
         torch.testing.assert_close(got.explained_variance, got.singular_values**2 / 39)
 
-    def test_deterministic_for_a_seed(self, gen, backend):
+    def test_deterministic_for_a_seed(self, gen, backend, method):
         x = randn(50, 20, gen=gen)
-        a = randomized_pca(x, 5, n_iter=0, seed=3, backend=backend)
-        b = randomized_pca(x, 5, n_iter=0, seed=3, backend=backend)
+        a = randomized_pca(x, 5, method=method, n_iter=1, seed=3, backend=backend)
+        b = randomized_pca(x, 5, method=method, n_iter=1, seed=3, backend=backend)
         for ta, tb in zip(a, b):
             assert torch.equal(ta, tb)
 
     @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-    def test_half_input(self, gen, backend, dtype):
+    def test_half_input(self, gen, backend, method, dtype):
         x = _gapped(gen, 64, 33, 2, dtype=dtype)
-        got = randomized_pca(x, 2, backend=backend)
+        got = randomized_pca(x, 2, method=method, backend=backend)
         assert got.components.dtype == torch.float32
-        assert_pca_fit(got, x, 2)  # reference on the same rounded values, float32 work
+        assert_pca_fit(got, x, 2, method=method)  # reference on the same rounded values, float32 work
 
-    def test_uncentred(self, gen, backend):
+    def test_uncentred(self, gen, backend, method):
         x = _gapped(gen, 50, 12, 2) - 3.0
         x = x - x.mean(0)
-        got = randomized_pca(x, 2, center=False, backend=backend)
+        got = randomized_pca(x, 2, method=method, center=False, backend=backend)
         ref = R.pca_ref(x, 2)  # x is centred (to rounding), so its uncentred PCA is its PCA
         assert torch.count_nonzero(got.mean) == 0
-        assert principal_angle(got.components, ref["components"]) <= pca_bounds(x, 2)["subspace"]
+        assert principal_angle(got.components, ref["components"]) <= pca_bounds(x, 2, method=method)["subspace"]
 
-    def test_oversample_capped_at_rank(self, gen, backend):
+    def test_oversample_capped_at_rank(self, gen, backend, method):
         x = randn(6, 40, gen=gen)  # 6 rows: rank 5 after centring
-        got = randomized_pca(x, 5, oversample=10, backend=backend)  # the sketch is capped at l = 6 columns
-        ref, b = R.pca_ref(x, 5), pca_bounds(x, 5)
+        got = randomized_pca(x, 5, method=method, oversample=10, backend=backend)  # capped at 6 columns
+        ref, b = R.pca_ref(x, 5), pca_bounds(x, 5, method=method, oversample=10)
         s_rel = np.abs(R.to_f64(got.singular_values) / ref["singular_values"] - 1)
         np.testing.assert_array_less(s_rel, np.array(b["ev"]) / 2 + b["out_u"])  # half the variances' bound
         with pytest.raises(ValueError, match=r"x is numerically rank-deficient at batch index 0: principal direction 6"):
-            randomized_pca(x, 6, oversample=10, backend=backend)
+            randomized_pca(x, 6, method=method, oversample=10, backend=backend)
+
+
+class TestKrylov:
+    def test_beats_subspace_iteration_without_a_gap(self, gen):
+        """On a slowly decaying spectrum (no gap after k), the block Krylov space of the same passes over x
+        holds the top-k subspace better than the subspace iteration's last block (Musco & Musco 2015)."""
+        n, d, k = 400, 120, 4
+        s = torch.logspace(0, -0.5, d, dtype=torch.float64)  # no clean gap anywhere
+        x = (randn(n, d, gen=gen, dtype=torch.float64) * s) @ torch.linalg.qr(randn(d, d, gen=gen,
+                                                                                 dtype=torch.float64)).Q
+        ref = R.pca_ref(x, k)["components"]
+        errors = {m: np.mean([principal_angle(randomized_pca(x, k, method=m, oversample=2, n_iter=3, seed=i)
+                                              .components, ref) for i in range(4)]) for m in METHODS}
+        assert errors["krylov"] < errors["subspace"]
+
+    @pytest.mark.parametrize("n,d", [(9, 30), (5, 4), (40, 7)])
+    def test_space_capped_at_min_n_d(self, gen, n, d):
+        """Blocks of b = 4 stop at min(n - 1, d) directions (the last one cut), which hold the whole centred
+        row space: the fit is exact to rounding, with no randomized term."""
+        x = randn(n, d, gen=gen, dtype=torch.float64)
+        got = randomized_pca(x, 2, n_iter=10)
+        ref, b = R.pca_ref(x, 2), pca_bounds(x, 2, n_iter=10)
+        assert principal_angle(got.components, ref["components"]) <= b["subspace"]
+        assert np.all(np.abs(R.to_f64(got.explained_variance) / ref["explained_variance"] - 1) <= np.array(b["ev"]))
 
 
 def _similarity_bound(x, y, k: int, signed: bool = False) -> float:
@@ -165,6 +191,13 @@ class TestBadInput:
             randomized_pca(x, 0)
         with pytest.raises(TypeError, match="k must be an int"):
             randomized_pca(x, 2.0)
+
+    def test_method(self, gen):
+        x = randn(30, 8, gen=gen)
+        with pytest.raises(ValueError, match=r"method must be one of \['krylov', 'subspace'\], got 'lanczos'"):
+            randomized_pca(x, 2, method="lanczos")
+        with pytest.raises(ValueError, match=r"n_iter must be >= 1 for method='krylov'.*got 0"):
+            randomized_pca(x, 2, n_iter=0)
 
     def test_options(self, gen):
         x = randn(5, 8, gen=gen)

@@ -312,7 +312,14 @@ def test_pca_shift(data):
     want = R.pca_shift_ref(xr, yr, k, normalize)
     delta = np.linalg.norm(yr.mean(0) - xr.mean(0))  # |mean difference|
     out_u = b["out_u"]
+    comps = R.pca_ref(xr, k)["components"]
     for i in range(k):
         scale_i = 1.0 / math.sqrt(b["var"][i]) if normalize else 1.0
         tol = b["angle"][i] * delta * scale_i + (b["ev"][i] / 2 if normalize else 0.0) * abs(want[i]) + out_u * abs(want[i])
-        assert abs(got[i] - want[i]) <= tol + 1e-300, (i, got[i], want[i], tol)
+        top2 = np.sort(np.abs(comps[i]))[-2:]
+        if top2[1] - top2[0] <= 2 * b["angle"][i]:  # the sign rule's largest entry is a tie: the sign is undefined
+            event("PCA shift: sign tie, compared unsigned")
+            got_i, want_i = abs(got[i]), abs(want[i])
+        else:
+            got_i, want_i = got[i], want[i]
+        assert abs(got_i - want_i) <= tol + 1e-300, (i, got[i], want[i], tol)
