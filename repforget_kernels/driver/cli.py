@@ -375,7 +375,9 @@ def _print_summary(report: dict, out: Path) -> None:
               f"collateral={_r(b['collateral'])} recovery={_r(b['recovery'])} position={_r(s['position'])}")
     h = report["summary"]["structure_vs_recovery"]
     print(f"structure vs non-recovery: Spearman {_r(h['spearman'])} 95% CI {[_r(v) for v in h['ci95']]} "
-          f"over {h['runs']} runs; regimes {report['summary']['regimes']}; "
+          f"over {h['runs']} runs (without catastrophe: {_r(h['non_catastrophic']['spearman'])} "
+          f"{[_r(v) for v in h['non_catastrophic']['ci95']]} over {h['non_catastrophic']['runs']}); "
+          f"regimes {report['summary']['regimes']}; "
           f"selective {report['summary']['selective_runs']}")
 
 

@@ -4,7 +4,8 @@
 
     {"complete": true, "kind": "repforget-report", "config": {...}, "versions": {...}, "thresholds": {...},
      "summary": {"regimes": {label: count}, "structure_vs_recovery": {"spearman", "ci95", "runs", "metric",
-                 "by_metric": {metric: r}, "by_metric_detail"}, "nulls": {null: {probe: drift summary}},
+                 "by_metric": {metric: r}, "by_metric_detail", "non_catastrophic": {the same keys}},
+                 "nulls": {null: {probe: drift summary}},
                  "selective_runs": [run_id], "seed_agreement": {cell: {"label", "agree", "seeds"}}},
      "nulls": {null: {"info", "record": stage record, "relearned" (retain oracle only)}},
      "runs": [{"run_id", "method", "lr", "setting", "requests", "seed", "reference", "spec",
@@ -131,8 +132,18 @@ def _headline(summary: dict) -> list:
              f"`{h['metric']}` on the forget probes) and non-recovery after relearning on the forget set "
              f"(1 - recovery), over the {h['runs']} runs that forgot: **{_ci(h['spearman'], h['ci95'])}** "
              "(bootstrap over runs). The paper's hypothesis predicts a clearly positive value.", ""]
-    rows = [[m, _ci(d["spearman"], d["ci95"]), d["runs"]] for m, d in h["by_metric_detail"].items()]
-    return lines + _table(["drift metric", "Spearman with 1 - recovery", "runs"], rows) + [""]
+    calm = h.get("non_catastrophic")
+    if calm is not None:
+        lines += [f"Over the {calm['runs']} of them without catastrophe (catastrophic runs drift and fail to recover "
+                  f"because the whole model broke): **{_ci(calm['spearman'], calm['ci95'])}**.", ""]
+    detail = (calm or {}).get("by_metric_detail", {})
+    rows = [[m, _ci(d["spearman"], d["ci95"]), d["runs"]]
+            + ([_ci(detail[m]["spearman"], detail[m]["ci95"]), detail[m]["runs"]] if m in detail else [])
+            for m, d in h["by_metric_detail"].items()]
+    header = ["drift metric", "Spearman with 1 - recovery", "runs"]
+    if detail:
+        header += ["without catastrophe", "runs"]
+    return lines + _table(header, rows) + [""]
 
 
 def _nulls(report: dict) -> list:
