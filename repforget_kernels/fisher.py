@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ._dispatch import kernel, register
-from ._validate import check_finite, check_float_tensor, check_same_device, compute_dtype
+from ._validate import as_tensor, check_finite, check_float_tensor, check_same_device, compute_dtype
 
 __all__ = [
     "fisher_accumulate_",
@@ -173,9 +173,12 @@ def fisher_accumulate_(fisher, grad, *, scale: float = 1.0, backend: Optional[st
     """In place ``fisher += scale * grad**2``; returns ``fisher``.
 
     Args:
-        fisher: float32/float64 contiguous tensor, or a list/tuple of them (updated in place).
+        fisher: float32/float64 contiguous tensor, or a list/tuple of them (updated in place, so
+            tensors only).
         grad: tensor(s) of the same shape(s), any float dtype (float16/bfloat16/float32/float64),
-            finite. bf16/fp16 gradients are upcast to fisher's dtype *before* squaring, so
+            finite; NumPy arrays (anything ``torch.as_tensor`` takes) too. With one ``fisher``
+            tensor, ``grad`` is one array (a nested list is read as an array); with a sequence,
+            ``grad`` is a sequence of the same length. bf16/fp16 gradients are upcast to fisher's dtype *before* squaring, so
             squares below bf16's range (|g| < ~1e-19) are not lost.
         scale: finite float multiplying every square (e.g. 1 / n_samples).
         backend: force a backend (see ``_dispatch``).
@@ -185,7 +188,8 @@ def fisher_accumulate_(fisher, grad, *, scale: float = 1.0, backend: Optional[st
     Raises ValueError naming the index of a pair whose shapes, devices or values are wrong.
     """
     accs, seq_a = _as_list(fisher, "fisher")
-    grads, seq_g = _as_list(grad, "grad")
+    seq_g = seq_a and isinstance(grad, (list, tuple))
+    grads = list(grad) if seq_g else [grad]
     if seq_a != seq_g or len(accs) != len(grads):
         raise ValueError(
             f"fisher and grad must both be tensors or both sequences of one length, got "
@@ -196,7 +200,7 @@ def fisher_accumulate_(fisher, grad, *, scale: float = 1.0, backend: Optional[st
     for i, (acc, g) in enumerate(zip(accs, grads)):
         tag = f"[{i}]" if seq_a else ""
         _check_accumulator(acc, f"fisher{tag}")
-        check_float_tensor(g, f"grad{tag}")
+        grads[i] = g = check_float_tensor(g, f"grad{tag}")
         if g.shape != acc.shape:
             raise ValueError(f"grad{tag} has shape {tuple(g.shape)} but fisher{tag} has shape {tuple(acc.shape)}")
         check_same_device(**{"fisher[0]": accs[0], f"fisher{tag}": acc, f"grad{tag}": g})
@@ -211,9 +215,8 @@ def fisher_accumulate_(fisher, grad, *, scale: float = 1.0, backend: Optional[st
 
 
 def _check_mask(mask, shape: tuple, name: str = "mask") -> torch.Tensor:
-    """A (B, T) bool mask from bool or integer input (nonzero = keep)."""
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
+    """A (B, T) bool mask from bool or integer input, tensor or array (nonzero = keep)."""
+    mask = as_tensor(mask, name)
     if mask.dtype.is_floating_point or mask.dtype.is_complex:
         raise TypeError(f"{name} must be bool or integer (nonzero = real token), got {mask.dtype}")
     if tuple(mask.shape) != tuple(shape):
@@ -244,19 +247,21 @@ def per_sample_linear_fisher(
 
     Returns:
         (out, in) float32 (float64 when an input is float64, or ``out``'s dtype when given).
+    Array inputs: ``x``, ``grad_out`` and ``mask`` may be NumPy arrays (anything ``torch.as_tensor``
+    takes); ``out`` is written in place, so it must be a tensor; the result is a tensor.
     Cost: B T in out multiply-adds (T = 1: one GEMM on squared inputs, B in out); the torch
     composite's scratch stays within max(W/2, 1 MiB), W the float32 weight size, plus one
     chunk of upcast inputs, so the B per-sample gradients are never materialised.
     """
-    check_float_tensor(x, "x")
-    check_float_tensor(grad_out, "grad_out")
+    x = check_float_tensor(x, "x")
+    grad_out = check_float_tensor(grad_out, "grad_out")
     if x.dim() not in (2, 3) or grad_out.dim() != x.dim() or grad_out.shape[:-1] != x.shape[:-1]:
         raise ValueError(
             "x and grad_out must be (B, T, in) and (B, T, out) (or (B, in) and (B, out)) with the same B, T; "
             f"got x {tuple(x.shape)} and grad_out {tuple(grad_out.shape)}"
         )
-    if mask is not None and not isinstance(mask, torch.Tensor):
-        raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+    if mask is not None:
+        mask = as_tensor(mask, "mask")
     if out is not None and not isinstance(out, torch.Tensor):
         raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
     check_same_device(x=x, grad_out=grad_out, mask=mask, out=out)
@@ -311,20 +316,18 @@ class FisherHistogram(tuple):
 
 
 def _pooled_values(values) -> list[tuple[str, torch.Tensor]]:
-    """(name, flat contiguous tensor) for a tensor, a dict of tensors or a sequence of tensors."""
-    if isinstance(values, torch.Tensor):
-        items = [("values", values)]
-    elif isinstance(values, Mapping):
+    """(name, flat contiguous tensor) for a tensor or array, a dict of them or a sequence of them."""
+    if isinstance(values, Mapping):
         items = [(f"values[{k!r}]", v) for k, v in values.items()]
     elif isinstance(values, (list, tuple)):
         items = [(f"values[{i}]", v) for i, v in enumerate(values)]
-    else:
-        raise TypeError(f"values must be a tensor, a dict or a sequence of tensors, got {type(values).__name__}")
+    else:  # one tensor or array (anything else is refused by as_tensor, naming values)
+        items = [("values", values)]
     if not items:
         raise ValueError("values is empty: nothing to histogram")
     flat = []
     for name, v in items:
-        check_float_tensor(v, name)
+        v = check_float_tensor(v, name)
         check_finite(v, name)
         flat.append((name, v.reshape(-1).contiguous()))  # (numel,)
     check_same_device(**{name: v for name, v in flat})
@@ -337,8 +340,8 @@ def fisher_histogram(values, *, bins: int = 64, log: bool = True, backend: Optio
     """Histogram of Fisher values (or any non-negative values), pooled over tensors.
 
     Args:
-        values: a tensor, or a dict / sequence of tensors (all values pooled), any float dtype,
-            non-negative and finite.
+        values: a tensor or NumPy array, or a dict / sequence of them (all values pooled; each
+            item anything ``torch.as_tensor`` takes), any float dtype, non-negative and finite.
         bins: number of bins (>= 1).
         log: True: bins log10-spaced between the smallest positive value and the maximum;
             exact zeros cannot sit on a log axis, are left out of ``counts`` and counted in

@@ -204,13 +204,16 @@ def randomized_pca(
     direction.
 
     Cost: (2 q + 2) n d l multiply-adds in q + 2 reads of x, q QRs of (d, l), one of (n, l), an SVD of (l, d).
+
+    Array inputs: NumPy arrays and anything ``torch.as_tensor`` takes are accepted as well as tensors; the
+    result is of tensors either way (float64 arrays compute in float64).
     """
     return _fit(x, k, "x", oversample=oversample, n_iter=n_iter, center=center, seed=seed, backend=backend)[0]
 
 
 def _fit(x, k, name, *, oversample, n_iter, center, seed, backend) -> tuple:
     """randomized_pca of ``x`` (named ``name`` in errors): (PCAResult, mean float64 (..., d), variances float64 (..., k))."""
-    check_rows(x, name, min_rows=2)
+    x = check_rows(x, name, min_rows=2)
     _check_k(k, x, name)
     n, d = x.shape[-2], x.shape[-1]
     for opt, v in (("oversample", oversample), ("n_iter", n_iter)):
@@ -271,10 +274,11 @@ def _check_spectrum(flat: torch.Tensor, var: torch.Tensor, u: float, name: str, 
             )
 
 
-def _check_pair(x_ref: torch.Tensor, x_upd: torch.Tensor, k: int, fit_upd: bool) -> None:
-    """Both inputs checked and named; k checked against x_ref (and x_upd when its PCA is fitted too)."""
-    check_rows(x_ref, "x_ref", min_rows=2)
-    check_rows(x_upd, "x_upd", min_rows=2)
+def _check_pair(x_ref, x_upd, k: int, fit_upd: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both inputs checked, named and returned as tensors; k checked against x_ref (and x_upd when its
+    PCA is fitted too)."""
+    x_ref = check_rows(x_ref, "x_ref", min_rows=2)
+    x_upd = check_rows(x_upd, "x_upd", min_rows=2)
     _check_k(k, x_ref, "x_ref")
     if fit_upd:
         _check_k(k, x_upd, "x_upd")
@@ -284,6 +288,7 @@ def _check_pair(x_ref: torch.Tensor, x_upd: torch.Tensor, k: int, fit_upd: bool)
             "x_ref and x_upd must share the batch dimension and the feature dimension d "
             f"(row counts may differ), got x_ref {tuple(x_ref.shape)} and x_upd {tuple(x_upd.shape)}"
         )
+    return x_ref, x_upd
 
 
 def pca_similarity(
@@ -314,8 +319,11 @@ def pca_similarity(
     Accuracy: the cosines are 1-Lipschitz in the principal angles, so the error is at most the sum of
     the two fits' angle bounds (:func:`randomized_pca`). Raises ValueError naming x_ref or x_upd when
     it has no variance or is rank-deficient for this k (see :func:`randomized_pca`).
+
+    Array inputs: NumPy arrays and anything ``torch.as_tensor`` takes are accepted as well as tensors; the
+    result is a tensor either way (float64 arrays compute in float64).
     """
-    _check_pair(x_ref, x_upd, k, fit_upd=True)
+    x_ref, x_upd = _check_pair(x_ref, x_upd, k, fit_upd=True)
     opts = dict(oversample=oversample, n_iter=n_iter, center=True, seed=seed, backend=backend)
     cd = compute_dtype(x_ref, x_upd)
     a = _fit(x_ref, k, "x_ref", **opts)[0].components.to(cd)  # (..., k, d)
@@ -350,8 +358,11 @@ def pca_shift(
     :func:`randomized_pca`), relative error of the normalisation at most half that of the variance.
     Raises ValueError naming x_ref and the direction when x_ref is rank-deficient for this k (a
     variance within rounding of zero, which ``normalize`` would divide by), or has no variance.
+
+    Array inputs: NumPy arrays and anything ``torch.as_tensor`` takes are accepted as well as tensors; the
+    result is a tensor either way (float64 arrays compute in float64).
     """
-    _check_pair(x_ref, x_upd, k, fit_upd=False)
+    x_ref, x_upd = _check_pair(x_ref, x_upd, k, fit_upd=False)
     ref, mean_ref, var = _fit(x_ref, k, "x_ref", oversample=oversample, n_iter=n_iter, center=True, seed=seed,
                               backend=backend)
     delta = x_upd.mean(-2, dtype=torch.float64) - mean_ref  # (..., d) float64

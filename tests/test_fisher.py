@@ -190,8 +190,8 @@ class TestPerSampleLinearFisher:
             per_sample_linear_fisher(x, g, mask=torch.ones(2, 3))
         with pytest.raises(ValueError, match=r"mask must have shape \(2, 3\)"):
             per_sample_linear_fisher(x, g, mask=torch.ones(3, 2, dtype=torch.bool))
-        with pytest.raises(TypeError, match="mask must be a torch.Tensor, got list"):
-            per_sample_linear_fisher(x, g, mask=[[1, 1, 1], [1, 1, 0]])
+        with pytest.raises(TypeError, match="mask must be a tensor or an array of numbers"):
+            per_sample_linear_fisher(x, g, mask="keep")
         with pytest.raises(TypeError, match="out must be a torch.Tensor, got ndarray"):
             per_sample_linear_fisher(x, g, out=np.zeros((5, 4), dtype=np.float32))
         bad = g.clone()
