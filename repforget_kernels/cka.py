@@ -23,6 +23,10 @@ removed exactly by the sums' float64 algebra or by centring the Gram, H K H) and
 power of two, so offsets and magnitudes cost no precision and never over- or underflow. An
 input whose self-HSIC is within rounding of zero (given the size of the terms that cancel into
 it) makes CKA undefined: ValueError, on every path and backend alike.
+
+Length: one module because the three front doors (linear_cka, cka_matrix, StreamingCKA) share
+the sums-to-CKA algebra, the zero-variance test and the exact re-shifting of merged states; split,
+every piece would import every other.
 """
 from __future__ import annotations
 

@@ -32,6 +32,10 @@ the same batches, from one of three sources:
 - stored rows (``tokens="store"``): every real token row of every layer, L * n_tokens * d * 4
   bytes (8 for float64), refused above ``max_token_bytes``; no reference forward afterwards;
 - none (``tokens=None``): no token-level CKA.
+
+Length: one module because ReferenceStatistics and compare_models are two halves of one pass (the
+statistics computed once are exactly what the comparison would compute) and share its checks and
+Fisher summaries.
 """
 from __future__ import annotations
 
@@ -56,7 +60,8 @@ from .activations import (
     decoder_layers,
 )
 from .cka import linear_cka
-from .fisher import DiagonalFisher, FisherHistogram, fisher_histogram
+from .diagonal_fisher import DiagonalFisher
+from .fisher import FisherHistogram, fisher_histogram
 from .pca import pca_shift, pca_similarity
 
 __all__ = ["ReferenceStatistics", "ModelComparison", "compare_models", "spearman"]
