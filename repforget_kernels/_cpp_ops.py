@@ -2,10 +2,10 @@
 
 Importing ``_C`` registers the ops ``torch.ops.repforget.*`` (csrc/cpu); this module
 lists a thin wrapper for each in :data:`KERNELS`, which the dispatcher registers as backend
-"cpp" when it loads the module (this module does not import the dispatcher: no import cycle). The wrappers keep the
-op contracts of the torch composites (cka.py, fisher.py): inputs are made contiguous
-only where they are not, and in-place outputs that are not contiguous are computed in a
-contiguous copy and written back.
+"cpp" when it loads the module (this module does not import the dispatcher: no import cycle).
+The wrappers keep the op contracts of the torch composites (cka.py, fisher.py): inputs are made
+contiguous only where they are not, and in-place outputs that are not contiguous are computed in
+a contiguous copy and written back.
 
 If the extension cannot be imported (not built, or built against another torch), one
 warning says why and how to build it, :data:`KERNELS` is empty, and :func:`available`
