@@ -77,10 +77,38 @@ def _centered_matmul_t_torch(x, mu, q):
     return torch.bmm((x.to(q.dtype) - mu.unsqueeze(-2)).transpose(-1, -2), q)  # (L, d, l)
 
 
-@register("orthonormalize", "torch")
-def _orthonormalize_torch(a):
-    """Orthonormal basis of the columns of a (L, m, l), m >= l: -> (L, m, l) (reduced QR's Q)."""
-    return torch.linalg.qr(a, mode="reduced").Q
+def _cholesky_qr_pass(a: torch.Tensor):
+    """One Cholesky-QR pass on a (L, m, l) float64: (Q, ok) with Q = A R^-1, A^T A = R^T R."""
+    gram = a.transpose(-1, -2) @ a  # (L, l, l)
+    r, info = torch.linalg.cholesky_ex(gram, upper=True)  # (L, l, l) upper, (L,)
+    q = torch.linalg.solve_triangular(r, a, upper=True, left=False)  # (L, m, l) = A R^-1
+    return q, bool((info == 0).all())
+
+
+def _cholesky_qr2(a: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis of the columns of a (L, m, l), m >= l, by CholeskyQR2 in float64.
+
+    Returns (L, m, l) in a's dtype. Cost: 2 (2 m l^2 + l^3 / 3 + m l^2) flops in float64.
+    Falls back to Householder QR (torch.linalg.qr) when a Gram matrix is not numerically
+    positive definite (rank-deficient or cond(A) beyond ~1e7).
+    """
+    a64 = a.to(torch.float64)  # (L, m, l)
+    q, ok = _cholesky_qr_pass(a64)
+    if ok:
+        q, ok = _cholesky_qr_pass(q)
+    if not ok or not bool(torch.isfinite(q).all()):
+        q = torch.linalg.qr(a64, mode="reduced").Q  # (L, m, l)
+    return q.to(a.dtype)
+
+
+def _orthonormalize(a: torch.Tensor, cholesky: bool) -> torch.Tensor:
+    """Orthonormal basis of the columns of a (L, m, l), m >= l: -> (L, m, l).
+
+    ``cholesky``: :func:`_cholesky_qr2` (chosen on CUDA: two GEMMs and two tiny factorisations
+    replace a tall-skinny Householder QR's many small launches); else the reduced QR's Q.
+    Plain torch either way, so no backend registers it.
+    """
+    return _cholesky_qr2(a) if cholesky else torch.linalg.qr(a, mode="reduced").Q
 
 
 # --------------------------------------------------------------------------- public API
@@ -204,13 +232,16 @@ def randomized_pca(
     direction.
 
     Cost: (2 q + 2) n d l multiply-adds in q + 2 reads of x, q QRs of (d, l), one of (n, l), an SVD of (l, d).
+
+    Array inputs: NumPy arrays and anything ``torch.as_tensor`` takes are accepted as well as tensors; the
+    result is of tensors either way (float64 arrays compute in float64).
     """
     return _fit(x, k, "x", oversample=oversample, n_iter=n_iter, center=center, seed=seed, backend=backend)[0]
 
 
 def _fit(x, k, name, *, oversample, n_iter, center, seed, backend) -> tuple:
     """randomized_pca of ``x`` (named ``name`` in errors): (PCAResult, mean float64 (..., d), variances float64 (..., k))."""
-    check_rows(x, name, min_rows=2)
+    x = check_rows(x, name, min_rows=2)
     _check_k(k, x, name)
     n, d = x.shape[-2], x.shape[-1]
     for opt, v in (("oversample", oversample), ("n_iter", n_iter)):
@@ -232,7 +263,11 @@ def _fit(x, k, name, *, oversample, n_iter, center, seed, backend) -> tuple:
     grad = needs_grad(x)
     matmul = kernel("centered_matmul", x.device, backend, grad=grad)
     matmul_t = kernel("centered_matmul_t", x.device, backend, grad=grad)
-    orth = kernel("orthonormalize", x.device, backend, grad=grad)
+    cholesky = x.device.type == "cuda" and not grad  # Householder QR where autograd differentiates
+
+    def orth(a: torch.Tensor) -> torch.Tensor:
+        return _orthonormalize(a, cholesky)
+
     block = _block_rows(x3)
     z = omega  # (L, d, l)
     for _ in range(n_iter):
@@ -271,10 +306,11 @@ def _check_spectrum(flat: torch.Tensor, var: torch.Tensor, u: float, name: str, 
             )
 
 
-def _check_pair(x_ref: torch.Tensor, x_upd: torch.Tensor, k: int, fit_upd: bool) -> None:
-    """Both inputs checked and named; k checked against x_ref (and x_upd when its PCA is fitted too)."""
-    check_rows(x_ref, "x_ref", min_rows=2)
-    check_rows(x_upd, "x_upd", min_rows=2)
+def _check_pair(x_ref, x_upd, k: int, fit_upd: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both inputs checked, named and returned as tensors; k checked against x_ref (and x_upd when its
+    PCA is fitted too)."""
+    x_ref = check_rows(x_ref, "x_ref", min_rows=2)
+    x_upd = check_rows(x_upd, "x_upd", min_rows=2)
     _check_k(k, x_ref, "x_ref")
     if fit_upd:
         _check_k(k, x_upd, "x_upd")
@@ -284,6 +320,7 @@ def _check_pair(x_ref: torch.Tensor, x_upd: torch.Tensor, k: int, fit_upd: bool)
             "x_ref and x_upd must share the batch dimension and the feature dimension d "
             f"(row counts may differ), got x_ref {tuple(x_ref.shape)} and x_upd {tuple(x_upd.shape)}"
         )
+    return x_ref, x_upd
 
 
 def pca_similarity(
@@ -314,8 +351,11 @@ def pca_similarity(
     Accuracy: the cosines are 1-Lipschitz in the principal angles, so the error is at most the sum of
     the two fits' angle bounds (:func:`randomized_pca`). Raises ValueError naming x_ref or x_upd when
     it has no variance or is rank-deficient for this k (see :func:`randomized_pca`).
+
+    Array inputs: NumPy arrays and anything ``torch.as_tensor`` takes are accepted as well as tensors; the
+    result is a tensor either way (float64 arrays compute in float64).
     """
-    _check_pair(x_ref, x_upd, k, fit_upd=True)
+    x_ref, x_upd = _check_pair(x_ref, x_upd, k, fit_upd=True)
     opts = dict(oversample=oversample, n_iter=n_iter, center=True, seed=seed, backend=backend)
     cd = compute_dtype(x_ref, x_upd)
     a = _fit(x_ref, k, "x_ref", **opts)[0].components.to(cd)  # (..., k, d)
@@ -350,8 +390,11 @@ def pca_shift(
     :func:`randomized_pca`), relative error of the normalisation at most half that of the variance.
     Raises ValueError naming x_ref and the direction when x_ref is rank-deficient for this k (a
     variance within rounding of zero, which ``normalize`` would divide by), or has no variance.
+
+    Array inputs: NumPy arrays and anything ``torch.as_tensor`` takes are accepted as well as tensors; the
+    result is a tensor either way (float64 arrays compute in float64).
     """
-    _check_pair(x_ref, x_upd, k, fit_upd=False)
+    x_ref, x_upd = _check_pair(x_ref, x_upd, k, fit_upd=False)
     ref, mean_ref, var = _fit(x_ref, k, "x_ref", oversample=oversample, n_iter=n_iter, center=True, seed=seed,
                               backend=backend)
     delta = x_upd.mean(-2, dtype=torch.float64) - mean_ref  # (..., d) float64

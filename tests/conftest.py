@@ -131,6 +131,15 @@ def dtype() -> torch.dtype:
 
 
 @pytest.fixture
+def two_threads():
+    """Run the test body with 2 intra-op threads (the C++ kernels' per-thread bins / tiles get merged)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def gen() -> torch.Generator:
     """A fresh, seeded CPU generator per test; tensors are drawn on CPU then moved to DEVICE."""
     return torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little") if os.environ.get("REPFORGET_TEST_RANDOM") else 1234)

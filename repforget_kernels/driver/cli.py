@@ -19,6 +19,9 @@ environment (one GPU per local rank, NCCL; gloo on CPU). ``run`` and ``demo`` sh
 FSDP2 and train it data-parallel (``distributed``, ``train``); evaluation and diagnostics split their
 batches across ranks and merge the results; rank 0 writes the files, which hold the numbers one
 process would produce (up to float rounding of the reductions).
+
+Length: one module because it is the argument table of three subcommands and their mapping onto
+the pipeline's config; it holds no logic of its own.
 """
 from __future__ import annotations
 

@@ -40,6 +40,9 @@ so every rank computes the one-process record. Rank 0 pretrains the embedded mod
 and load them from the cache), decides what is already finished, and writes every file; the
 checkpoints hold the full float32 master weights, so a resumed run continues from exactly where it
 stopped.
+
+Length: one module because the stages of a run (unlearn, relearn, evaluate, compare) share the
+run's state and checkpoints; the workers, evaluation and training live in their own modules.
 """
 from __future__ import annotations
 
