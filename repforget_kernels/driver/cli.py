@@ -37,13 +37,15 @@ from repforget_kernels.pooling import SAMPLE_DEFINITIONS
 from .methods import METHOD_NAMES as METHOD_CHOICES
 from .methods import REFERENCES as REFERENCE_CHOICES
 
-__all__ = ["DEMO_LRS", "DEMO_REQUESTS", "build_parser", "demo_specs", "main"]
+__all__ = ["DEMO_METHODS", "DEMO_LRS", "DEMO_REQUESTS", "build_parser", "demo_specs", "main"]
 
 DEFAULT_CACHE = Path(os.environ.get("REPFORGET_CACHE", "~/.cache/repforget")).expanduser()
 SPLIT_FLAGS = ("forget", "retain", "holdout", "unrelated")
 
-# The demo grid: every registered method at three learning rates (mild, moderate, destructive) in the
+# The demo grid: the paper's methods (not every registered one: SimNPO, IdkDPO and RMU run through
+# `repforget run --method`) at three learning rates (mild, moderate, destructive) in the
 # single setting, and at the moderate rate with 5 and 10 sequential requests. See the README.
+DEMO_METHODS = ("ga", "ga_gd", "ga_kl", "npo", "npo_gd", "npo_kl", "rlabel")
 DEMO_LRS = (1e-4, 7e-4, 2e-3)
 DEMO_REQUESTS = (5, 10)
 DEMO_EPOCHS = 8  # per request
@@ -118,6 +120,7 @@ def _experiment(p: argparse.ArgumentParser) -> None:
     p.add_argument("--beta", type=positive_float, default=0.1, help="NPO temperature")
     p.add_argument("--retain-weight", type=positive_float, default=1.0,
                    help="weight of the retain term of the GD / KL methods (the demo: %(default)s)")
+    _training_knobs(p)
     p.add_argument("--reference", choices=REFERENCE_CHOICES, default="original",
                    help="NPO reference and KL anchor: the original model (default) or the model at each request's start")
     p.add_argument("--relearn-epochs", type=int_at_least(1), default=1,
@@ -134,6 +137,42 @@ def _experiment(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int_at_least(1), default=None,
                    help="single-threaded worker processes, each running whole runs (default: one per core for "
                         "the embedded model on CPU, else 1)")
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0 (weight decay, SimNPO's margin)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
+
+
+# Unlearning settings passed to RunSpec.options only when given (None: the TrainConfig default).
+_KNOBS = {
+    "forget_weight": dict(type=positive_float, help="weight of the forget term (default 1)"),
+    "weight_decay": dict(type=non_negative_float, help="optimizer weight decay of unlearning (default 0)"),
+    "warmup": dict(type=int_at_least(0), help="updates of linear learning-rate warm-up (default 0)"),
+    "scheduler": dict(choices=("constant", "linear", "cosine"), help="learning-rate schedule after warm-up "
+                      "(default constant)"),
+    "grad_accum": dict(type=int_at_least(1), help="batches accumulated per update (default 1)"),
+    "max_steps": dict(type=int_at_least(1), help="cap on the updates of each unlearning request"),
+    "gamma": dict(type=non_negative_float, help="SimNPO's reward margin gamma (default 0)"),
+    "rmu_layer": dict(type=int_at_least(0), help="RMU: the decoder block steered (0-based; default L//4 - 1)"),
+    "rmu_steer": dict(type=positive_float, help="RMU: the steering coefficient c (default 6.5)"),
+}
+
+
+def _training_knobs(p: argparse.ArgumentParser) -> None:
+    for name, kwargs in _KNOBS.items():
+        p.add_argument("--" + name.replace("_", "-"), default=None, **kwargs)
+
+
+def _options(args) -> dict:
+    """{TrainConfig field: value} of the knobs given on the command line."""
+    return {name: getattr(args, name) for name in _KNOBS if getattr(args, name, None) is not None}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -336,7 +375,8 @@ def _grid(args, methods: list, settings: list) -> list:
     try:
         return [RunSpec(method=m, lr=lr, setting=setting, requests=requests, epochs=args.epochs,
                         batch_size=args.batch_size, beta=args.beta, retain_weight=args.retain_weight,
-                        seed=args.seed + k, reference=args.reference, optimizer=args.optimizer)
+                        seed=args.seed + k, reference=args.reference, optimizer=args.optimizer,
+                        options=_options(args))
                 for k in range(args.seeds) for m in methods for setting, requests, rates in settings for lr in rates]
     except ValueError as exc:
         raise UsageError(str(exc)) from None
@@ -352,10 +392,10 @@ def _specs(args) -> list:
 
 
 def demo_specs(args) -> list:
-    """The demo grid: every registered method at DEMO_LRS in the single setting, and at the middle rate with
-    each of DEMO_REQUESTS sequential requests; for each of ``args.seeds`` seeds."""
+    """The demo grid: DEMO_METHODS at DEMO_LRS in the single setting, and at the middle rate with each of
+    DEMO_REQUESTS sequential requests; for each of ``args.seeds`` seeds."""
     settings = [("single", 1, DEMO_LRS)] + [("continual", n, (DEMO_LRS[1],)) for n in DEMO_REQUESTS]
-    return _grid(args, list(METHOD_CHOICES), settings)
+    return _grid(args, list(DEMO_METHODS), settings)
 
 
 # --------------------------------------------------------------------------- commands

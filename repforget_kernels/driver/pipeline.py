@@ -81,13 +81,15 @@ from .train import TrainConfig, relearn, unlearn
 from .verdict import THRESHOLDS, structure_summary, structure_vs_recovery, verdict
 from .workers import pretrain_in_parallel, run_in_parallel
 
-__all__ = ["SETTINGS", "RELEARN_CONTROLS", "PROBES", "NULLS", "RunSpec", "PipelineConfig", "split_requests",
+__all__ = ["SETTINGS", "TRAIN_OPTIONS", "RELEARN_CONTROLS", "PROBES", "NULLS", "RunSpec", "PipelineConfig", "split_requests",
            "Pipeline", "selective_runs", "summarize"]
 
 SETTINGS = ("single", "continual")
 RELEARN_CONTROLS = ("forget", "retain", "unrelated")
 PROBES = ("forget", "retain", "unrelated")
 NULLS = ("random_init", "other_seed", "retain_oracle")
+TRAIN_OPTIONS = ("forget_weight", "weight_decay", "warmup", "scheduler", "grad_accum", "max_steps", "gamma",
+                 "rmu_layer", "rmu_steer")
 STRUCTURE_DRAWS = 200  # bootstrap draws of the pooled-CKA drift per probe set and stage
 _TOKEN_STORE_BYTES = 256 << 20  # the original's token rows of one probe set are stored up to this size
 _SELECTIVE = {"forget_drop": 0.5, "retain_drop": 0.1}
@@ -100,7 +102,8 @@ class RunSpec:
     each with the full budget); ``retain_weight`` scales the retain term of the methods that have one;
     ``seed`` seeds the data order, RLabel's answers and the relearning subsets;
     ``reference``: NPO's reference and the KL anchor are the ``original`` model or the ``current`` one at
-    the start of each request."""
+    the start of each request; ``options``: further TrainConfig fields of the unlearning stages (TRAIN_OPTIONS:
+    knobs and method hyperparameters), named in the run id when given."""
 
     method: str
     lr: float
@@ -113,9 +116,15 @@ class RunSpec:
     seed: int = 0
     reference: str = "original"
     optimizer: str = "adamw"  # "adamw" | "sgd" | "adafactor" (see models.memory_plan for 7B on one GPU)
+    options: dict = field(default_factory=dict)
 
     def __post_init__(self):
         get_method(self.method)
+        unknown = sorted(set(self.options) - set(TRAIN_OPTIONS))
+        if unknown:
+            raise ValueError(f"options {unknown} are not unlearning settings; choose from {', '.join(TRAIN_OPTIONS)}")
+        TrainConfig(**self.options)  # checks the values
+        object.__setattr__(self, "options", dict(sorted(self.options.items())))
         if self.setting not in SETTINGS:
             raise ValueError(f"setting must be one of {SETTINGS}, got {self.setting!r}")
         if self.reference not in REFERENCES:
@@ -137,7 +146,16 @@ class RunSpec:
     def run_id(self) -> str:
         setting = "single" if self.setting == "single" else f"continual{self.requests}"
         tail = "" if self.reference == "original" else "_ref-current"
+        tail += "".join(f"_{key}-{value:g}" if isinstance(value, float) else f"_{key}-{value}"
+                        for key, value in self.options.items())
         return f"{self.method}_lr{self.lr:g}_{setting}_seed{self.seed}{tail}"
+
+    def record(self) -> dict:
+        """The spec as JSON (``options`` only when given, so runs without them keep their stored form)."""
+        out = asdict(self)
+        if not out["options"]:
+            del out["options"]
+        return out
 
     def unlearning_stages(self) -> list:
         return ["unlearned"] if self.setting == "single" else [f"unlearned_{i}" for i in range(1, self.requests + 1)]
@@ -283,11 +301,11 @@ class Pipeline:
     def _claim_run(self, spec: RunSpec) -> None:
         rel = f"{spec.run_id}/spec.json"
         if broadcast(self.state.exists(rel)):
-            if self.state.read_json(rel) != asdict(spec):
+            if self.state.read_json(rel) != spec.record():
                 raise StateMismatch(f"{self.state.path(spec.run_id)} holds run {spec.run_id} with different settings; "
                                     "use another --out, or --restart to discard it")
         elif is_main():
-            self.state.write_json(rel, asdict(spec))
+            self.state.write_json(rel, spec.record())
 
     # ----------------------------------------------------------------- main loop
     def run(self, specs: list) -> dict:
@@ -315,7 +333,7 @@ class Pipeline:
             stages = [original] + self.run_stages(spec)
             runs.append({"run_id": spec.run_id, "method": spec.method, "lr": spec.lr, "setting": spec.setting,
                          "requests": spec.requests, "seed": spec.seed, "reference": spec.reference,
-                         "spec": asdict(spec), "stages": stages,
+                         "spec": spec.record(), "stages": stages,
                          "verdict": verdict(stages, nulls, self.cfg.thresholds)})
         for run in runs:
             b = run["verdict"]["behaviour"]
@@ -516,9 +534,10 @@ class Pipeline:
             if i < len(unl):
                 tc = TrainConfig(lr=spec.lr, epochs=spec.epochs, batch_size=spec.batch_size, beta=spec.beta,
                                  retain_weight=spec.retain_weight, seed=spec.seed * 1000 + i,
-                                 progress=self.cfg.progress, optimizer=spec.optimizer)
+                                 progress=self.cfg.progress, optimizer=spec.optimizer, **spec.options)
                 train = unlearn(model, spec.method, requests[i], self.encoded_retain_train(), tc,
-                                reference=self.reference if spec.reference == "original" else None)
+                                reference=self.reference if spec.reference == "original" else None,
+                                tokenizer=self.tokenizer)
                 record = dict(name=names[i], train=train, **self._measure(model, draws=i == len(unl) - 1))
                 holds_unlearned = i == len(unl) - 1
             else:
