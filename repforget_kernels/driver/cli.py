@@ -133,10 +133,20 @@ def _experiment(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-items", type=int_at_least(1), default=96, help="items per evaluation split at most (the "
                    "forget set is always evaluated whole)")
     p.add_argument("--probe-items", type=int_at_least(4), default=64, help="items per probe set")
+    p.add_argument("--mink-k", type=fraction, default=0.4,
+                   help="fraction of the lowest answer-token scores Min-K%% and Min-K%%++ average (default %(default)s)")
     p.add_argument("--no-nulls", action="store_true", help="skip the null models (random init, other seed, oracle)")
     p.add_argument("--workers", type=int_at_least(1), default=None,
                    help="single-threaded worker processes, each running whole runs (default: one per core for "
                         "the embedded model on CPU, else 1)")
+
+
+def fraction(text: str) -> float:
+    """argparse type: a number in (0, 1]."""
+    value = positive_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}")
+    return value
 
 
 def non_negative_float(text: str) -> float:
@@ -341,7 +351,7 @@ def _pipeline(args, examples=None, sources=None):
                          examples=examples, data_sources=sources or {}, nulls=() if args.no_nulls else NULLS,
                          null_models=_null_models(args),
                          workers=_workers(args, device), progress=is_main and not args.no_progress, fsdp=fsdp,
-                         restart=args.restart)
+                         restart=args.restart, mink_k=args.mink_k)
     return Pipeline(cfg)
 
 

@@ -13,11 +13,14 @@ The other per-example numbers of a split come from ONE forward pass per batch (`
 - token accuracy: teacher-forced answer-token accuracy, argmax_v p(v | prefix) == label over the
   supervised answer tokens, EOS excluded, pooled over the split (correct tokens / answer tokens).
 - perplexity: exp(total NLL / supervised tokens) of the split.
-- MIA scores per example, oriented so that higher = more member-like (trained):
+- MIA scores per example over the answer tokens (EOS and every other special token excluded), oriented
+  so that higher = more member-like (trained):
   ``loss``  = -mean NLL of the answer tokens;
-  ``zlib``  = -(sum NLL of the answer tokens) / zlib-compressed byte length of the example's text
-              (Carlini et al. 2021: log-perplexity against zlib entropy);
-  ``min_k`` = mean of the lowest k% (k = 20, at least one) answer-token log-probs (Shi et al. 2024);
+  ``zlib``  = -(mean NLL of the answer tokens) / zlib-compressed byte length of the answer text alone
+              (Carlini et al. 2021, "Extracting Training Data from Large Language Models": log-perplexity
+              against zlib entropy; open-unlearning's ``mia_zlib``: the decoded answer, special tokens skipped);
+  ``min_k`` = mean of the lowest k (``mink_k``, default MIN_K = 0.4 as in open-unlearning; at least one)
+              fraction of the answer-token log-probs (Shi et al. 2024, "Detecting Pretraining Data");
   ``min_k_plus_plus`` = the same on z_t = (log p(x_t) - mu_t) / sigma_t with mu_t = E_{z~p_t} log p_t(z)
               and sigma_t^2 = Var_{z~p_t} log p_t(z) over the vocabulary at position t (Zhang et al. 2024).
 - MIA AUC: roc_auc(scores on forget = members, scores on holdout = non-members).
@@ -44,7 +47,7 @@ from .losses import forward_logits, next_token_logprobs
 __all__ = ["MIN_K", "roc_auc", "normalize_answer", "greedy_continuations", "exact_match", "split_scores",
            "evaluate"]
 
-MIN_K = 0.2  # fraction of lowest-scoring tokens averaged by Min-K% and Min-K%++
+MIN_K = 0.4  # fraction of lowest-scoring tokens averaged by Min-K% and Min-K%++ (open-unlearning's default)
 _MIA = ("loss", "zlib", "min_k", "min_k_plus_plus")
 
 
@@ -215,14 +218,21 @@ def _standardised(logp_rows: torch.Tensor, logp_tokens: torch.Tensor) -> torch.T
     return (logp_tokens - mu) / sigma
 
 
-def _zlib_lengths(batch: dict, tokenizer) -> torch.Tensor:
-    """(B,) zlib-compressed byte length of each example's real tokens (decoded text, else the id string)."""
+def _zlib_lengths(batch: dict, answer: torch.Tensor, tokenizer) -> torch.Tensor:
+    """(B,) zlib-compressed byte length of each row's answer text: the tokens at the ``answer`` (B, T-1)
+    next-token positions, decoded with special tokens skipped (without a tokenizer: the id string)."""
     lengths = []
-    for ids, mask in zip(batch["input_ids"], batch["attention_mask"]):
-        real = ids[mask.bool()].tolist()
-        text = tokenizer.decode(real) if tokenizer is not None else " ".join(map(str, real))
+    for ids, keep in zip(batch["input_ids"][:, 1:], answer):
+        real = ids[keep].tolist()
+        text = tokenizer.decode(real, skip_special_tokens=True) if tokenizer is not None else " ".join(map(str, real))
         lengths.append(len(zlib.compress(text.encode("utf-8"))))
     return torch.tensor(lengths, dtype=torch.float64)
+
+
+def _special_ids(tokenizer, eos) -> list:
+    """The ids MIA scores skip: EOS and the tokenizer's other special tokens."""
+    ids = set(getattr(tokenizer, "all_special_ids", None) or []) if tokenizer is not None else set()
+    return sorted(ids | ({eos} if eos is not None else set()))
 
 
 @torch.no_grad()
@@ -232,13 +242,17 @@ def split_scores(model, encoded: dict, *, batch_size: int = 16, tokenizer=None, 
     Returns {"greedy" (N,) bool: every supervised token is the argmax (the greedy answer is the reference,
     see :func:`exact_match`), "correct" (N,) and "tokens" (N,) answer-token counts (EOS excluded), "nll" (N,) summed NLL of
     the supervised tokens, "supervised" (N,) their counts,
-    and the four MIA scores (N,) float64 ("loss", "zlib", "min_k", "min_k_plus_plus")}, on CPU, in row
-    order (under torch.distributed: every rank's batches, gathered).
+    and the four MIA scores (N,) float64 ("loss", "zlib", "min_k", "min_k_plus_plus", over the answer tokens,
+    special tokens excluded, Min-K% fraction ``k``)}, on CPU, in row order (under torch.distributed: every
+    rank's batches, gathered).
     """
+    if isinstance(k, bool) or not isinstance(k, (int, float)) or not 0 < k <= 1:
+        raise ValueError(f"k (the Min-K% fraction) must be in (0, 1], got {k!r}")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     eos = _eos_id(model, tokenizer)
+    special = torch.tensor(_special_ids(tokenizer, eos), dtype=torch.long, device=device)  # (S,)
     parts: list[tuple[int, dict]] = []  # (batch index, {key: (B,) tensor})
     try:
         for index, batch in rank_batches(encoded, batch_size):
@@ -248,8 +262,9 @@ def split_scores(model, encoded: dict, *, batch_size: int = 16, tokenizer=None, 
             z = torch.zeros_like(logp)  # (B, T-1): Min-K%++ statistic, only at supervised positions
             z[mask] = _standardised(logp_all[mask], logp[mask])
             tokens = mask.sum(1)  # (B,)
-            answer = mask & (target != eos) if eos is not None else mask  # (B, T-1) answer tokens, no EOS
+            answer = mask & ~torch.isin(target, special)  # (B, T-1) answer tokens, no EOS / special token
             nll = -(logp.masked_fill(~mask, 0.0)).sum(1)  # (B,)
+            answer_nll = -(logp.masked_fill(~answer, 0.0)).sum(1) / answer.sum(1).clamp_min(1)  # (B,) mean
             argmax = logp_all.argmax(-1)  # (B, T-1)
             parts.append((index, {
                 "greedy": ((argmax == target) | ~mask).all(1).cpu(),
@@ -257,10 +272,10 @@ def split_scores(model, encoded: dict, *, batch_size: int = 16, tokenizer=None, 
                 "tokens": answer.sum(1).cpu(),
                 "supervised": tokens.cpu(),
                 "nll": nll.double().cpu(),
-                "loss": (-nll / tokens.clamp_min(1)).double().cpu(),
-                "zlib": -nll.double().cpu() / _zlib_lengths(batch, tokenizer),
-                "min_k": _min_k(logp, mask, k).double().cpu(),
-                "min_k_plus_plus": _min_k(z, mask, k).double().cpu(),
+                "loss": -answer_nll.double().cpu(),
+                "zlib": -answer_nll.double().cpu() / _zlib_lengths(batch, answer, tokenizer),
+                "min_k": _min_k(logp, answer, k).double().cpu(),
+                "min_k_plus_plus": _min_k(z, answer, k).double().cpu(),
             }))
     finally:
         model.train(was_training)
@@ -270,7 +285,7 @@ def split_scores(model, encoded: dict, *, batch_size: int = 16, tokenizer=None, 
 
 
 def evaluate(model, splits: dict[str, dict], *, batch_size: int = 16, tokenizer=None, generate: bool = True,
-             generate_batch_size: int = 128) -> dict:
+             generate_batch_size: int = 128, mink_k: float = MIN_K) -> dict:
     """Behavioural metrics of ``model`` on encode() outputs keyed by split name.
 
     Returns {"em": {split: exact match of greedy answers} (when ``generate``), "em_items": {split: "0110..."
@@ -282,7 +297,8 @@ def evaluate(model, splits: dict[str, dict], *, batch_size: int = 16, tokenizer=
     """
     if not isinstance(splits, dict) or not splits:
         raise ValueError(f"splits must be a non-empty dict of encode() outputs, got {splits!r}")
-    scores = {name: split_scores(model, enc, batch_size=batch_size, tokenizer=tokenizer) for name, enc in splits.items()}
+    scores = {name: split_scores(model, enc, batch_size=batch_size, tokenizer=tokenizer, k=mink_k)
+              for name, enc in splits.items()}
     out: dict = {"token_acc": {name: float(s["correct"].sum()) / max(1, int(s["tokens"].sum()))
                                for name, s in scores.items()}}
     if generate:

@@ -72,7 +72,7 @@ from .distributed import (
     shard_model,
     world,
 )
-from .evaluate import evaluate, exact_match
+from .evaluate import MIN_K, evaluate, exact_match
 from .methods import REFERENCES, get_method
 from .models import load_model
 from .report import versions, write_report
@@ -175,6 +175,7 @@ class PipelineConfig:
     workers: run-level parallelism in one process's stead (``workers``: single-threaded processes; ignored
     under a torch.distributed launcher).
     fsdp: how the trainee is sharded under several processes (unused in one process).
+    mink_k: the fraction of lowest answer-token scores Min-K% and Min-K%++ average.
     """
 
     out: Path
@@ -203,6 +204,7 @@ class PipelineConfig:
     progress: bool = True
     fsdp: FSDPSettings = field(default_factory=FSDPSettings)
     restart: bool = False
+    mink_k: float = MIN_K
 
     def settings(self) -> dict:
         """The settings the stored state depends on besides the data and the model files (JSON-ready)."""
@@ -210,7 +212,7 @@ class PipelineConfig:
                 "eval_batch_size": self.eval_batch_size, "eval_items": self.eval_items,
                 "probe_items": self.probe_items, "relearn": [self.relearn_lr, self.relearn_epochs,
                                                              self.relearn_batch_size, self.relearn_optimizer],
-                "diagnostics": asdict(self.diagnostics), "nulls": list(self.nulls),
+                "diagnostics": asdict(self.diagnostics), "nulls": list(self.nulls), "mink_k": self.mink_k,
                 "null_models": {k: str(v) for k, v in sorted(self.null_models.items())}}
 
 
@@ -406,7 +408,7 @@ class Pipeline:
 
     def _evaluate(self, model) -> dict:
         return evaluate(model, self.eval_splits, batch_size=self.cfg.eval_batch_size, tokenizer=self.tokenizer,
-                        generate_batch_size=self.cfg.eval_batch_size)
+                        generate_batch_size=self.cfg.eval_batch_size, mink_k=self.cfg.mink_k)
 
     def _forget_em(self, model) -> float:
         """Forget exact match as the stage evaluation computes it (same items, same batches: batch composition
