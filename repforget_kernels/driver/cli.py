@@ -209,9 +209,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="continual: numbers of sequential unlearning requests (one run per value)")
     run.add_argument("--forget-size", choices=("forget01", "forget05", "forget10"), default="forget10",
                      help="embedded benchmark: the forget set, 1%%, 5%% or 10%% of the entities")
-    run.add_argument("--max-length", type=int_at_least(2), default=64, help="tokens per example")
+    run.add_argument("--max-length", type=int_at_least(2), default=64,
+                     help="tokens per example (longer {text} items become overlapping windows)")
+    run.add_argument("--chat-template", action="store_true",
+                     help="render every prompt with the tokenizer's chat template (instruct models)")
     for split in SPLIT_FLAGS:
-        run.add_argument(f"--{split}", type=Path, default=None, help=f"JSONL for the {split} split")
+        run.add_argument(f"--{split}", type=Path, default=None,
+                         help=f"the {split} split: JSONL / JSON array, parquet or a datasets save_to_disk directory "
+                              "({prompt, answer}, TOFU's {question, answer, ...} or {text} records)")
     run.add_argument("--fill-synthetic", action="store_true",
                      help="take the splits not given as files from the embedded benchmark")
     run.add_argument("--retain-model", default=None,
@@ -314,7 +319,7 @@ def _examples(args) -> tuple:
     """(splits, {split: path}): the embedded benchmark without data files; with them, exactly the user's splits
     (forget and retain required), or the benchmark with the user's splits swapped in under --fill-synthetic."""
     from .benchmark import make_benchmark
-    from .data import load_jsonl
+    from .data import load_split
 
     sources = {split: getattr(args, split) for split in SPLIT_FLAGS if getattr(args, split, None) is not None}
     if not sources:
@@ -325,7 +330,7 @@ def _examples(args) -> tuple:
                          "the missing splits from the embedded benchmark (its facts are unrelated to yours)")
     corpus = make_benchmark(args.seed, _benchmark_config(args)) if args.fill_synthetic else {}
     for split, path in sources.items():
-        corpus[split] = load_jsonl(path, split)
+        corpus[split] = load_split(path, split)
     wanted = [c for c in args.relearn_controls if c != "forget" and not corpus.get(c)]
     if wanted:
         raise UsageError(f"relearning control(s) {', '.join(wanted)} need --{wanted[0]} data (or leave them out of "
@@ -351,7 +356,8 @@ def _pipeline(args, examples=None, sources=None):
                          examples=examples, data_sources=sources or {}, nulls=() if args.no_nulls else NULLS,
                          null_models=_null_models(args),
                          workers=_workers(args, device), progress=is_main and not args.no_progress, fsdp=fsdp,
-                         restart=args.restart, mink_k=args.mink_k)
+                         restart=args.restart, mink_k=args.mink_k,
+                         chat_template=getattr(args, "chat_template", False))
     return Pipeline(cfg)
 
 
@@ -478,7 +484,7 @@ def cmd_analyze(args) -> int:
 
     from repforget_kernels import compare_models
 
-    from .data import encode, load_jsonl
+    from .data import encode, load_split
     from .diagnostics import comparison_options
     from .distributed import join_process_group, launched_world_size
     from .models import load_model
@@ -492,8 +498,8 @@ def cmd_analyze(args) -> int:
             raise UsageError("analyze needs two model directories (--ref DIR --upd DIR), got 'tiny'")
         _check_model(spec)
     _check_same_shape(args.ref, args.upd)
-    probe_items = load_jsonl(args.data, "probe")
-    forget_items = load_jsonl(args.forget, "forget") if args.forget is not None else probe_items
+    probe_items = load_split(args.data, "probe")
+    forget_items = load_split(args.forget, "forget") if args.forget is not None else probe_items
     out = Path(args.out)
     device = _device(args.device)
     _check_out(out)

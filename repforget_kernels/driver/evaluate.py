@@ -40,7 +40,7 @@ import torch
 import re
 import string
 
-from .data import split_rows
+from .data import position_ids, split_rows
 from .distributed import gather_in_order, rank_batches
 from .losses import forward_logits, next_token_logprobs
 
@@ -103,7 +103,7 @@ def greedy_continuations(model, prompts: list, *, max_new_tokens: list, eos_id, 
         ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
         mask[i, width - len(p):] = 1
     ids, mask = ids.to(device), mask.to(device)
-    positions = (mask.cumsum(-1) - 1).clamp_min(0)  # (B, T)
+    positions = position_ids(mask)  # (B, T)
     caps = torch.tensor(max_new_tokens, device=device)  # (B,)
     cache_arg, extra = _decoding_arguments(model)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **extra)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .data import pad_rows, split_rows
+from .data import pad_rows, position_ids, split_rows
 
 __all__ = [
     "token_logprobs",
@@ -57,8 +57,10 @@ def next_token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[tor
 
 
 def forward_logits(model, batch: dict) -> torch.Tensor:
-    """logits (B, T, V) of a causal LM on a batch (input_ids, attention_mask), no loss computed by HF."""
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    """logits (B, T, V) of a causal LM on a batch (input_ids, attention_mask), no loss computed by HF; position ids
+    follow the attention mask (``data.position_ids``), so left padding does not shift absolute positions."""
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                 position_ids=position_ids(batch["attention_mask"]), use_cache=False).logits
 
 
 def sequence_logprob(model, batch: dict) -> torch.Tensor:

@@ -36,7 +36,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .data import pad_rows, split_rows
+from .data import pad_rows, position_ids, split_rows
 from .losses import (
     dpo_loss,
     forward_logits,
@@ -106,7 +106,7 @@ def rmu_direction(width: int, seed: int) -> torch.Tensor:
 def block_output(model, batch: dict, layer: int) -> torch.Tensor:
     """(B, T, d) the output of decoder block ``layer`` (0-based): hidden_states[layer + 1]."""
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
-                output_hidden_states=True)
+                position_ids=position_ids(batch["attention_mask"]), output_hidden_states=True)
     return out.hidden_states[layer + 1]
 
 

@@ -175,7 +175,8 @@ class PipelineConfig:
     workers: run-level parallelism in one process's stead (``workers``: single-threaded processes; ignored
     under a torch.distributed launcher).
     fsdp: how the trainee is sharded under several processes (unused in one process).
-    mink_k: the fraction of lowest answer-token scores Min-K% and Min-K%++ average.
+    mink_k: the fraction of lowest answer-token scores Min-K% and Min-K%++ average; chat_template: prompts are
+    rendered by the tokenizer's chat template (``data.encode``).
     """
 
     out: Path
@@ -205,6 +206,7 @@ class PipelineConfig:
     fsdp: FSDPSettings = field(default_factory=FSDPSettings)
     restart: bool = False
     mink_k: float = MIN_K
+    chat_template: bool = False
 
     def settings(self) -> dict:
         """The settings the stored state depends on besides the data and the model files (JSON-ready)."""
@@ -213,6 +215,7 @@ class PipelineConfig:
                 "probe_items": self.probe_items, "relearn": [self.relearn_lr, self.relearn_epochs,
                                                              self.relearn_batch_size, self.relearn_optimizer],
                 "diagnostics": asdict(self.diagnostics), "nulls": list(self.nulls), "mink_k": self.mink_k,
+                "chat_template": self.chat_template,
                 "null_models": {k: str(v) for k, v in sorted(self.null_models.items())}}
 
 
@@ -387,13 +390,16 @@ class Pipeline:
                 c.model, cache_dir=c.cache_dir, device=c.device, seed=c.seed, corpus=self.examples,
                 progress=c.progress, tiny_options=c.tiny_options)
         self.reference.requires_grad_(False)
-        enc = lambda items: encode(self.tokenizer, items, max_length=c.max_length)  # noqa: E731
+        enc = self._encode
         limit = {s: len(self.examples[s]) if s == "forget" else c.eval_items for s in EVAL_SPLITS}  # forget: all of it
         self.eval_splits = {s: enc(self._subset(s, limit[s])) for s in EVAL_SPLITS if self.examples.get(s)}
         self.probes = {s: self._subset(s, c.probe_items) for s in PROBES if self.examples.get(s)}
         self.encoded_probes = {s: enc(items) for s, items in self.probes.items()}
         self.fisher_probes = {s: enc(items[:c.diagnostics.fisher_items]) for s, items in self.probes.items()}
         self.forget_all = enc(self.examples["forget"])
+
+    def _encode(self, items: list) -> dict:
+        return encode(self.tokenizer, items, max_length=self.cfg.max_length, chat_template=self.cfg.chat_template)
 
     def _token_source(self) -> Optional[str]:
         """Where token-level CKA gets the original's token rows: stored once ("store", when every probe set's
@@ -569,7 +575,7 @@ class Pipeline:
     def encoded_retain_train(self) -> dict:
         """The retain data the methods with a retain term train on (the whole retain split), encoded once."""
         if not hasattr(self, "_retain_train"):
-            self._retain_train = encode(self.tokenizer, self.examples["retain"], max_length=self.cfg.max_length)
+            self._retain_train = self._encode(self.examples["retain"])
         return self._retain_train
 
     def _relearn_data(self, control: str, seed: int) -> dict:
@@ -582,7 +588,7 @@ class Pipeline:
             raise ValueError(f"relearning control {control!r} needs a non-empty {control!r} split")
         rng = random.Random(seed * 7919 + len(control))
         items = [pool[i % len(pool)] for i in rng.sample(range(max(len(pool), len(forget))), len(forget))]
-        return encode(self.tokenizer, items, max_length=self.cfg.max_length)
+        return self._encode(items)
 
     def _relearn_control(self, model, control: str, seed: int, measure: bool = False) -> dict:
         """Relearn ``model`` in place on one control's data with the matched budget; forget exact match after every
@@ -619,7 +625,7 @@ class Pipeline:
     def _requests(self, spec: RunSpec) -> list:
         """Encoded forget data of each unlearning request (one request in the single setting)."""
         chunks = split_requests(self.examples["forget"], spec.requests)
-        return [encode(self.tokenizer, chunk, max_length=self.cfg.max_length) for chunk in chunks]
+        return [self._encode(chunk) for chunk in chunks]
 
 
 def _cka_drift_draws(x: torch.Tensor, y: torch.Tensor, draws: int = STRUCTURE_DRAWS) -> Optional[list]:
