@@ -211,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="embedded benchmark: the forget set, 1%%, 5%% or 10%% of the entities")
     run.add_argument("--max-length", type=int_at_least(2), default=64,
                      help="tokens per example (longer {text} items become overlapping windows)")
+    run.add_argument("--no-tofu-metrics", dest="tofu_metrics", action="store_false",
+                     help="skip TOFU / MUSE numbers (ROUGE-L, probability, truth ratio, forget quality, model "
+                          "utility, privleak; docs/interop.md)")
     run.add_argument("--chat-template", action="store_true",
                      help="render every prompt with the tokenizer's chat template (instruct models)")
     for split in SPLIT_FLAGS:
@@ -357,7 +360,8 @@ def _pipeline(args, examples=None, sources=None):
                          null_models=_null_models(args),
                          workers=_workers(args, device), progress=is_main and not args.no_progress, fsdp=fsdp,
                          restart=args.restart, mink_k=args.mink_k,
-                         chat_template=getattr(args, "chat_template", False))
+                         chat_template=getattr(args, "chat_template", False),
+                         tofu_metrics=getattr(args, "tofu_metrics", False))
     return Pipeline(cfg)
 
 

@@ -162,7 +162,7 @@ def _teacher_forced_greedy(model, encoded: dict, batch_size: int) -> torch.Tenso
 
 @torch.no_grad()
 def exact_match(model, encoded: dict, *, tokenizer=None, batch_size: int = 64,
-                teacher_forced: Optional[torch.Tensor] = None) -> torch.Tensor:
+                teacher_forced: Optional[torch.Tensor] = None, answers: bool = False):
     """(N,) bool: whether the greedy answer to each encoded item equals its reference (see the module docstring).
 
     encoded: an encode() output (prompt unsupervised, answer + EOS supervised). An item whose every supervised
@@ -170,6 +170,9 @@ def exact_match(model, encoded: dict, *, tokenizer=None, batch_size: int = 64,
     when not given) is answered exactly so by greedy decoding, whose prefix at every step is then the
     reference's; only the other items are decoded, and compared as normalised text. Rows in order; under
     torch.distributed each rank takes its share of the batches and the outcomes are gathered.
+    ``answers``: also return the N greedy answers as text (decoded up to EOS or 2 x the reference length + 8
+    tokens, for ROUGE; the exact match still reads only the first reference length + 2 tokens), as
+    (hits, answers).
     """
     was_training = model.training
     model.eval()
@@ -179,20 +182,27 @@ def exact_match(model, encoded: dict, *, tokenizer=None, batch_size: int = 64,
         if teacher_forced is None:
             teacher_forced = _teacher_forced_greedy(model, encoded, batch_size)
         result = teacher_forced.clone()
+        texts = [_answer_text(answer, eos, tokenizer) for _, answer in split_rows(encoded)] if answers else None
         todo = (~teacher_forced).nonzero().flatten()  # (M,) the items greedy decoding must answer
         parts = []
         for index, batch in (rank_batches(_subset(encoded, todo), batch_size) if todo.numel() else ()):
             rows = split_rows(batch)
             refs = [_answer_text(answer, eos, tokenizer) for _, answer in rows]
             caps = [len(answer) + 2 for _, answer in rows]
-            outs = greedy_continuations(model, [p for p, _ in rows], max_new_tokens=caps, eos_id=eos, pad_id=pad)
-            got = [normalize_answer(_answer_text(o, eos, tokenizer)) == normalize_answer(r) for o, r in zip(outs, refs)]
-            parts.append((index, torch.tensor(got, dtype=torch.bool)))
+            long_caps = [2 * len(answer) + 8 for _, answer in rows] if answers else caps
+            outs = greedy_continuations(model, [p for p, _ in rows], max_new_tokens=long_caps, eos_id=eos, pad_id=pad)
+            got = [normalize_answer(_answer_text(o[:cap], eos, tokenizer)) == normalize_answer(r)
+                   for o, cap, r in zip(outs, caps, refs)]
+            parts.append((index, (torch.tensor(got, dtype=torch.bool), [_answer_text(o, eos, tokenizer) for o in outs])))
         if todo.numel():
-            result[todo] = torch.cat(gather_in_order(parts))
+            gathered = gather_in_order(parts)
+            result[todo] = torch.cat([hits for hits, _ in gathered])
+            if answers:
+                for row, text in zip(todo.tolist(), [t for _, batch_texts in gathered for t in batch_texts]):
+                    texts[row] = text
     finally:
         model.train(was_training)
-    return result
+    return (result, texts) if answers else result
 
 
 def _min_k(values: torch.Tensor, mask: torch.Tensor, k: float) -> torch.Tensor:
@@ -285,7 +295,8 @@ def split_scores(model, encoded: dict, *, batch_size: int = 16, tokenizer=None, 
 
 
 def evaluate(model, splits: dict[str, dict], *, batch_size: int = 16, tokenizer=None, generate: bool = True,
-             generate_batch_size: int = 128, mink_k: float = MIN_K) -> dict:
+             generate_batch_size: int = 128, mink_k: float = MIN_K, tofu: bool = False,
+             alternatives: Optional[dict] = None) -> dict:
     """Behavioural metrics of ``model`` on encode() outputs keyed by split name.
 
     Returns {"em": {split: exact match of greedy answers} (when ``generate``), "em_items": {split: "0110..."
@@ -294,7 +305,14 @@ def evaluate(model, splits: dict[str, dict], *, batch_size: int = 16, tokenizer=
     "mia_auc": {"loss", "zlib", "min_k", "min_k_plus_plus"}: forget = members vs holdout = non-members
     (None unless both are given)}. ``tokenizer`` decodes answers for the exact match and the ZLib score
     (without it token ids are compared and the id string compressed).
+
+    ``tofu``: also TOFU's numbers (``metrics``): "rouge" {split: mean ROUGE-L recall of the greedy answers}
+    (when ``generate``), "probability" {split}, and from ``alternatives`` ({split: metrics.truth_ratio_data
+    or None}) "truth_ratio" {split: the split's truth-ratio score}, "truth_ratio_items" {split: per-item R},
+    and "model_utility" (None without a utility split).
     """
+    from . import metrics
+
     if not isinstance(splits, dict) or not splits:
         raise ValueError(f"splits must be a non-empty dict of encode() outputs, got {splits!r}")
     scores = {name: split_scores(model, enc, batch_size=batch_size, tokenizer=tokenizer, k=mink_k)
@@ -302,10 +320,18 @@ def evaluate(model, splits: dict[str, dict], *, batch_size: int = 16, tokenizer=
     out: dict = {"token_acc": {name: float(s["correct"].sum()) / max(1, int(s["tokens"].sum()))
                                for name, s in scores.items()}}
     if generate:
-        hits = {name: exact_match(model, enc, tokenizer=tokenizer, batch_size=generate_batch_size,
-                                  teacher_forced=scores[name]["greedy"]) for name, enc in splits.items()}
+        found = {name: exact_match(model, enc, tokenizer=tokenizer, batch_size=generate_batch_size,
+                                   teacher_forced=scores[name]["greedy"], answers=tofu) for name, enc in splits.items()}
+        hits = {name: f[0] if tofu else f for name, f in found.items()}
         out["em"] = {name: float(h.float().mean()) for name, h in hits.items()}
         out["em_items"] = {name: "".join("1" if v else "0" for v in h.tolist()) for name, h in hits.items()}
+        if tofu:
+            eos = _eos_id(model, tokenizer)
+            out["rouge"] = {}
+            for name, enc in splits.items():
+                refs = [_answer_text(answer, eos, tokenizer) for _, answer in split_rows(enc)]
+                recalls = [metrics.rouge_l_recall(g, r) for g, r in zip(found[name][1], refs)]
+                out["rouge"][name] = sum(recalls) / len(recalls)
     out["perplexity"] = None
     if "retain" in scores:
         s = scores["retain"]
@@ -313,4 +339,17 @@ def evaluate(model, splits: dict[str, dict], *, batch_size: int = 16, tokenizer=
     out["mia_auc"] = None
     if "forget" in scores and "holdout" in scores:
         out["mia_auc"] = {key: roc_auc(scores["forget"][key], scores["holdout"][key]) for key in _MIA}
+    if tofu:
+        out["probability"] = {name: metrics.probability(s) for name, s in scores.items()}
+        out["truth_ratio"], out["truth_ratio_items"] = {}, {}
+        for name, data in (alternatives or {}).items():
+            if data is None or name not in splits:
+                continue
+            ratios = metrics.truth_ratios(
+                split_scores(model, data["paraphrased"], batch_size=batch_size, tokenizer=tokenizer, k=mink_k),
+                split_scores(model, data["perturbed"], batch_size=batch_size, tokenizer=tokenizer, k=mink_k),
+                data["perturbed_item"])
+            out["truth_ratio"][name] = metrics.truth_ratio_score(ratios, forget=name == "forget")
+            out["truth_ratio_items"][name] = ratios.tolist()
+        out["model_utility"] = metrics.model_utility(out["probability"], out.get("rouge", {}), out["truth_ratio"])
     return out

@@ -74,6 +74,7 @@ from .distributed import (
 )
 from .evaluate import MIN_K, evaluate, exact_match
 from .methods import REFERENCES, get_method
+from .metrics import against_retain, truth_ratio_data
 from .models import load_model
 from .report import versions, write_report
 from .state import StateDir, StateMismatch, content_digest, model_identity
@@ -176,7 +177,9 @@ class PipelineConfig:
     under a torch.distributed launcher).
     fsdp: how the trainee is sharded under several processes (unused in one process).
     mink_k: the fraction of lowest answer-token scores Min-K% and Min-K%++ average; chat_template: prompts are
-    rendered by the tokenizer's chat template (``data.encode``).
+    rendered by the tokenizer's chat template (``data.encode``); tofu_metrics: every evaluation also computes
+    TOFU's and MUSE's numbers (``metrics``: ROUGE-L, probability, truth ratio, model utility; forget quality and
+    privleak against the retain oracle).
     """
 
     out: Path
@@ -207,6 +210,7 @@ class PipelineConfig:
     restart: bool = False
     mink_k: float = MIN_K
     chat_template: bool = False
+    tofu_metrics: bool = False
 
     def settings(self) -> dict:
         """The settings the stored state depends on besides the data and the model files (JSON-ready)."""
@@ -215,7 +219,7 @@ class PipelineConfig:
                 "probe_items": self.probe_items, "relearn": [self.relearn_lr, self.relearn_epochs,
                                                              self.relearn_batch_size, self.relearn_optimizer],
                 "diagnostics": asdict(self.diagnostics), "nulls": list(self.nulls), "mink_k": self.mink_k,
-                "chat_template": self.chat_template,
+                "chat_template": self.chat_template, "tofu_metrics": self.tofu_metrics,
                 "null_models": {k: str(v) for k, v in sorted(self.null_models.items())}}
 
 
@@ -334,8 +338,11 @@ class Pipeline:
             if todo:
                 run_in_parallel(self.cfg, todo, done, total)
         runs = []
+        retain_record = (nulls.get("retain_oracle") or {}).get("record") if self.cfg.tofu_metrics else None
         for spec in tqdm(specs, desc="runs", disable=not self.cfg.progress or parallel):
             stages = [original] + self.run_stages(spec)
+            if self.cfg.tofu_metrics:
+                stages = [dict(stage, **against_retain(stage, retain_record)) for stage in stages]
             runs.append({"run_id": spec.run_id, "method": spec.method, "lr": spec.lr, "setting": spec.setting,
                          "requests": spec.requests, "seed": spec.seed, "reference": spec.reference,
                          "spec": spec.record(), "stages": stages,
@@ -393,6 +400,8 @@ class Pipeline:
         enc = self._encode
         limit = {s: len(self.examples[s]) if s == "forget" else c.eval_items for s in EVAL_SPLITS}  # forget: all of it
         self.eval_splits = {s: enc(self._subset(s, limit[s])) for s in EVAL_SPLITS if self.examples.get(s)}
+        self.eval_alternatives = {s: truth_ratio_data(self.tokenizer, self._subset(s, limit[s]), c.max_length,
+                                                      c.chat_template) for s in self.eval_splits} if c.tofu_metrics else None
         self.probes = {s: self._subset(s, c.probe_items) for s in PROBES if self.examples.get(s)}
         self.encoded_probes = {s: enc(items) for s, items in self.probes.items()}
         self.fisher_probes = {s: enc(items[:c.diagnostics.fisher_items]) for s, items in self.probes.items()}
@@ -414,7 +423,8 @@ class Pipeline:
 
     def _evaluate(self, model) -> dict:
         return evaluate(model, self.eval_splits, batch_size=self.cfg.eval_batch_size, tokenizer=self.tokenizer,
-                        generate_batch_size=self.cfg.eval_batch_size, mink_k=self.cfg.mink_k)
+                        generate_batch_size=self.cfg.eval_batch_size, mink_k=self.cfg.mink_k,
+                        tofu=self.cfg.tofu_metrics, alternatives=self.eval_alternatives)
 
     def _forget_em(self, model) -> float:
         """Forget exact match as the stage evaluation computes it (same items, same batches: batch composition
