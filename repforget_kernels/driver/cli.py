@@ -23,6 +23,7 @@ process would produce (up to float rounding of the reductions).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import re
@@ -197,6 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
                       retain_weight=DEMO_RETAIN_WEIGHT)
 
     run = sub.add_parser("run", help="one grid of unlearning runs")
+    run.add_argument("--config", type=Path, default=None,
+                     help="YAML or JSON file of options under their long names with underscores (retain_model, method, "
+                          "lr, ...; lists for grids); options on the command line override it")
+    run.add_argument("--run-seeds", type=int, nargs="+", default=None,
+                     help="the seeds of the runs, explicitly (instead of --seed, --seed + 1, ... from --seeds)")
     _common(run)
     _experiment(run)
     run.add_argument("--model", default="tiny", help="tiny | local model directory | yi-6b | qwen2.5-7b")
@@ -211,6 +217,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="embedded benchmark: the forget set, 1%%, 5%% or 10%% of the entities")
     run.add_argument("--max-length", type=int_at_least(2), default=64,
                      help="tokens per example (longer {text} items become overlapping windows)")
+    run.add_argument("--save-models", action="store_true",
+                     help="write OUT/models/RUN/STAGE (Hugging Face directories: safetensors + tokenizer + config) after "
+                          "each run's last unlearning stage and after each relearning control")
+    run.add_argument("--lora-rank", type=int_at_least(1), default=None,
+                     help="train LoRA adapters of this rank instead of the full weights (unlearning and relearning)")
+    run.add_argument("--lora-alpha", type=positive_float, default=16.0, help="LoRA scale alpha (default %(default)s)")
+    run.add_argument("--lora-targets", nargs="+", default=["all-linear"],
+                     help="module names the adapters go on (peft target_modules; default: every linear layer)")
     run.add_argument("--no-tofu-metrics", dest="tofu_metrics", action="store_false",
                      help="skip TOFU / MUSE numbers (ROUGE-L, probability, truth ratio, forget quality, model "
                           "utility, privleak; docs/interop.md)")
@@ -361,7 +375,9 @@ def _pipeline(args, examples=None, sources=None):
                          workers=_workers(args, device), progress=is_main and not args.no_progress, fsdp=fsdp,
                          restart=args.restart, mink_k=args.mink_k,
                          chat_template=getattr(args, "chat_template", False),
-                         tofu_metrics=getattr(args, "tofu_metrics", False))
+                         tofu_metrics=getattr(args, "tofu_metrics", False),
+                         save_models=getattr(args, "save_models", False), lora=_lora(args),
+                         invocation=_resolved(args))
     return Pipeline(cfg)
 
 
@@ -374,6 +390,22 @@ def _null_models(args) -> dict:
             _check_model(spec)
             out[name] = spec
     return out
+
+
+def _lora(args):
+    """LoraSettings from --lora-rank / --lora-alpha / --lora-targets, None without --lora-rank."""
+    from .distributed import launched_world_size
+    from .models import LoraSettings
+
+    if getattr(args, "lora_rank", None) is None:
+        return None
+    if launched_world_size() > 1:
+        raise UsageError("--lora-rank runs in one process (LoRA adapters are not sharded with FSDP here)")
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        raise UsageError("--lora-rank needs the 'peft' package: pip install 'repforget-kernels[driver]'") from None
+    return LoraSettings(rank=args.lora_rank, alpha=args.lora_alpha, targets=tuple(args.lora_targets))
 
 
 def _workers(args, device: str) -> int:
@@ -392,12 +424,13 @@ def _grid(args, methods: list, settings: list) -> list:
     (setting, requests, learning rates) triples."""
     from .pipeline import RunSpec
 
+    seeds = getattr(args, "run_seeds", None) or [args.seed + k for k in range(args.seeds)]
     try:
         return [RunSpec(method=m, lr=lr, setting=setting, requests=requests, epochs=args.epochs,
                         batch_size=args.batch_size, beta=args.beta, retain_weight=args.retain_weight,
-                        seed=args.seed + k, reference=args.reference, optimizer=args.optimizer,
+                        seed=seed, reference=args.reference, optimizer=args.optimizer,
                         options=_options(args))
-                for k in range(args.seeds) for m in methods for setting, requests, rates in settings for lr in rates]
+                for seed in dict.fromkeys(seeds) for m in methods for setting, requests, rates in settings for lr in rates]
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 
@@ -416,6 +449,92 @@ def demo_specs(args) -> list:
     DEMO_REQUESTS sequential requests; for each of ``args.seeds`` seeds."""
     settings = [("single", 1, DEMO_LRS)] + [("continual", n, (DEMO_LRS[1],)) for n in DEMO_REQUESTS]
     return _grid(args, list(DEMO_METHODS), settings)
+
+
+def _read_config(path: Path) -> dict:
+    """The options of an experiment file: a YAML (.yaml / .yml) or JSON mapping; UsageError naming the file."""
+    if not path.is_file():
+        raise UsageError(f"--config {path}: no such file")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise UsageError("--config with a YAML file needs the 'pyyaml' package "
+                             "(pip install 'repforget-kernels[driver]'), or give a JSON file") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise UsageError(f"--config {path}: not valid YAML ({_one_line(exc)})") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"--config {path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"--config {path}: expected a mapping of option names to values, got {type(data).__name__}")
+    return data
+
+
+def _config_tokens(data: dict, parser: argparse.ArgumentParser, path: Path) -> list:
+    """Command-line tokens for an experiment file's options: ``key: value`` -> ``--key value`` (underscores
+    become dashes; lists give several values; true gives a flag, false nothing; ``seeds`` given as a list are
+    the runs' seeds, ``--run-seeds``). UsageError naming unknown options."""
+    known = {opt for action in parser._actions for opt in action.option_strings}
+    tokens = []
+    for key, value in data.items():
+        if key == "seeds" and isinstance(value, list):
+            key = "run_seeds"
+        flag = "--" + str(key).replace("_", "-")
+        if flag not in known or flag == "--config":
+            raise UsageError(f"--config {path}: unknown option {key!r} (options are the long command-line names "
+                             "with underscores, e.g. retain_model, method, lr)")
+        if isinstance(value, bool):
+            tokens += [flag] if value else []
+        elif isinstance(value, list):
+            if not value:
+                raise UsageError(f"--config {path}: {key!r} is an empty list")
+            tokens += [flag] + [str(v) for v in value]
+        elif value is None:
+            continue
+        else:
+            tokens += [flag, str(value)]
+    return tokens
+
+
+def _expand_config(argv: list) -> tuple:
+    """(argv with the ``run --config FILE`` options spliced in before the command line's own, so those override
+    them; the file's options as read, or None)."""
+    if not argv or argv[0] != "run":
+        return argv, None
+    rest, path = [], None
+    i = 1
+    while i < len(argv):
+        if argv[i] == "--config" and i + 1 < len(argv):
+            path, i = Path(argv[i + 1]), i + 2
+        elif argv[i].startswith("--config="):
+            path, i = Path(argv[i].split("=", 1)[1]), i + 1
+        else:
+            rest.append(argv[i])
+            i += 1
+    if path is None:
+        return argv, None
+    data = _read_config(path)
+    run_parser = build_parser()._subparsers._group_actions[0].choices["run"]
+    return ["run"] + _config_tokens(data, run_parser, path) + rest, {"file": str(path), "options": data}
+
+
+def _resolved(args) -> dict:
+    """The resolved options of a command (JSON-ready: paths as strings), as written into the report; ``config``
+    holds the experiment file and its options as read (None without --config)."""
+    out = {}
+    for key, value in sorted(vars(args).items()):
+        if isinstance(value, Path):
+            value = str(value)
+        elif isinstance(value, (list, tuple)):
+            value = [str(v) if isinstance(v, Path) else v for v in value]
+        out[key] = value
+    return out
 
 
 # --------------------------------------------------------------------------- commands
@@ -548,7 +667,9 @@ def main(argv: Optional[list] = None) -> int:
 
     out = None
     try:
+        argv, experiment = _expand_config(list(sys.argv[1:] if argv is None else argv))
         args = build_parser().parse_args(argv)
+        args.config = experiment
         out = args.out
         return COMMANDS[args.command](args)
     except (UsageError, DataError, ModelNotFound, StateError) as exc:

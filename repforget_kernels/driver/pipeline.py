@@ -75,7 +75,7 @@ from .distributed import (
 from .evaluate import MIN_K, evaluate, exact_match
 from .methods import REFERENCES, get_method
 from .metrics import against_retain, truth_ratio_data
-from .models import load_model
+from .models import LoraSettings, check_lora_targets, export_model, is_lora, load_model, merged_copy, with_lora
 from .report import versions, write_report
 from .state import StateDir, StateMismatch, content_digest, model_identity
 from .train import TrainConfig, relearn, unlearn
@@ -179,7 +179,11 @@ class PipelineConfig:
     mink_k: the fraction of lowest answer-token scores Min-K% and Min-K%++ average; chat_template: prompts are
     rendered by the tokenizer's chat template (``data.encode``); tofu_metrics: every evaluation also computes
     TOFU's and MUSE's numbers (``metrics``: ROUGE-L, probability, truth ratio, model utility; forget quality and
-    privleak against the retain oracle).
+    privleak against the retain oracle); save_models: the model after each run's last unlearning stage and after
+    each relearning control is written to OUT/models/RUN/STAGE (``models.export_model``; the stage record's
+    ``model_dir``); lora: LoRA adapters are trained instead of the full weights, in unlearning and relearning
+    alike, and every stage is evaluated and diagnosed on the merged model; invocation: the resolved command-line
+    options (and experiment file) that made this configuration, written into the report as config["resolved"].
     """
 
     out: Path
@@ -211,6 +215,9 @@ class PipelineConfig:
     mink_k: float = MIN_K
     chat_template: bool = False
     tofu_metrics: bool = False
+    save_models: bool = False
+    lora: Optional[LoraSettings] = None
+    invocation: dict = field(default_factory=dict)
 
     def settings(self) -> dict:
         """The settings the stored state depends on besides the data and the model files (JSON-ready)."""
@@ -220,6 +227,8 @@ class PipelineConfig:
                                                              self.relearn_batch_size, self.relearn_optimizer],
                 "diagnostics": asdict(self.diagnostics), "nulls": list(self.nulls), "mink_k": self.mink_k,
                 "chat_template": self.chat_template, "tofu_metrics": self.tofu_metrics,
+                "lora": None if self.lora is None else {"rank": self.lora.rank, "alpha": self.lora.alpha,
+                                                        "targets": list(self.lora.targets)},
                 "null_models": {k: str(v) for k, v in sorted(self.null_models.items())}}
 
 
@@ -383,7 +392,7 @@ class Pipeline:
                     device=str(c.device), world_size=world()[1], model_info=self.info,
                     relearn_controls=list(c.relearn_controls),
                     n_items={k: len(v) for k, v in self.examples.items()},
-                    eval_splits=list(self.eval_splits), probe_sets=list(self.probes))
+                    eval_splits=list(self.eval_splits), probe_sets=list(self.probes), resolved=c.invocation)
 
     # ----------------------------------------------------------------- data and models
     def _subset(self, split: str, limit: int) -> list:
@@ -397,6 +406,8 @@ class Pipeline:
                 c.model, cache_dir=c.cache_dir, device=c.device, seed=c.seed, corpus=self.examples,
                 progress=c.progress, tiny_options=c.tiny_options)
         self.reference.requires_grad_(False)
+        if c.lora is not None:
+            check_lora_targets(self.reference, c.lora)
         enc = self._encode
         limit = {s: len(self.examples[s]) if s == "forget" else c.eval_items for s in EVAL_SPLITS}  # forget: all of it
         self.eval_splits = {s: enc(self._subset(s, limit[s])) for s in EVAL_SPLITS if self.examples.get(s)}
@@ -447,9 +458,28 @@ class Pipeline:
             out[probe] = record
         return out
 
+    @staticmethod
+    def _plain(model):
+        """The plain model a stage is evaluated and diagnosed on: a gathered replica of a sharded trainee, the
+        merged copy of a LoRA one, else the model itself."""
+        if is_sharded(model):
+            return plain_copy(model)
+        return merged_copy(model) if is_lora(model) else model
+
+    def _export(self, run_id: str, stage: str, model) -> Optional[str]:
+        """``save_models``: the stage's model as a Hugging Face directory OUT/models/RUN/STAGE (models.export_model);
+        returns its path relative to OUT (None when not saving). Every rank takes part, rank 0 writes."""
+        if not self.cfg.save_models:
+            return None
+        plain = plain_copy(model) if is_sharded(model) else model
+        rel = Path("models") / run_id / stage
+        if is_main():
+            export_model(plain, self.tokenizer, self.out / rel)
+        return str(rel)
+
     def _measure(self, model, draws: bool = False) -> dict:
         """Evaluation and diagnostics of a stage's model (a sharded trainee through a gathered plain replica)."""
-        plain = plain_copy(model) if is_sharded(model) else model
+        plain = self._plain(model)
         return dict(**self._evaluate(plain), structure=self._structure(plain, draws))
 
     def _original_stage(self) -> dict:
@@ -558,6 +588,8 @@ class Pipeline:
                                 tokenizer=self.tokenizer)
                 record = dict(name=names[i], train=train, **self._measure(model, draws=i == len(unl) - 1))
                 holds_unlearned = i == len(unl) - 1
+                if holds_unlearned and self.cfg.save_models:
+                    record["model_dir"] = self._export(spec.run_id, names[i], model)
             else:
                 if not holds_unlearned:  # an earlier control relearned it: back to the unlearned checkpoint
                     del model
@@ -565,6 +597,8 @@ class Pipeline:
                 control = names[i].split("_", 1)[1]
                 record = dict(name=names[i], **self._relearn_control(model, control, spec.seed, measure=True))
                 holds_unlearned = False
+                if self.cfg.save_models:
+                    record["model_dir"] = self._export(spec.run_id, names[i], model)
             checkpoint = full_state_dict(model) if i < len(unl) else None  # every rank takes part
             if is_main():
                 digest = None
@@ -604,15 +638,15 @@ class Pipeline:
         """Relearn ``model`` in place on one control's data with the matched budget; forget exact match after every
         step. Returns {"train", "control", "curve", and the evaluation (+ structure when ``measure``)}."""
         c = self.cfg
-        curve = [self._forget_em(plain_copy(model) if is_sharded(model) else model)]
+        curve = [self._forget_em(self._plain(model))]
 
         def after_step(step: int) -> None:
-            curve.append(self._forget_em(plain_copy(model) if is_sharded(model) else model))
+            curve.append(self._forget_em(self._plain(model)))
 
         tc = TrainConfig(lr=c.relearn_lr, epochs=c.relearn_epochs, batch_size=c.relearn_batch_size, seed=seed,
                          progress=c.progress, optimizer=c.relearn_optimizer)
         train = relearn(model, self._relearn_data(control, seed), tc, on_step=after_step)
-        plain = plain_copy(model) if is_sharded(model) else model
+        plain = self._plain(model)
         record = {"train": train, "control": control, "curve": curve, **self._evaluate(plain)}
         if measure:
             record["structure"] = self._structure(plain)
@@ -622,6 +656,8 @@ class Pipeline:
         """A trainable copy of the original (sharded under several processes), with the checkpoint of unlearning
         stage ``done`` (1-based, named ``name``, its bytes checked against ``digest``) loaded if any."""
         model = copy.deepcopy(self.reference).to(self.cfg.device).requires_grad_(True)
+        if self.cfg.lora is not None:
+            model = with_lora(model, self.cfg.lora)
         if world()[1] > 1:
             shard_model(model, self.cfg.fsdp)
         if done > 0:
