@@ -186,7 +186,7 @@ def _prompt_text(tokenizer, prompt: str, chat_template: bool) -> str:
     if not chat_template:
         return prompt
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("chat_template=True but the tokenizer has no chat template (tokenizer.chat_template is "
+        raise DataError("chat_template=True (--chat-template) but the tokenizer has no chat template (tokenizer.chat_template is "
                          "empty): use an instruct model's tokenizer, or leave --chat-template out")
     return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                          add_generation_prompt=True)
