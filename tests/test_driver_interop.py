@@ -63,10 +63,10 @@ def _run(root, out, *extra):
     return json.loads((out / "report.json").read_text())
 
 
-def _check_report(report, root):
-    assert [r["method"] for r in report["runs"]] == ["ga_gd", "npo"]
+def _check_report(report, root, methods=("ga_gd", "npo")):
+    assert [r["method"] for r in report["runs"]] == list(methods)
     assert report["config"]["resolved"]["config"]["file"] == str(root / "exp.yaml")
-    assert report["config"]["resolved"]["method"] == ["ga_gd", "npo"]
+    assert report["config"]["resolved"]["method"] == list(methods)
     for run in report["runs"]:
         for stage in run["stages"]:
             for key in BENCHMARK_KEYS:
@@ -114,8 +114,10 @@ class TestEndToEnd:
     def test_lora(self, experiment, tmp_path):
         root, tok = experiment
         out = tmp_path / "lora"
-        report = _run(root, out, "--lora-rank", "4", "--lora-alpha", "8")
-        _check_report(report, root)
+        methods = ("npo", "simnpo", "idkdpo", "rmu")  # the new methods, through LoRA
+        report = _run(root, out, "--lora-rank", "4", "--lora-alpha", "8", "--method", *methods)
+        _check_report(report, root, methods)
+        assert all(s["train"]["steps"] > 0 for run in report["runs"] for s in run["stages"][1:])
         assert report["config"]["lora"] == {"rank": 4, "alpha": 8.0, "targets": ["all-linear"]}
         directory = _check_export(report, root, out, tok, "unlearned")
         assert json.loads((directory / "adapter" / "adapter_config.json").read_text())["r"] == 4
