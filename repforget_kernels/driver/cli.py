@@ -241,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--other-seed-model", default=None,
                      help="a null for a local model: the same architecture and data, another seed")
 
+    parser.commands = sub.choices  # {command: its parser}
     an = sub.add_parser("analyze", help="diagnostics of two existing checkpoints")
     _common(an)
     an.add_argument("--ref", required=True, help="reference (original) model directory")
@@ -520,7 +521,7 @@ def _expand_config(argv: list) -> tuple:
     if path is None:
         return argv, None
     data = _read_config(path)
-    run_parser = build_parser()._subparsers._group_actions[0].choices["run"]
+    run_parser = build_parser().commands["run"]
     return ["run"] + _config_tokens(data, run_parser, path) + rest, {"file": str(path), "options": data}
 
 

@@ -82,8 +82,8 @@ from .train import TrainConfig, relearn, unlearn
 from .verdict import THRESHOLDS, structure_summary, structure_vs_recovery, verdict
 from .workers import pretrain_in_parallel, run_in_parallel
 
-__all__ = ["SETTINGS", "TRAIN_OPTIONS", "RELEARN_CONTROLS", "PROBES", "NULLS", "RunSpec", "PipelineConfig", "split_requests",
-           "Pipeline", "selective_runs", "summarize"]
+__all__ = ["SETTINGS", "TRAIN_OPTIONS", "RELEARN_CONTROLS", "PROBES", "NULLS", "RunSpec", "PipelineConfig",
+           "split_requests", "Pipeline", "selective_runs", "summarize"]
 
 SETTINGS = ("single", "continual")
 RELEARN_CONTROLS = ("forget", "retain", "unrelated")
@@ -466,11 +466,9 @@ class Pipeline:
             return plain_copy(model)
         return merged_copy(model) if is_lora(model) else model
 
-    def _export(self, run_id: str, stage: str, model) -> Optional[str]:
+    def _export(self, run_id: str, stage: str, model) -> str:
         """``save_models``: the stage's model as a Hugging Face directory OUT/models/RUN/STAGE (models.export_model);
-        returns its path relative to OUT (None when not saving). Every rank takes part, rank 0 writes."""
-        if not self.cfg.save_models:
-            return None
+        returns its path relative to OUT. Every rank takes part, rank 0 writes."""
         plain = plain_copy(model) if is_sharded(model) else model
         rel = Path("models") / run_id / stage
         if is_main():
