@@ -15,6 +15,9 @@
                            "em": {split: exact match}, "em_items": {split: "0110..."},
                            "token_acc": {split: ...}, "perplexity", "mia_auc": {"loss", "zlib", "min_k",
                            "min_k_plus_plus"}, "curve": [forget EM after each relearning step] (relearned),
+                           with TOFU / MUSE metrics (``repforget run``, docs/interop.md): "rouge",
+                           "probability", "truth_ratio" {split: ...}, "truth_ratio_items" {split: [R]},
+                           "model_utility", "forget_quality", "privleak",
                            "structure": {probe: {"layers": [...], "fisher": {...}, "summary": {metric: drift},
                                                  "draws": {"cka_pooled": [...]}}}}],
                "verdict": {"behaviour": {...}, "structure": {...}}}]}
@@ -181,8 +184,23 @@ def _em_table(run: dict, splits: list) -> list:
     return _table(["stage"] + [f"EM {k}" for k in splits] + ["token acc forget", "perplexity", "MIA min-k++"], rows)
 
 
+def _benchmark_table(run: dict) -> list:
+    """TOFU / MUSE numbers by stage (docs/interop.md), when the run computed them."""
+    if not any("model_utility" in s for s in run["stages"]):
+        return []
+    rows = [[s["name"], _fmt((s.get("rouge") or {}).get("forget")), _fmt((s.get("probability") or {}).get("forget")),
+             _fmt((s.get("truth_ratio") or {}).get("forget")), _fmt(s.get("forget_quality"), 4),
+             _fmt(s.get("model_utility")), _fmt(s.get("privleak"), 2),
+             _fmt((s.get("mia_auc") or {}).get("zlib")), _fmt((s.get("mia_auc") or {}).get("min_k"))]
+            for s in run["stages"]]
+    return ["### TOFU / MUSE metrics by stage", ""] + _table(
+        ["stage", "ROUGE-L forget", "prob. forget", "truth ratio forget", "forget quality", "model utility",
+         "privleak %", "MIA zlib", "MIA min-k"], rows) + [""]
+
+
 def _run_section(run: dict, splits: list) -> list:
     lines = [f"## {run['run_id']}", "", "### Exact match by stage", ""] + _em_table(run, splits) + [""]
+    lines += _benchmark_table(run)
     curves = [(s["name"], s["curve"]) for s in run["stages"] if s.get("curve")]
     if curves:
         lines += ["### Recovery curves (forget EM after each relearning step)", ""]
