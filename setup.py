@@ -100,7 +100,10 @@ setup(
     # --no-build-isolation keeps pip from pulling another one.
     install_requires=["numpy", "torch>=2.4"],
     extras_require={
-        "driver": ["transformers", "tokenizers", "tqdm", "matplotlib"],
+        # scipy (KS test), rouge-score, datasets (parquet / save_to_disk splits), pyyaml (--config), peft (--lora-rank):
+        # the benchmark interop of docs/interop.md
+        "driver": ["transformers", "tokenizers", "tqdm", "matplotlib", "scipy", "rouge-score", "datasets", "pyyaml",
+                   "peft"],
         # triton: its kernels are tested under TRITON_INTERPRET=1; accelerate: the shipped FSDP launch config is tested
         "test": ["pytest", "pytest-benchmark", "triton", "accelerate"],
         "bench": ["pytest-benchmark", "pytorch-cka", "ckatorch"],

@@ -23,7 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from repforget_kernels import DiagonalFisher, fisher_accumulate_, per_sample_linear_fisher
 from repforget_kernels._dispatch import backend_available
-from repforget_kernels.fisher import _sequence_log_likelihood, _targets
+from repforget_kernels.diagonal_fisher import _sequence_log_likelihood, _targets
 
 CPU = torch.device("cpu")
 BACKENDS = [b for b in ("torch", "cpp") if backend_available(b, CPU)[0]]

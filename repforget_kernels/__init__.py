@@ -18,8 +18,9 @@ from .activations import (
 )
 from .cka import StreamingCKA, cka_matrix, linear_cka
 from .compare import ModelComparison, ReferenceStatistics, compare_models
+from .diagonal_fisher import DiagonalFisher
 from .fisher import (
-    DiagonalFisher,
+    FisherHistogram,
     fisher_accumulate_,
     fisher_histogram,
     per_sample_linear_fisher,
@@ -42,6 +43,7 @@ __all__ = [
     "per_sample_linear_fisher",
     "DiagonalFisher",
     "fisher_histogram",
+    "FisherHistogram",
     "pool_tokens",
     "decoder_layers",
     "LayerActivations",

@@ -1,13 +1,14 @@
 """Binding of the compiled CPU extension ``repforget_kernels._C`` to the dispatcher.
 
 Importing ``_C`` registers the ops ``torch.ops.repforget.*`` (csrc/cpu); this module
-registers a thin wrapper for each with ``register(op, "cpp")``. The wrappers keep the
-op contracts of the torch composites (cka.py, fisher.py): inputs are made contiguous
-only where they are not, and in-place outputs that are not contiguous are computed in a
-contiguous copy and written back.
+lists a thin wrapper for each in :data:`KERNELS`, which the dispatcher registers as backend
+"cpp" when it loads the module (this module does not import the dispatcher: no import cycle).
+The wrappers keep the op contracts of the torch composites (cka.py, fisher.py): inputs are made
+contiguous only where they are not, and in-place outputs that are not contiguous are computed in
+a contiguous copy and written back.
 
 If the extension cannot be imported (not built, or built against another torch), one
-warning says why and how to build it, nothing is registered, and :func:`available`
+warning says why and how to build it, :data:`KERNELS` is empty, and :func:`available`
 reports the reason: the dispatcher then serves every op with the torch composite.
 """
 from __future__ import annotations
@@ -17,9 +18,7 @@ import warnings
 
 import torch
 
-from ._dispatch import register
-
-__all__ = ["available", "BUILD_HINT"]
+__all__ = ["available", "BUILD_HINT", "KERNELS"]
 
 BUILD_HINT = "build it with `pip install --no-build-isolation -e .` from the repository root"
 
@@ -65,15 +64,13 @@ def _centered_gram_cpp(x, unbiased, scale=None):
     return torch.ops.repforget.centered_gram(x.contiguous(), bool(unbiased), scale)
 
 
-_KERNELS = {
+# op name -> the cpp implementation the dispatcher registers; empty when the extension is missing
+KERNELS = {
     "square_accumulate": _square_accumulate_cpp,
     "histogram": _histogram_cpp,
     "centered_gram": _centered_gram_cpp,
-}
+} if _OK else {}
 
-if _OK:
-    for _op, _fn in _KERNELS.items():
-        register(_op, "cpp")(_fn)
-else:
+if not _OK:
     warnings.warn(f"repforget_kernels: C++ CPU kernels unavailable, using the torch composites: {_REASON}",
                   RuntimeWarning, stacklevel=2)

@@ -2,8 +2,9 @@
 
 The extension carries them only when it was built against a CUDA torch (setup.py adds
 csrc/cuda with -DREPFORGET_WITH_CUDA); they appear as ``torch.ops.repforget.cuda_*``.
-The wrappers below are registered unconditionally; the dispatcher only routes to them when
-:func:`available` says the ops exist (``backend_available("cuda", device)``).
+The wrappers below are listed in :data:`KERNELS`, which the dispatcher registers as backend
+"cuda" when it loads the module (this module does not import the dispatcher: no import cycle);
+it only routes to them when :func:`available` says the ops exist (``backend_available("cuda", device)``).
 
 Ops:
   square_accumulate: csrc/cuda/square_accumulate.cu, one launch per tensor, 16-byte vector loads.
@@ -15,9 +16,7 @@ import importlib
 
 import torch
 
-from ._dispatch import register
-
-__all__ = ["available"]
+__all__ = ["available", "KERNELS"]
 
 _OPS = ("cuda_square_accumulate", "cuda_histogram")
 
@@ -34,13 +33,15 @@ def available() -> tuple[bool, str]:
     return True, ""
 
 
-@register("square_accumulate", "cuda")
 def _square_accumulate_cuda(accs, grads, scale):
     """CUDA version of the op (contract in ``fisher``): acc += scale * grad.to(acc.dtype)**2 for every pair."""
     torch.ops.repforget.cuda_square_accumulate(list(accs), list(grads), float(scale))
 
 
-@register("histogram", "cuda")
 def _histogram_cuda(values, lo, hi, bins, log):
     """CUDA version of the op (contract in ``fisher``): int64 (bins,) counts of values in [lo, hi]."""
     return torch.ops.repforget.cuda_histogram(values, float(lo), float(hi), int(bins), bool(log))
+
+
+# op name -> the cuda implementation the dispatcher registers
+KERNELS = {"square_accumulate": _square_accumulate_cuda, "histogram": _histogram_cuda}

@@ -37,8 +37,10 @@ __all__ = [
 
 BACKENDS = ("torch", "cpp", "triton", "cuda")
 _PREFERENCE = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
-# Modules that register kernels when imported; each must import cleanly even when its
-# backend cannot run here (it then registers nothing or reports unavailability).
+# Modules holding each backend's kernels; each must import cleanly even when its backend cannot
+# run here (it then offers nothing or reports unavailability). The compiled backends' modules list
+# their kernels in ``KERNELS`` (registered by :func:`_load`; they never import this module), the
+# Triton modules register theirs with :func:`register` as they are imported.
 _BACKEND_MODULES = {
     "cpp": ("repforget_kernels._cpp_ops",),
     "cuda": ("repforget_kernels._cuda_ops",),
@@ -70,11 +72,13 @@ def _load(backend: str) -> None:
     _loaded.add(backend)
     for module in _BACKEND_MODULES[backend]:
         try:
-            importlib.import_module(module)
+            loaded = importlib.import_module(module)
         except ImportError as exc:  # the backend's toolchain is missing: it registers nothing
             if not exc.name or not exc.name.startswith("repforget_kernels"):
                 continue
             raise
+        for op, fn in getattr(loaded, "KERNELS", {}).items():
+            register(op, backend)(fn)
 
 
 def interpreting() -> bool:

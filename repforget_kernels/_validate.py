@@ -2,13 +2,19 @@
 
 Each check raises TypeError (wrong kind of object or dtype) or ValueError (wrong
 shape, values or device) with a message that names the argument and what it got.
+
+Array inputs: every public metric takes a torch.Tensor or anything ``torch.as_tensor`` takes
+(NumPy arrays, nested lists of numbers, ...), converted by :func:`as_tensor` alone; results are
+tensors whatever the input kind (docs/api.md, "Inputs").
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 __all__ = [
     "FLOAT_DTYPES",
+    "as_tensor",
     "check_float_tensor",
     "check_finite",
     "check_same_device",
@@ -20,10 +26,33 @@ __all__ = [
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def as_tensor(x, name: str) -> torch.Tensor:
+    """``x`` as a torch.Tensor: a tensor is returned as it is, an array-like through ``torch.as_tensor``.
+
+    NumPy arrays keep their dtype (float64 stays float64) and share memory where torch can (a
+    read-only array is copied first); nested lists of Python floats become float32 (torch's
+    default dtype). Raises TypeError naming ``name`` for strings, None, mappings and arrays of
+    non-numbers (object or string dtype), ValueError for ragged nested sequences.
+    """
+    if isinstance(x, torch.Tensor):
+        return x
+    if x is None or isinstance(x, (str, bytes, dict)):
+        raise TypeError(f"{name} must be a tensor or an array of numbers (torch.Tensor, NumPy array, nested lists), "
+                        f"got {type(x).__name__}")
+    if isinstance(x, np.ndarray) and not x.flags.writeable:
+        x = x.copy()  # torch warns on (and could not write through) a read-only buffer
+    try:
+        return torch.as_tensor(x)
+    except ValueError as exc:  # nested sequences of unequal lengths
+        raise ValueError(f"{name} is not a rectangular array of numbers (ragged nested sequences?): {exc}") from None
+    except (TypeError, RuntimeError) as exc:  # object / string arrays, objects torch cannot read
+        raise TypeError(f"{name} must be a tensor or an array of numbers (torch.Tensor, NumPy array, nested lists), "
+                        f"got {type(x).__name__}: {exc}") from None
+
+
 def check_float_tensor(x, name: str) -> torch.Tensor:
-    """Return ``x`` if it is a floating torch.Tensor, else raise TypeError naming ``name``."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    """``x`` as a floating tensor (array-likes converted by :func:`as_tensor`), else TypeError naming ``name``."""
+    x = as_tensor(x, name)
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(
             f"{name} must have a floating dtype (float16, bfloat16, float32, float64), got {x.dtype}"
@@ -50,8 +79,8 @@ def check_same_device(**tensors: torch.Tensor) -> None:
 
 
 def check_rows(x, name: str, *, min_rows: int = 2, batched: bool = True) -> torch.Tensor:
-    """Check a samples-as-rows matrix: floating, (n, d) or (B, n, d) when ``batched``, n >= min_rows, finite."""
-    check_float_tensor(x, name)
+    """A samples-as-rows matrix as a tensor: floating, (n, d) or (B, n, d) when ``batched``, n >= min_rows, finite."""
+    x = check_float_tensor(x, name)
     allowed = (2, 3) if batched else (2,)
     if x.dim() not in allowed:
         want = "(n, d) or (B, n, d)" if batched else "(n, d)"

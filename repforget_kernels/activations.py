@@ -16,6 +16,9 @@ layer and no block's token activations outlive the pass unless asked for:
 The attention mask is read from the model call itself (its ``attention_mask`` argument, keyword or
 positional); without one every token counts. Blocks must return (B, T, d) hidden states (a tensor, or
 a tuple / list whose first entry is that tensor), once per model call.
+
+Length: one module because the hooks, the sinks they feed (PairedStreamingCKA, RunningMoments)
+and the process sharing are one mechanism; each sink is small and only used through the hooks.
 """
 from __future__ import annotations
 

@@ -23,6 +23,10 @@ removed exactly by the sums' float64 algebra or by centring the Gram, H K H) and
 power of two, so offsets and magnitudes cost no precision and never over- or underflow. An
 input whose self-HSIC is within rounding of zero (given the size of the terms that cancel into
 it) makes CKA undefined: ValueError, on every path and backend alike.
+
+Length: one module because the three front doors (linear_cka, cka_matrix, StreamingCKA) share
+the sums-to-CKA algebra, the zero-variance test and the exact re-shifting of merged states; split,
+every piece would import every other.
 """
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ import torch
 
 from ._dispatch import kernel, needs_grad, register
 from ._numerics import ZERO_TEST_FACTOR, mean_shift, range_scale, unit_roundoff
-from ._validate import check_rows, check_same_device, check_same_rows, compute_dtype
+from ._validate import as_tensor, check_rows, check_same_device, check_same_rows, compute_dtype
 
 __all__ = ["linear_cka", "cka_matrix", "StreamingCKA"]
 
@@ -311,10 +315,13 @@ def linear_cka(
 
     Raises ValueError naming x or y (and the batch index) when its self-HSIC is within rounding of
     zero, so CKA is undefined: constant rows, and for debiased CKA rows all equal but one.
+
+    Array inputs: NumPy arrays and anything ``torch.as_tensor`` takes are accepted as well as tensors; the
+    result is a tensor either way (float64 arrays compute in float64).
     """
     min_rows = 4 if debiased else 2
-    check_rows(x, "x", min_rows=min_rows)
-    check_rows(y, "y", min_rows=min_rows)
+    x = check_rows(x, "x", min_rows=min_rows)
+    y = check_rows(y, "y", min_rows=min_rows)
     check_same_rows(x, y)
     if method not in ("auto", "gram", "feature"):
         raise ValueError(f"method must be 'auto', 'gram' or 'feature', got {method!r}")
@@ -342,25 +349,27 @@ def _layer_gram(x3: torch.Tensor, debiased: bool, backend) -> tuple:
 
 
 def _stack_layers(xs, name: str, min_rows: int):
-    """Check layers: a (L, n, d) tensor is returned as it is, a sequence of (n, d_i) tensors as a list."""
+    """Check layers: a (L, n, d) tensor (or array) is returned as a tensor, a sequence of (n, d_i) tensors
+    (or arrays) as a list of tensors."""
+    if isinstance(xs, (str, bytes)) or not isinstance(xs, Sequence):
+        xs = as_tensor(xs, name)  # a NumPy (L, n, d) array; TypeError naming ``name`` for non-numbers
     if isinstance(xs, torch.Tensor):
-        check_rows(xs, name, min_rows=min_rows)
+        xs = check_rows(xs, name, min_rows=min_rows)
         if xs.dim() != 3:
             raise ValueError(f"{name} must be (L, n, d) or a sequence of (n, d_i) tensors, got shape {tuple(xs.shape)}")
         return xs
-    if not isinstance(xs, Sequence) or isinstance(xs, (str, bytes)):
-        raise TypeError(f"{name} must be a tensor or a sequence of tensors, got {type(xs).__name__}")
     if len(xs) == 0:
         raise ValueError(f"{name} is empty: give at least one layer")
     layers = []
     for i, t in enumerate(xs):
-        check_rows(t, f"{name}[{i}]", min_rows=min_rows, batched=False)
-        if t.shape[0] != xs[0].shape[0]:
+        t = check_rows(t, f"{name}[{i}]", min_rows=min_rows, batched=False)
+        first = layers[0] if layers else t
+        if t.shape[0] != first.shape[0]:
             raise ValueError(
-                f"all layers need the same number of rows: {name}[0] has shape {tuple(xs[0].shape)}, "
+                f"all layers need the same number of rows: {name}[0] has shape {tuple(first.shape)}, "
                 f"{name}[{i}] has shape {tuple(t.shape)}"
             )
-        check_same_device(**{f"{name}[0]": xs[0], f"{name}[{i}]": t})
+        check_same_device(**{f"{name}[0]": first, f"{name}[{i}]": t})
         layers.append(t)
     return layers
 
@@ -419,6 +428,9 @@ def cka_matrix(
         Accuracy as :func:`linear_cka` (each layer is shifted and scaled on its own). Raises
         ValueError naming the layer (xs / ys and its index) whose self-HSIC is within rounding of
         zero (no variance), as :func:`linear_cka`.
+
+    Array inputs: ``xs`` / ``ys`` may be NumPy (L, n, d) arrays or sequences of arrays (anything
+    ``torch.as_tensor`` takes); the result is a tensor either way.
     """
     min_rows = 4 if debiased else 2
     lx = _stack_layers(xs, "xs", min_rows)
@@ -494,7 +506,7 @@ class StreamingCKA:
 
     # ----------------------------------------------------------------- feeding
     def _check_chunk(self, t: torch.Tensor, name: str) -> torch.Tensor:
-        check_rows(t, name, min_rows=1)
+        t = check_rows(t, name, min_rows=1)
         if self.layers is None and t.dim() != 2:
             raise ValueError(f"{name} must be (n_chunk, d) since layers=None, got shape {tuple(t.shape)}")
         if self.layers is not None and (t.dim() != 3 or t.shape[0] != self.layers):
@@ -502,7 +514,9 @@ class StreamingCKA:
         return _as_batch(t)
 
     def update(self, x: torch.Tensor, y: torch.Tensor) -> "StreamingCKA":
-        """Add a chunk of rows: x (n_chunk, dx) or (L, n_chunk, dx), y likewise with dy. Returns self."""
+        """Add a chunk of rows: x (n_chunk, dx) or (L, n_chunk, dx), y likewise with dy. Returns self.
+
+        Chunks may be NumPy arrays (anything ``torch.as_tensor`` takes) as well as tensors."""
         x3, y3 = self._check_chunk(x, "x"), self._check_chunk(y, "y")
         check_same_rows(x3, y3)
         st = self._state

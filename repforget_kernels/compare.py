@@ -32,6 +32,10 @@ the same batches, from one of three sources:
 - stored rows (``tokens="store"``): every real token row of every layer, L * n_tokens * d * 4
   bytes (8 for float64), refused above ``max_token_bytes``; no reference forward afterwards;
 - none (``tokens=None``): no token-level CKA.
+
+Length: one module because ReferenceStatistics and compare_models are two halves of one pass (the
+statistics computed once are exactly what the comparison would compute) and share its checks and
+Fisher summaries.
 """
 from __future__ import annotations
 
@@ -56,7 +60,8 @@ from .activations import (
     decoder_layers,
 )
 from .cka import linear_cka
-from .fisher import DiagonalFisher, FisherHistogram, fisher_histogram
+from .diagonal_fisher import DiagonalFisher
+from .fisher import FisherHistogram, fisher_histogram
 from .pca import pca_shift, pca_similarity
 
 __all__ = ["ReferenceStatistics", "ModelComparison", "compare_models", "spearman"]
@@ -173,12 +178,11 @@ def _fisher_summary(model: nn.Module, layers: Sequence[nn.Module], batches: list
     wanted = [n for layer in names for n in layer]
     params = dict(model.named_parameters())
     fisher = DiagonalFisher(model, params=wanted, labels="data", per_sample=True)
-    seen = 0
     for index, batch in enumerate(batches):
         _check_batch(batch, index)
         if share.runs(index):
             fisher.update(batch)
-            seen += batch["input_ids"].shape[0]
+    seen = fisher.n_sequences  # F's divisor: sequences with a counted target token, not batch rows
     owner = {n: i for i, layer in enumerate(names) for n in layer}
     steps = [max(1, math.ceil(sum(params[n].numel() for n in layer) / samples)) for layer in names]
     offsets = [0] * len(names)
@@ -195,14 +199,16 @@ def _fisher_summary(model: nn.Module, layers: Sequence[nn.Module], batches: list
 def _merged_fisher(fisher: DiagonalFisher, seen: int, names: list, params: dict,
                    share: ProcessShare) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, F) per parameter in ``names`` order: this process's Fisher (zeros without batches), or over
-    several processes the processes' Fisher means weighted by their sequence counts."""
+    several processes the processes' Fisher means weighted by their sequence counts ``seen`` (each
+    process's ``n_sequences``), i.e. the per-sequence mean over every process's counted sequences."""
     local = fisher.iter_compute() if seen else ((n, torch.zeros_like(params[n], dtype=torch.float32)) for n in names)
+    total = seen if share.processes == 1 else float(share.sum(torch.tensor(float(seen), dtype=torch.float64)))
+    if not total:
+        raise ValueError("fisher_batches is empty or has no counted target token (labels all -100): "
+                         "the Fisher needs at least one sequence")
     if share.processes == 1:
-        if not seen:
-            raise ValueError("fisher_batches is empty: the Fisher needs at least one sequence")
         yield from local
         return
-    total = float(share.sum(torch.tensor(float(seen), dtype=torch.float64)))
     for n, value in local:
         yield n, (share.sum(value.to(torch.float64) * seen) / total).float()
 

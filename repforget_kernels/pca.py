@@ -93,10 +93,38 @@ def _centered_matmul_t_torch(x, mu, q):
     return torch.bmm((x.to(q.dtype) - mu.unsqueeze(-2)).transpose(-1, -2), q)  # (L, d, l)
 
 
-@register("orthonormalize", "torch")
-def _orthonormalize_torch(a):
-    """Orthonormal basis of the columns of a (L, m, l), m >= l: -> (L, m, l) (reduced QR's Q)."""
-    return torch.linalg.qr(a, mode="reduced").Q
+def _cholesky_qr_pass(a: torch.Tensor):
+    """One Cholesky-QR pass on a (L, m, l) float64: (Q, ok) with Q = A R^-1, A^T A = R^T R."""
+    gram = a.transpose(-1, -2) @ a  # (L, l, l)
+    r, info = torch.linalg.cholesky_ex(gram, upper=True)  # (L, l, l) upper, (L,)
+    q = torch.linalg.solve_triangular(r, a, upper=True, left=False)  # (L, m, l) = A R^-1
+    return q, bool((info == 0).all())
+
+
+def _cholesky_qr2(a: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis of the columns of a (L, m, l), m >= l, by CholeskyQR2 in float64.
+
+    Returns (L, m, l) in a's dtype. Cost: 2 (2 m l^2 + l^3 / 3 + m l^2) flops in float64.
+    Falls back to Householder QR (torch.linalg.qr) when a Gram matrix is not numerically
+    positive definite (rank-deficient or cond(A) beyond ~1e7).
+    """
+    a64 = a.to(torch.float64)  # (L, m, l)
+    q, ok = _cholesky_qr_pass(a64)
+    if ok:
+        q, ok = _cholesky_qr_pass(q)
+    if not ok or not bool(torch.isfinite(q).all()):
+        q = torch.linalg.qr(a64, mode="reduced").Q  # (L, m, l)
+    return q.to(a.dtype)
+
+
+def _orthonormalize(a: torch.Tensor, cholesky: bool) -> torch.Tensor:
+    """Orthonormal basis of the columns of a (L, m, l), m >= l: -> (L, m, l).
+
+    ``cholesky``: :func:`_cholesky_qr2` (chosen on CUDA: two GEMMs and two tiny factorisations
+    replace a tall-skinny Householder QR's many small launches); else the reduced QR's Q.
+    Plain torch either way, so no backend registers it.
+    """
+    return _cholesky_qr2(a) if cholesky else torch.linalg.qr(a, mode="reduced").Q
 
 
 # --------------------------------------------------------------------------- public API
@@ -197,8 +225,9 @@ def randomized_pca(
         oversample: extra random directions p >= 0 (default 2 for krylov, 10 for subspace); the block has
             b = min(k + p, min(n, d)) columns.
         n_iter: power iterations q >= 0 (subspace) or Krylov blocks q >= 1 (krylov), default 4, each block
-            re-orthonormalised; krylov stops at the rank bound min(n - 1, d) of centred data (then exact to
-            rounding).
+            re-orthonormalised. Where krylov's q b directions would reach the rank bound r = min(n - 1, d)
+            of centred data (min(n, d) uncentred), a sketch of r columns already spans the data: it runs the
+            subspace method with l = r and no iteration instead, exact to rounding.
         center: subtract column means (implicitly); False treats x as already centred
             (mean is then reported as zeros and the variance as the raw second moment / (n - 1)).
         seed: seeds the Gaussian test matrix (drawn on the CPU, so results agree across devices).
@@ -215,13 +244,12 @@ def randomized_pca(
     two, so the result depends neither on offsets nor on the data's magnitude.
 
     Accuracy against a float64 SVD of the same input values, with eps = 4 u (sqrt(n) + sqrt(d))
-    (u = 2^-24 for float32 work, half input included; 2^-53 for float64; krylov with a space of m <
-    min(n - 1, d) directions: times sqrt(m), for the rounding of the product Xc K of m columns and of its
-    SVD mapped back through K, where the subspace method's SVD of the projection Q^T Xc needs no such
-    factor) and r_i =
+    (u = 2^-24 for float32 work, half input included; 2^-53 for float64; krylov: times sqrt(m), m = q b
+    the dimension of its space, for the rounding of the product Xc K of m columns and of its SVD mapped
+    back through K, where the subspace method's SVD of the projection Q^T Xc needs no such factor) and r_i =
     10 sqrt(d) (var_{l+1} / var_i)^(q + 1/2) the randomized term of the subspace method with l = b
     columns (krylov: exponent q, its space holding the subspace method's last block, in practice far
-    smaller, and 0 when q b >= min(n - 1, d)), negligible once the iterations have separated the top k: the angle of component i is at most
+    smaller; 0 where it runs the exact sketch), negligible once the iterations have separated the top k: the angle of component i is at most
     eps var_1 / gap_i + r_i, gap_i its variance's distance to its neighbours'; that of the top-k
     subspace eps var_1 / (var_k - var_{k+1}) + r_k; the relative error of explained variance i
     eps var_1 / var_i + r_i (the ratio's the same, the singular value's half); plus the rounding
@@ -236,6 +264,9 @@ def randomized_pca(
     Cost: krylov 2 q n d b multiply-adds in q + 1 reads of x, 2 q QRs of (d, b), an SVD of (n, q b), and
     memory for Xc K (n, q b); subspace (2 q + 2) n d b in q + 2 reads, q QRs of (d, b), one of (n, b), an SVD
     of (b, d).
+
+    Array inputs: NumPy arrays and anything ``torch.as_tensor`` takes are accepted as well as tensors; the
+    result is of tensors either way (float64 arrays compute in float64).
     """
     return _fit(x, k, "x", method=method, oversample=oversample, n_iter=n_iter, center=center, seed=seed,
                 backend=backend)[0]
@@ -260,7 +291,7 @@ def _options(method, oversample, n_iter) -> tuple:
 
 def _fit(x, k, name, *, method, oversample, n_iter, center, seed, backend) -> tuple:
     """randomized_pca of ``x`` (named ``name`` in errors): (PCAResult, mean float64 (..., d), variances float64 (..., k))."""
-    check_rows(x, name, min_rows=2)
+    x = check_rows(x, name, min_rows=2)
     _check_k(k, x, name)
     n, d = x.shape[-2], x.shape[-1]
     oversample, n_iter = _options(method, oversample, n_iter)
@@ -280,10 +311,19 @@ def _fit(x, k, name, *, method, oversample, n_iter, center, seed, backend) -> tu
     grad = needs_grad(x)
     matmul = kernel("centered_matmul", x.device, backend, grad=grad)
     matmul_t = kernel("centered_matmul_t", x.device, backend, grad=grad)
-    orth = kernel("orthonormalize", x.device, backend, grad=grad)
+    cholesky = x.device.type == "cuda" and not grad  # Householder QR where autograd differentiates
+
+    def orth(a: torch.Tensor) -> torch.Tensor:
+        return _orthonormalize(a, cholesky)
+
     block = _block_rows(x3)
+    room = max(min(n - 1 if center else n, d), l)  # the centred row space's dimension bound
+    if method == "krylov" and n_iter * l >= room:  # the space would hold the whole row space: a sketch of room
+        # columns already does (Q = orth(Xc Omega) spans range(Xc)), with no iteration and the subspace
+        # method's final SVD
+        method, n_iter = "subspace", 0
+        omega = torch.randn(L, d, room, generator=gen, dtype=torch.float64).to(omega)  # (L, d, room)
     if method == "krylov":
-        room = max(min(n - 1 if center else n, d), l)
         vt, s = _krylov(x3, c, omega, n_iter, matmul, matmul_t, orth, block, gen, room)
         s64 = s[:, :k].to(torch.float64) / c.scale.view(L, 1).to(torch.float64) ** 2  # (L, k) unscaled, exact
     else:
@@ -345,10 +385,8 @@ def _krylov(x3, c: _Centring, omega, depth: int, matmul, matmul_t, orth, block: 
     The Ritz pairs of C on span K come from the SVD of Xc K = U S V^T (components (K V)^T, variances
     S^2 / (n - 1)) rather than from K^T C K, so the squared matrix's rounding never enters; Xc K_j is the
     intermediate of the pass that makes C K_j, kept, and the last block needs only that half pass.
-    room = min(n - 1, d) for centred data (min(n, d) uncentred, never below b) is the dimension of the
-    row space that C maps into: a full space holds all of it, and then the components come from the SVD
-    of Q^T Xc, Q = orth(Xc K) (one more half pass, as the subspace method ends), exact to rounding with
-    the subspace method's constant, and no direction is left to rounding noise (whose QR has no gradient).
+    room: the largest space asked for (the caller hands a space that would hold the whole row space to
+    the subspace method instead).
     """
     u = unit_roundoff(omega.dtype)
     image = _covariance_times(x3, c, orth(omega), matmul, matmul_t, block)  # (L, d, b) scale^2 C Omega
@@ -363,13 +401,7 @@ def _krylov(x3, c: _Centring, omega, depth: int, matmul, matmul_t, orth, block: 
             break
         image, y = _covariance_times(x3, c, blocks[-1], matmul, matmul_t, block, keep=True)
         rows.append(y)  # (L, n, b)
-    y = torch.cat(rows, -1)  # (L, n, m) scale^2 Xc K
-    if m == room:  # K holds the whole row space: project x on range(Xc K) as the subspace method does
-        q, n = orth(y), x3.shape[-2]  # (L, n, m)
-        b = sum(_t_times(x3[:, i:i + block], c, q[:, i:i + block], matmul_t) for i in range(0, n, block))
-        _, s, vt = torch.linalg.svd(b.transpose(-1, -2) * c.scale ** 2, full_matrices=False)  # (L, m), (L, m, d)
-        return vt, s
-    _, s, vt = torch.linalg.svd(y, full_matrices=False)  # s (L, m), vt (L, m, m)
+    _, s, vt = torch.linalg.svd(torch.cat(rows, -1), full_matrices=False)  # s (L, m), vt (L, m, m)
     return vt @ torch.cat(blocks, -1).transpose(-1, -2), s  # (L, m, d) Ritz vectors, (L, m)
 
 
@@ -390,10 +422,11 @@ def _check_spectrum(flat: torch.Tensor, var: torch.Tensor, u: float, name: str, 
             )
 
 
-def _check_pair(x_ref: torch.Tensor, x_upd: torch.Tensor, k: int, fit_upd: bool) -> None:
-    """Both inputs checked and named; k checked against x_ref (and x_upd when its PCA is fitted too)."""
-    check_rows(x_ref, "x_ref", min_rows=2)
-    check_rows(x_upd, "x_upd", min_rows=2)
+def _check_pair(x_ref, x_upd, k: int, fit_upd: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both inputs checked, named and returned as tensors; k checked against x_ref (and x_upd when its
+    PCA is fitted too)."""
+    x_ref = check_rows(x_ref, "x_ref", min_rows=2)
+    x_upd = check_rows(x_upd, "x_upd", min_rows=2)
     _check_k(k, x_ref, "x_ref")
     if fit_upd:
         _check_k(k, x_upd, "x_upd")
@@ -403,6 +436,7 @@ def _check_pair(x_ref: torch.Tensor, x_upd: torch.Tensor, k: int, fit_upd: bool)
             "x_ref and x_upd must share the batch dimension and the feature dimension d "
             f"(row counts may differ), got x_ref {tuple(x_ref.shape)} and x_upd {tuple(x_upd.shape)}"
         )
+    return x_ref, x_upd
 
 
 def pca_similarity(
@@ -435,8 +469,11 @@ def pca_similarity(
     Accuracy: the cosines are 1-Lipschitz in the principal angles, so the error is at most the sum of
     the two fits' angle bounds (:func:`randomized_pca`). Raises ValueError naming x_ref or x_upd when
     it has no variance or is rank-deficient for this k (see :func:`randomized_pca`).
+
+    Array inputs: NumPy arrays and anything ``torch.as_tensor`` takes are accepted as well as tensors; the
+    result is a tensor either way (float64 arrays compute in float64).
     """
-    _check_pair(x_ref, x_upd, k, fit_upd=True)
+    x_ref, x_upd = _check_pair(x_ref, x_upd, k, fit_upd=True)
     opts = dict(method=method, oversample=oversample, n_iter=n_iter, center=True, seed=seed, backend=backend)
     cd = compute_dtype(x_ref, x_upd)
     a = _fit(x_ref, k, "x_ref", **opts)[0].components.to(cd)  # (..., k, d)
@@ -473,8 +510,11 @@ def pca_shift(
     :func:`randomized_pca`), relative error of the normalisation at most half that of the variance.
     Raises ValueError naming x_ref and the direction when x_ref is rank-deficient for this k (a
     variance within rounding of zero, which ``normalize`` would divide by), or has no variance.
+
+    Array inputs: NumPy arrays and anything ``torch.as_tensor`` takes are accepted as well as tensors; the
+    result is a tensor either way (float64 arrays compute in float64).
     """
-    _check_pair(x_ref, x_upd, k, fit_upd=False)
+    x_ref, x_upd = _check_pair(x_ref, x_upd, k, fit_upd=False)
     ref, mean_ref, var = _fit(x_ref, k, "x_ref", method=method, oversample=oversample, n_iter=n_iter, center=True,
                               seed=seed, backend=backend)
     delta = x_upd.mean(-2, dtype=torch.float64) - mean_ref  # (..., d) float64

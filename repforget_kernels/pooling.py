@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ._validate import check_float_tensor, check_same_device, compute_dtype
+from ._validate import as_tensor, check_float_tensor, check_same_device, compute_dtype
 
 __all__ = ["SAMPLE_DEFINITIONS", "pool_tokens"]
 
@@ -24,13 +24,16 @@ def pool_tokens(hidden: torch.Tensor, attention_mask: torch.Tensor, *, sample: s
     Returns:
         float32 rows (float64 for float64 input). Cost: one pass over ``hidden`` (a batched
         GEMV for the mean).
+
+    Array inputs: ``hidden`` and ``attention_mask`` may be NumPy arrays (anything
+    ``torch.as_tensor`` takes); the rows are a tensor either way.
     """
-    check_float_tensor(hidden, "hidden")
+    hidden = check_float_tensor(hidden, "hidden")
+    attention_mask = as_tensor(attention_mask, "attention_mask")
     if hidden.dim() != 3:
         raise ValueError(f"hidden must be (B, T, d), got shape {tuple(hidden.shape)}")
-    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != hidden.shape[:2]:
-        got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
-        raise ValueError(f"attention_mask must be (B, T) = {tuple(hidden.shape[:2])}, got {got}")
+    if attention_mask.shape != hidden.shape[:2]:
+        raise ValueError(f"attention_mask must be (B, T) = {tuple(hidden.shape[:2])}, got {tuple(attention_mask.shape)}")
     check_same_device(hidden=hidden, attention_mask=attention_mask)
     if sample not in SAMPLE_DEFINITIONS:
         raise ValueError(f"sample must be one of {SAMPLE_DEFINITIONS}, got {sample!r}")

@@ -22,9 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import triton_cka as _tc
 from ._dispatch import interpreting, kernel, register
-from .triton_cka import _dot_acc, _dot_operand
+from ._triton_gemm import dot_acc, dot_code, dot_operand
 
 __all__: list[str] = []
 
@@ -58,7 +57,7 @@ def _per_sample_fisher_kernel(
                         mask=mo[:, None] & mt[None, :], other=0.0)  # (BO, BT) = g_s^T tile
             x = tl.load(x_cols + s * s_xb + rt[:, None].to(tl.int64) * s_xt,
                         mask=mt[:, None] & mi[None, :], other=0.0)  # (BT, BI)
-            gs = _dot_acc(_dot_operand(g, DOT_CODE, INTERPRET), _dot_operand(x, DOT_CODE, INTERPRET), gs,
+            gs = dot_acc(dot_operand(g, DOT_CODE, INTERPRET), dot_operand(x, DOT_CODE, INTERPRET), gs,
                           DOT_CODE, INTERPRET)
         total += gs * gs
     msk = mo[:, None] & mi[None, :]
@@ -87,7 +86,7 @@ def _per_sample_linear_fisher_triton(x, grad_out, mask, out):
     B, T, n_in = x.shape
     n_out = grad_out.shape[-1]
     interp = interpreting()
-    code = _tc.dot_code(x.dtype, grad_out.dtype)
+    code = dot_code(x.dtype, grad_out.dtype)
     cfg = _fisher_config(code, interp)
     m = x if mask is None else mask.to(torch.uint8)  # (B, T)
     s_mb, s_mt = (0, 0) if mask is None else (m.stride(0), m.stride(1))

@@ -85,8 +85,8 @@ def cka_bound(x, y, *, debiased: bool = False, method: str = "feature", backend:
 def pca_bounds(x, k: int, *, method: str = "krylov", oversample=None, n_iter: int = 4) -> dict:
     """The accuracy bounds randomized_pca documents for (n, d) input x (its rounded values), in float64.
 
-    eps = 4 u (sqrt(n) + sqrt(d)) (u of the compute dtype; krylov: times sqrt(m)); angle_i = eps var_1 / component_gap_i and
-    subspace = eps var_1 / subspace_gap (Davis-Kahan), ev_i = eps var_1 / var_i (Weyl), each plus the
+    eps = 4 u (sqrt(n) + sqrt(d)) (u of the compute dtype; krylov: times sqrt(q l)); angle_i =
+    eps var_1 / component_gap_i and subspace = eps var_1 / subspace_gap (Davis-Kahan), ev_i = eps var_1 / var_i (Weyl), each plus the
     randomized term 10 sqrt(d) (var_{l+1} / var_i)^e, e = q + 1/2 (subspace) or q (krylov), l the
     block's columns; out_u the rounding of float32 results.
     """
@@ -105,7 +105,7 @@ def pca_bounds(x, k: int, *, method: str = "krylov", oversample=None, n_iter: in
     tail = var[l] if l < len(var) else 0.0
     power = n_iter + 0.5 if method == "subspace" else n_iter
     if full:
-        tail = 0.0  # the Krylov space holds the whole centred row space
+        tail = 0.0  # krylov then runs the exact sketch of the whole row space
     rand = [10 * math.sqrt(d) * (tail / var[i]) ** power for i in range(k)]
     return {
         "var": var,
@@ -135,6 +135,15 @@ def device() -> torch.device:
 @pytest.fixture
 def dtype() -> torch.dtype:
     return DTYPE
+
+
+@pytest.fixture
+def two_threads():
+    """Run the test body with 2 intra-op threads (the C++ kernels' per-thread bins / tiles get merged)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture

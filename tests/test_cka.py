@@ -292,8 +292,8 @@ class TestBadInput:
     def test_integer_dtype_and_non_tensor(self):
         with pytest.raises(TypeError, match="x must have a floating dtype"):
             linear_cka(torch.ones(4, 3, dtype=torch.int64), torch.ones(4, 3))
-        with pytest.raises(TypeError, match="y must be a torch.Tensor, got list"):
-            linear_cka(torch.ones(4, 3), [[1.0]])
+        with pytest.raises(TypeError, match="y must be a tensor or an array of numbers"):
+            linear_cka(torch.ones(4, 3), {"y": 1.0})
 
     def test_devices_differ(self, gen):
         with pytest.raises(ValueError, match="one device, got x on cpu, y on meta"):

@@ -12,6 +12,7 @@ import torch
 
 from repforget_kernels import (
     DiagonalFisher,
+    ProcessShare,
     ReferenceStatistics,
     collect_activations,
     compare_models,
@@ -21,7 +22,7 @@ from repforget_kernels import (
     pca_shift,
     pca_similarity,
 )
-from repforget_kernels.compare import spearman
+from repforget_kernels.compare import _fisher_summary, spearman
 
 from test_activations import one_thread, padded_batches, tiny_model  # noqa: F401 (one_thread: autouse)
 
@@ -134,6 +135,60 @@ class TestAgainstKernels:
         assert bool((want > 0).all())
         torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
         assert hooked.training and all(p.grad is None for p in hooked.parameters())
+
+
+class _TwoProcessShare(ProcessShare):
+    """One of two simulated processes: runs the batches of its parity; ``sum`` adds the values the other
+    process (run first, ``other=None``) passed to its own ``sum`` calls, in the same order."""
+
+    def __init__(self, rank: int, other: "_TwoProcessShare | None" = None):
+        self.rank, self.other, self.sent = rank, other, []
+
+    @property
+    def processes(self) -> int:
+        return 2
+
+    def runs(self, index: int) -> bool:
+        return index % 2 == self.rank
+
+    def sum(self, value: torch.Tensor) -> torch.Tensor:
+        self.sent.append(value.clone())
+        return value if self.other is None else value + self.other.sent[len(self.sent) - 1]
+
+
+class TestFisherNormalisation:
+    """Fisher summaries are per-sequence means over the sequences with a counted target token."""
+
+    @staticmethod
+    def batches_with_uncounted_rows():
+        batches = padded_batches("right", n_batches=2, seed=7)
+        batches[0]["labels"][1:] = -100  # three of batch 0's four sequences count no target token
+        return batches
+
+    def test_one_process_mean_over_counted_sequences(self, pair):
+        ref = pair[0]
+        batches = self.batches_with_uncounted_rows()
+        layers = decoder_layers(ref)
+        mass, _ = _fisher_summary(ref, layers, batches, 1000, ProcessShare())
+        torch.testing.assert_close(mass, torch.tensor(block_fisher_mass(ref, batches), dtype=torch.float64),
+                                   rtol=1e-6, atol=0)
+
+    def test_processes_weighted_by_counted_sequences(self, pair):
+        ref = pair[0]
+        batches = self.batches_with_uncounted_rows()
+        layers = decoder_layers(ref)
+        first = _TwoProcessShare(1)
+        _fisher_summary(ref, layers, batches, 1000, first)
+        mass, _ = _fisher_summary(ref, layers, batches, 1000, _TwoProcessShare(0, other=first))
+        want = torch.tensor(block_fisher_mass(ref, batches), dtype=torch.float64)  # one process, all batches
+        torch.testing.assert_close(mass, want, rtol=1e-5, atol=0)
+
+    def test_no_counted_token_is_refused(self, pair):
+        ref = pair[0]
+        batches = self.batches_with_uncounted_rows()[:1]
+        batches[0]["labels"][:] = -100
+        with pytest.raises(ValueError, match="fisher_batches is empty or has no counted target token"):
+            _fisher_summary(ref, decoder_layers(ref), batches, 1000, ProcessShare())
 
 
 class TestReferenceStatistics:

@@ -53,7 +53,7 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from repforget_kernels import triton_cka as tc, triton_fisher as tf
+from repforget_kernels import _triton_gemm as tg, triton_fisher as tf
 
 def ptx(fn, signature, constexprs, **options):
     sig = {**signature, **{k: "constexpr" for k in constexprs}}
@@ -61,9 +61,9 @@ def ptx(fn, signature, constexprs, **options):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
 
 out = {}
-g = tc._gemm_config(1, 4096, False)
+g = tg._gemm_config(1, 4096, False)
 out["gemm"] = ptx(
-    tc._shifted_gemm_kernel,
+    tg._shifted_gemm_kernel,
     {"a_ptr": "*bf16", "b_ptr": "*bf16", "sa_ptr": "*fp32", "sb_ptr": "*fp32", "c_ptr": "*fp32", "tiles_ptr": "*i32",
      **{k: "i32" for k in ("M", "N", "K", "K_PER_SPLIT")},
      **{k: "i64" for k in "s_al s_am s_ak s_bl s_bk s_bn s_sal s_sbl s_cs s_cl s_cm s_cn".split()},

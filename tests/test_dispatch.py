@@ -70,5 +70,5 @@ class TestResolve:
         import repforget_kernels  # noqa: F401  (imports every metric module)
 
         for op in ("shifted_cross_products", "centered_gram", "centered_matmul", "centered_matmul_t",
-                   "orthonormalize", "square_accumulate", "histogram", "per_sample_linear_fisher"):
+                   "square_accumulate", "histogram", "per_sample_linear_fisher"):
             assert "torch" in _dispatch.registered(op), op

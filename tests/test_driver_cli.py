@@ -258,13 +258,13 @@ class TestCommands:
         assert proc.returncode == 0 and "demo" in proc.stdout and "analyze" in proc.stdout
 
     def test_demo_grid_and_defaults(self):
-        from repforget_kernels.driver.cli import DEMO_LRS, DEMO_REQUESTS
-        from repforget_kernels.driver.methods import METHOD_NAMES
+        from repforget_kernels.driver.cli import DEMO_LRS, DEMO_METHODS, DEMO_REQUESTS
 
+        METHOD_NAMES = DEMO_METHODS
         args = build_parser().parse_args(["demo"])
         assert str(args.out) == "runs/demo" and args.model == "tiny" and args.seeds == 1
         specs = demo_specs(args)
-        assert {s.method for s in specs} == set(METHOD_NAMES)  # every method of the registry
+        assert {s.method for s in specs} == {"ga", "ga_gd", "ga_kl", "npo", "npo_gd", "npo_kl", "rlabel"}
         single = {(s.method, s.lr) for s in specs if s.setting == "single"}
         assert single == {(m, lr) for m in METHOD_NAMES for lr in DEMO_LRS} and len(DEMO_LRS) >= 3
         continual = {(s.method, s.requests) for s in specs if s.setting == "continual"}
@@ -281,6 +281,25 @@ class TestCommands:
 
         ids = [s.run_id for s in _specs(args)]
         assert len(ids) == 2 * 2 * 3 and "npo_lr0.001_continual4_seed0" in ids and "ga_lr0.0001_single_seed0" in ids
+
+    def test_training_knobs_reach_the_specs(self):
+        from repforget_kernels.driver.cli import _specs
+
+        args = build_parser().parse_args(["run", "--out", "x", "--method", "simnpo", "rmu", "--gamma", "0.5",
+                                          "--warmup", "3", "--scheduler", "cosine", "--grad-accum", "2",
+                                          "--weight-decay", "0.01", "--forget-weight", "2", "--max-steps", "7",
+                                          "--rmu-layer", "1", "--rmu-steer", "4"])
+        specs = _specs(args)
+        assert specs[0].options == {"forget_weight": 2.0, "gamma": 0.5, "grad_accum": 2, "max_steps": 7,
+                                    "rmu_layer": 1, "rmu_steer": 4.0, "scheduler": "cosine", "warmup": 3,
+                                    "weight_decay": 0.01}
+        assert "_gamma-0.5_" in specs[0].run_id and specs[1].method == "rmu"
+        plain = _specs(build_parser().parse_args(["run", "--out", "x"]))[0]
+        assert plain.options == {} and "options" not in plain.record()  # stored specs of earlier runs still match
+
+    def test_bad_knob_is_a_usage_error(self, tmp_path, capsys):
+        assert main(["run", "--out", str(tmp_path), "--scheduler", "step"]) == 2
+        assert "--scheduler" in capsys.readouterr().err
 
 
 def launch(args: list, launcher: str = "torchrun") -> subprocess.CompletedProcess:

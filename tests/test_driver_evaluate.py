@@ -33,27 +33,30 @@ def _pairwise_auc(pos, neg):
 
 
 def _scores64(model, enc, tokenizer, k=MIN_K):
-    """float64 per-example loss / zlib / min-k / min-k++ scores by explicit loops over supervised tokens."""
+    """float64 per-example loss / zlib / min-k / min-k++ scores by explicit loops over the answer tokens
+    (supervised, EOS and special tokens left out), and the teacher-forced correct answer tokens."""
     with torch.no_grad():
         logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits.double()
     logp_all = torch.log_softmax(logits, -1)
+    special = set(tokenizer.all_special_ids) | {tokenizer.eos_token_id}
     out = {"loss": [], "zlib": [], "min_k": [], "min_k_plus_plus": [], "correct": []}
     for b in range(enc["input_ids"].shape[0]):
-        lp, z, correct = [], [], 0
+        lp, z, answer, correct = [], [], [], 0
         for t in range(enc["labels"].shape[1] - 1):
             y = int(enc["labels"][b, t + 1])
-            if y == -100:
+            if y == -100 or y in special:
                 continue
             row = logp_all[b, t]
             mu = float((row.exp() * row).sum())
             sigma = math.sqrt(float((row.exp() * row ** 2).sum()) - mu ** 2)
             lp.append(float(row[y]))
             z.append((float(row[y]) - mu) / sigma)
-            correct += int(row.argmax()) == y and y != tokenizer.eos_token_id  # token accuracy leaves EOS out
+            answer.append(y)
+            correct += int(row.argmax()) == y
         keep = max(1, int(len(lp) * k))
-        real = enc["input_ids"][b][enc["attention_mask"][b].bool()].tolist()
-        out["loss"].append(sum(lp) / len(lp))
-        out["zlib"].append(sum(lp) / len(zlib.compress(tokenizer.decode(real).encode())))
+        mean = sum(lp) / len(lp)
+        out["loss"].append(mean)
+        out["zlib"].append(mean / len(zlib.compress(tokenizer.decode(answer, skip_special_tokens=True).encode())))
         out["min_k"].append(sum(sorted(lp)[:keep]) / keep)
         out["min_k_plus_plus"].append(sum(sorted(z)[:keep]) / keep)
         out["correct"].append(correct)
@@ -81,6 +84,19 @@ class _Successor(nn.Module):
         nxt = torch.where(last == 8, torch.ones_like(last), (last + 1) % self.vocab)  # (B, 1)
         logits = nn.functional.one_hot(nxt, self.vocab).float().expand(-1, input_ids.shape[1], -1)  # (B, T, V)
         return _Out(logits)
+
+
+class _Fixed(nn.Module):
+    """A stand-in LM returning fixed logits (B, T, V) whatever its input."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = logits
+        self.config = SimpleNamespace(eos_token_id=1)
+        self.weight = nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        return _Out(self.logits[:, :input_ids.shape[1]])
 
 
 class _Out(dict):
@@ -178,11 +194,33 @@ class TestScores:
     def test_without_tokenizer_compresses_ids(self, small):
         model, _, splits = small
         enc = splits["holdout"]
-        got = split_scores(model, enc)  # no tokenizer: no EOS known either
+        got = split_scores(model, enc)  # no tokenizer: the ids of the answer (EOS from the model's config left out)
+        eos = model.config.eos_token_id
         for b in range(3):
-            real = enc["input_ids"][b][enc["attention_mask"][b].bool()].tolist()
-            length = len(zlib.compress(" ".join(map(str, real)).encode()))
-            assert got["zlib"][b].item() == pytest.approx(-got["nll"][b].item() / length, rel=1e-12)
+            answer = [t for t in enc["labels"][b].tolist() if t not in (-100, eos)]
+            length = len(zlib.compress(" ".join(map(str, answer)).encode()))
+            assert got["zlib"][b].item() == pytest.approx(got["loss"][b].item() / length, rel=1e-12)
+
+    @pytest.mark.parametrize("k, lowest", [(0.4, [0.125]), (0.7, [0.125, 0.25]), (1.0, [0.125, 0.25, 0.5])])
+    def test_hand_computed_mia_scores(self, k, lowest):
+        """Answer 2 3 2 + EOS after prompt 5, predicted with p = 1/2, 1/4, 1/8 and EOS with 0.9: loss is the mean
+        log p of the three answer tokens (EOS not scored), ZLib that over the zlib length of "2 3 2", Min-K% the
+        mean of the lowest max(1, floor(3 k))."""
+        enc = _answers([([5], [2, 3, 2])])  # input 5 2 3 2 1
+        probs = torch.full((1, 5, 6), 0.0)
+        for t, (y, p) in enumerate([(2, 0.5), (3, 0.25), (2, 0.125), (1, 0.9), (0, 1.0)]):
+            probs[0, t] = (1 - p) / 5
+            probs[0, t, y] = p
+        got = split_scores(_Fixed(probs.log()), enc, k=k)
+        mean = (math.log(0.5) + math.log(0.25) + math.log(0.125)) / 3
+        assert got["loss"].item() == pytest.approx(mean, rel=1e-6)
+        assert got["zlib"].item() == pytest.approx(mean / len(zlib.compress(b"2 3 2")), rel=1e-6)
+        assert got["min_k"].item() == pytest.approx(sum(map(math.log, lowest)) / len(lowest), rel=1e-6)
+
+    def test_mink_k_checked(self, small):
+        model, _, splits = small
+        with pytest.raises(ValueError, match=r"k \(the Min-K% fraction\) must be in \(0, 1\]"):
+            split_scores(model, splits["holdout"], k=0.0)
 
     def test_one_forward_pass_per_batch(self, small):
         model, tok, splits = small

@@ -8,6 +8,7 @@ sharded states. Forget batches of 5 over 6 rows leave rank 1 without rows in eve
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from repforget_kernels.driver import distributed as Dist
 from repforget_kernels.driver import train as T
 from repforget_kernels.driver.methods import METHOD_NAMES as METHODS
 
-from conftest import free_port, gloo_group
+from conftest import free_port, gloo_group, random_small_model
 from test_driver_diagnostics import random_models
 
 # (name, method or "relearn", optimizer, lr, frozen KL copy instead of the log-softmax cache)
@@ -30,6 +31,12 @@ CASES = [(m, m, "sgd", 0.5, False) for m in METHODS] + [
 ]
 
 
+@functools.lru_cache(maxsize=1)
+def _tokenizer():
+    """The small benchmark's tokenizer (the one random_models encodes with)."""
+    return random_small_model()[1]
+
+
 def _train(model, enc, method, optimizer, lr, frozen_copy):
     cache = T.KL_CACHE_BYTES
     T.KL_CACHE_BYTES = 0 if frozen_copy else cache  # 0: GA+KL / NPO+KL keep a frozen copy instead of a cache
@@ -38,7 +45,7 @@ def _train(model, enc, method, optimizer, lr, frozen_copy):
         forget = {k: v[:8] for k, v in enc["forget"].items()}  # 8 rows: batches of 5 and 3, two per epoch
         if method == "relearn":
             return T.relearn(model, forget, cfg)
-        return T.unlearn(model, method, forget, enc["retain"], cfg)
+        return T.unlearn(model, method, forget, enc["retain"], cfg, tokenizer=_tokenizer())  # idkdpo's refusals
     finally:
         T.KL_CACHE_BYTES = cache
 

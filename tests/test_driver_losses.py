@@ -11,20 +11,31 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from repforget_kernels.driver import train as train_mod
 from repforget_kernels.driver.data import encode
 from repforget_kernels.driver.losses import (
+    dpo_loss,
     ga_loss,
     kl_loss,
     nll_loss,
     npo_loss,
     random_label_data,
+    representation_mse,
     sequence_logprob,
+    simnpo_loss,
     token_logprobs,
 )
-from repforget_kernels.driver.methods import METHOD_NAMES, METHODS, get_method
+from repforget_kernels.driver.methods import (
+    IDK_ANSWERS,
+    METHOD_NAMES,
+    METHODS,
+    block_output,
+    get_method,
+    idk_data,
+    rmu_direction,
+)
 from repforget_kernels.driver.pipeline import split_requests
 from repforget_kernels.driver.pretrain import build_tokenizer
 
 from conftest import SMALL_TINY, small_benchmark
-from repforget_kernels.driver.train import TrainConfig, relearn, unlearn
+from repforget_kernels.driver.train import TrainConfig, lr_multiplier, relearn, unlearn
 
 
 # ---------------------------------------------------------------- helpers (float64 twins, tiny model)
@@ -248,11 +259,11 @@ class TestRandomLabels:
 
 class TestTrainLoops:
     @pytest.mark.parametrize("method", METHOD_NAMES)
-    def test_every_method_updates_in_place(self, method, model, splits):
+    def test_every_method_updates_in_place(self, method, model, splits, tokenizer):
         model.eval()
         before = [p.detach().clone() for p in model.parameters()]
         out = unlearn(model, method, splits["forget"], splits["retain"],
-                      TrainConfig(lr=1e-3, batch_size=4, max_steps=2, progress=False))
+                      TrainConfig(lr=1e-3, batch_size=4, max_steps=2, progress=False), tokenizer=tokenizer)
         assert out["steps"] == 2 and math.isfinite(out["final_loss"])
         assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
         assert not model.training
@@ -351,10 +362,12 @@ class TestFixedReference:
 
 class TestRegistry:
     def test_every_method_declared_once(self):
-        assert METHOD_NAMES == ("ga", "ga_gd", "ga_kl", "npo", "npo_gd", "npo_kl", "rlabel")
+        assert METHOD_NAMES == ("ga", "ga_gd", "ga_kl", "npo", "npo_gd", "npo_kl", "rlabel", "simnpo", "idkdpo", "rmu")
         assert all(METHODS[name].name == name for name in METHOD_NAMES)
-        assert {m for m in METHOD_NAMES if METHODS[m].needs_retain} == {"ga_gd", "ga_kl", "npo_gd", "npo_kl"}
-        assert {m for m in METHOD_NAMES if METHODS[m].needs_reference} == {"ga_kl", "npo", "npo_gd", "npo_kl"}
+        assert {m for m in METHOD_NAMES if METHODS[m].needs_retain} == {"ga_gd", "ga_kl", "npo_gd", "npo_kl", "simnpo",
+                                                                        "idkdpo", "rmu"}
+        assert {m for m in METHOD_NAMES if METHODS[m].needs_reference} == {"ga_kl", "npo", "npo_gd", "npo_kl",
+                                                                           "idkdpo", "rmu"}
         assert get_method("npo_gd").hyperparameters == ("beta",) and METHODS["rlabel"].relabel
 
     def test_npo_gd_is_npo_plus_retain_nll(self, model, splits):
@@ -366,7 +379,7 @@ class TestRegistry:
         cfg = TrainConfig(beta=0.5, progress=False)
         with torch.no_grad():
             npo = spec.forget_term(model, forget, cfg, None)
-            nll = spec.retain_term(model, retain, None, None)
+            nll = spec.retain_term(model, retain, None, cfg, None)
             want_nll = _nll64(model(input_ids=retain["input_ids"], attention_mask=retain["attention_mask"]).logits,
                               retain["labels"])
         assert float(npo) == pytest.approx(2 / 0.5 * math.log(2), abs=1e-5)
@@ -375,3 +388,144 @@ class TestRegistry:
     def test_unknown_method(self):
         with pytest.raises(ValueError, match="unknown method 'sgd'"):
             get_method("sgd")
+
+
+def _logsigmoid(x: float) -> float:
+    return -math.log1p(math.exp(-x))
+
+
+class TestSimNPO:
+    def test_hand_computed(self):
+        """beta 2, gamma 0.5: rewards -2 * (-2) / 2 - 0.5 = 1.5 and -2 * (-6) / 3 - 0.5 = 3.5."""
+        got = simnpo_loss(torch.tensor([-2.0, -6.0]), torch.tensor([2, 3]), beta=2.0, gamma=0.5)
+        want = -(2 / 2.0) * (_logsigmoid(1.5) + _logsigmoid(3.5)) / 2
+        assert float(got) == pytest.approx(want, rel=1e-6)
+
+    def test_length_normalised(self):
+        """The same mean log-prob per token gives the same loss whatever the length."""
+        a = simnpo_loss(torch.tensor([-3.0]), torch.tensor([3]), beta=1.0)
+        b = simnpo_loss(torch.tensor([-30.0]), torch.tensor([30]), beta=1.0)
+        assert float(a) == pytest.approx(float(b), rel=1e-6)
+
+    def test_bad_arguments(self):
+        with pytest.raises(ValueError, match="gamma must be >= 0"):
+            simnpo_loss(torch.zeros(1), torch.ones(1), 1.0, -0.1)
+        with pytest.raises(ValueError, match="lengths must be > 0"):
+            simnpo_loss(torch.zeros(2), torch.tensor([1, 0]), 1.0)
+
+    def test_forget_term_on_a_batch(self, model, splits):
+        """The method's forget term = the loss of the batch's summed log-probs over its answer-token counts."""
+        forget = {k: v[:4] for k, v in splits["forget"].items()}
+        cfg = TrainConfig(beta=2.5, gamma=0.3, progress=False)
+        with torch.no_grad():
+            got = get_method("simnpo").forget_term(model, forget, cfg, None)
+            logits = model(input_ids=forget["input_ids"], attention_mask=forget["attention_mask"]).logits
+        logp = _logsoftmax64(logits)
+        want = []
+        for b in range(4):
+            terms = [logp[b, t, forget["labels"][b, t + 1]] for t in range(forget["labels"].shape[1] - 1)
+                     if forget["labels"][b, t + 1] != -100]
+            want.append(_logsigmoid(float(-2.5 * sum(terms) / len(terms) - 0.3)))
+        assert float(got) == pytest.approx(-(2 / 2.5) * sum(want) / 4, rel=1e-5)
+
+
+class TestIdkDPO:
+    def test_hand_computed(self):
+        """beta 0.5: margins (-1 - -2) - (-3 - -1) = 3 and (0 - 0) - (-1 - -1) = 0."""
+        got = dpo_loss(torch.tensor([-1.0, 0.0]), torch.tensor([-2.0, 0.0]), torch.tensor([-3.0, -1.0]),
+                       torch.tensor([-1.0, -1.0]), beta=0.5)
+        want = -(2 / 0.5) * (_logsigmoid(1.5) + _logsigmoid(0.0)) / 2
+        assert float(got) == pytest.approx(want, rel=1e-6)
+
+    def test_refusal_rows_keep_the_prompt(self, splits, tokenizer):
+        forget = {k: v[:6] for k, v in splits["forget"].items()}
+        idk = idk_data(forget, tokenizer, seed=3)
+        refusals = {tuple(tokenizer(" " + a, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
+                    for a in IDK_ANSWERS}
+        from repforget_kernels.driver.data import split_rows
+        for (p_got, a_got), (p_want, _) in zip(split_rows(idk), split_rows(forget)):
+            assert p_got == p_want and tuple(a_got) in refusals
+        assert torch.equal(idk_data(forget, tokenizer, seed=3)["input_ids"], idk["input_ids"])
+
+    def test_first_step_at_the_reference(self, model, splits, tokenizer):
+        """At pi = pi_ref both log-ratios vanish: the forget term is (2/beta) log 2."""
+        cfg = TrainConfig(lr=1e-3, batch_size=4, beta=0.5, max_steps=1, progress=False, retain_weight=1.0)
+        forget = {k: v[:4] for k, v in splits["forget"].items()}
+        idk = idk_data(forget, tokenizer)
+        idk["ref_logp"] = train_mod.reference_logprobs(model, idk, 4, full=False)
+        batch = {**forget, "ref_logp": train_mod.reference_logprobs(model, forget, 4, full=False),
+                 "row": torch.arange(4), "idk": idk}
+        with torch.no_grad():
+            got = get_method("idkdpo").forget_term(model, batch, cfg, None)
+        assert float(got) == pytest.approx(2 / 0.5 * math.log(2), abs=1e-5)
+
+    def test_needs_the_tokenizer(self, model, splits):
+        with pytest.raises(ValueError, match="needs the tokenizer"):
+            unlearn(model, "idkdpo", splits["forget"], splits["retain"], TrainConfig(max_steps=1, progress=False))
+
+
+class TestRMU:
+    def test_representation_mse_hand_computed(self):
+        """Row 0: tokens (1, 2) and (3, 4) against target (1, 0): squares (0 + 4) / 2 and (4 + 16) / 2; row 1's
+        second token is padding."""
+        hidden = torch.tensor([[[1.0, 2.0], [3.0, 4.0]], [[0.0, 0.0], [9.0, 9.0]]])
+        mask = torch.tensor([[1, 1], [1, 0]])
+        got = representation_mse(hidden, torch.tensor([1.0, 0.0]), mask)
+        assert float(got) == pytest.approx((2.0 + 10.0 + 0.5) / 3, rel=1e-6)
+
+    def test_direction_is_a_fixed_unit_vector(self):
+        u = rmu_direction(16, seed=5)
+        assert float(u.norm()) == pytest.approx(1.0, rel=1e-6) and bool((u >= 0).all())
+        assert torch.equal(u, rmu_direction(16, seed=5))
+
+    def test_first_step_loss(self, model, splits):
+        """At the first step the retain term is 0 (the model is the frozen one); the forget term is the mean over
+        real tokens and units of (h_l - c u)^2 at block rmu_layer."""
+        cfg = TrainConfig(lr=1e-3, batch_size=4, max_steps=1, progress=False, rmu_layer=1, rmu_steer=3.0, seed=7)
+        forget = splits["forget"]
+        order = torch.randperm(forget["input_ids"].shape[0], generator=torch.Generator().manual_seed(7 * 1000))[:4]
+        first = {k: v[order] for k, v in forget.items()}
+        with torch.no_grad():
+            h = block_output(model, first, 1).double()  # (4, T, d)
+        target = 3.0 * rmu_direction(h.shape[-1], 7).double()
+        mask = first["attention_mask"].bool()
+        want = float(((h - target) ** 2).mean(-1)[mask].mean())
+        out = unlearn(model, "rmu", forget, splits["retain"], cfg)
+        assert out["first_loss"] == pytest.approx(want, rel=1e-5)
+
+    def test_layer_out_of_range(self, model, splits):
+        with pytest.raises(ValueError, match=r"rmu_layer must be in \[0, 1\]"):
+            unlearn(model, "rmu", splits["forget"], splits["retain"],
+                    TrainConfig(max_steps=1, progress=False, rmu_layer=2))
+
+
+class TestKnobs:
+    def test_lr_multiplier_hand_values(self):
+        assert [lr_multiplier(s, 10, 2, "constant") for s in (0, 1, 2, 9)] == [1 / 3, 2 / 3, 1.0, 1.0]
+        assert lr_multiplier(6, 10, 2, "linear") == pytest.approx(1 - 4 / 8)
+        assert lr_multiplier(6, 10, 2, "cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+
+    def test_grad_accum_matches_one_large_batch(self, model, splits):
+        """NPO is a mean over sequences: 2 accumulated batches of 2 rows = 1 batch of the same 4 rows."""
+        twin = copy.deepcopy(model)
+        common = dict(lr=1e-2, max_steps=1, progress=False, optimizer="sgd", beta=0.5)
+        unlearn(model, "npo", splits["forget"], None, TrainConfig(batch_size=4, **common))
+        unlearn(twin, "npo", splits["forget"], None, TrainConfig(batch_size=2, grad_accum=2, **common))
+        for a, b in zip(model.parameters(), twin.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+    def test_weight_decay_moves_weights_without_gradient(self, model, splits):
+        """AdamW's decoupled decay shrinks every weight by lr * wd even where the loss does not reach."""
+        twin = copy.deepcopy(model)
+        cfg = dict(lr=1e-2, max_steps=1, progress=False, batch_size=4)
+        unlearn(model, "ga", splits["forget"], None, TrainConfig(**cfg))
+        unlearn(twin, "ga", splits["forget"], None, TrainConfig(weight_decay=0.5, **cfg))
+        assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+
+    @pytest.mark.parametrize("field,value,match", [("scheduler", "step", "scheduler must be one of"),
+                                                   ("grad_accum", 0, "grad_accum must be a positive int"),
+                                                   ("weight_decay", -1.0, "weight_decay must be a finite number >= 0"),
+                                                   ("warmup", -1, "warmup must be an int >= 0")])
+    def test_bad_knobs(self, field, value, match):
+        with pytest.raises(ValueError, match=match):
+            TrainConfig(**{field: value})

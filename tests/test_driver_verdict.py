@@ -144,15 +144,23 @@ class TestHeadline:
 
     def test_structure_vs_recovery_over_runs(self):
         runs = []
-        for i, (position, recovery) in enumerate([(0.1, 0.9), (0.3, 0.7), (0.5, 0.6), (0.9, 0.1), (0.7, 0.2)]):
+        cases = [(0.1, 0.9, False), (0.3, 0.7, False), (0.5, 0.6, False), (0.9, 0.1, True), (0.7, 0.2, True),
+                 (0.2, 0.5, False), (0.4, 0.8, False)]
+        for i, (position, recovery, catastrophic) in enumerate(cases):
             runs.append({"run_id": f"r{i}", "verdict": {
-                "behaviour": {"label": "reversible", "recovery": recovery},
+                "behaviour": {"label": "reversible", "recovery": recovery, "catastrophic": catastrophic},
                 "structure": {"positions": {m: position for m in STRUCTURE_METRICS}}}})
         runs.append({"run_id": "skip", "verdict": {"behaviour": {"label": "not_forgotten", "recovery": None},
                                                    "structure": {"positions": {}}}})
         got = structure_vs_recovery(runs)
-        assert got["runs"] == 5 and got["spearman"] == pytest.approx(1.0)
+        # positions 0.1 .. 0.9 against non-recovery 0.1, 0.3, 0.4, 0.9, 0.8, 0.5, 0.2: ranks (1,3,5,7,6,2,4) vs
+        # (1,3,4,7,6,5,2): sum d^2 = 0+0+1+0+0+9+4 = 14, rho = 1 - 6*14/(7*48) = 0.75
+        assert got["runs"] == 7 and got["spearman"] == pytest.approx(0.75)
         assert set(got["by_metric"]) == set(STRUCTURE_METRICS)
+        # without the two catastrophic runs: positions (0.1,0.3,0.5,0.2,0.4) vs (0.1,0.3,0.4,0.5,0.2): ranks
+        # (1,3,5,2,4) vs (1,3,4,5,2): sum d^2 = 0+0+1+9+4 = 14, rho = 1 - 6*14/(5*24) = 0.3
+        calm = got["non_catastrophic"]
+        assert calm["runs"] == 5 and calm["spearman"] == pytest.approx(0.3)
 
 
 class TestSummary:

@@ -11,7 +11,7 @@ pytest.importorskip("triton", reason="the triton modules register the kernels ro
 
 CUDA = torch.device("cuda")
 CPU = torch.device("cpu")
-TRITON_OPS = ("shifted_cross_products", "centered_gram", "centered_matmul", "centered_matmul_t", "orthonormalize",
+TRITON_OPS = ("shifted_cross_products", "centered_gram", "centered_matmul", "centered_matmul_t",
               "per_sample_linear_fisher", "square_accumulate")
 
 

@@ -9,7 +9,11 @@ from repforget_kernels import PCAResult, pca_shift, pca_similarity, randomized_p
 from repforget_kernels import reference as R
 from repforget_kernels.pca import METHODS
 
-from conftest import DTYPE, assert_pca_fit, pca_bounds, principal_angle, randn
+from repforget_kernels.pca import _cholesky_qr2
+
+from conftest import DTYPE, TOL, assert_pca_fit, pca_bounds, principal_angle, randn
+
+F32 = TOL[torch.float32]
 
 
 def _gapped(gen, n, d, k, batch=None, dtype=None, decay=0.5):
@@ -180,6 +184,24 @@ class TestPCAShift:
         # shift is at most their difference's norm
         xa = np.abs(R.to_f64(x))
         assert np.abs(got).max() <= np.linalg.norm(2 * 5 * np.sqrt(30) * 2.0**-53 * xa.mean(0))
+
+
+class TestCholeskyQR2:
+    """The orthonormalisation chosen on CUDA, tested on the test device."""
+
+    @pytest.mark.parametrize("rank_deficient", [False, True])
+    def test_orthonormalize(self, rank_deficient, gen):
+        a = randn(2, 61, 7, gen=gen)  # (L, m, l)
+        if rank_deficient:
+            a[..., 3] = a[..., 1]  # Cholesky fails: falls back to Householder QR
+        q = _cholesky_qr2(a)
+        eye = torch.eye(7, dtype=q.dtype, device=q.device)
+        # Q is orthonormal in float64, then rounded to float32; Q^T Q sums 61 float32 products: F32
+        assert float((q.transpose(1, 2) @ q - eye).abs().max()) < F32
+        if not rank_deficient:  # same column space: Q Q^T a = a
+            a64 = a.double()
+            resid = q.double() @ (q.double().transpose(1, 2) @ a64) - a64
+            assert float(resid.abs().max() / a64.abs().max()) < F32  # Q's float32 rounding, 7 columns
 
 
 class TestBadInput:

@@ -1,5 +1,8 @@
-"""Triton kernels against float64 references (CPU: under TRITON_INTERPRET=1, set by conftest).
+"""What is Triton-specific (CPU: under TRITON_INTERPRET=1, set by conftest); the ops' shared contract
+against their float64 references, on every backend, is tests/test_op_contract.py.
 
+Here: the shifted GEMM itself (tiles, symmetric writes, shift errors), full writes of every buffer,
+the float64 routing, and the front doors with backend="triton" against backend="torch".
 What is compared, and how tightly:
 - Op level, elementwise: |got - ref| <= tol * ref_abs, where ref is the op computed in float64 on
   the same input values and ref_abs the same sums over absolute values of the terms (the scale of
@@ -21,13 +24,11 @@ from repforget_kernels import (
     StreamingCKA, cka_matrix, fisher_accumulate_, linear_cka, per_sample_linear_fisher, randomized_pca, reference,
 )
 from repforget_kernels._dispatch import backend_available
-from repforget_kernels.cka import _cka_from_sums, _shifted_cross_products_torch
-from repforget_kernels.pca import _centered_matmul_t_torch, _centered_matmul_torch
 
 pytestmark = pytest.mark.skipif(not backend_available("triton", DEVICE)[0], reason="triton cannot run on " + str(DEVICE))
 
 if backend_available("triton", DEVICE)[0]:
-    from repforget_kernels import triton_cka, triton_fisher, triton_pca
+    from repforget_kernels import _triton_gemm, triton_cka, triton_fisher
 
 HALF = (torch.bfloat16, torch.float16)
 F32 = TOL[torch.float32]
@@ -40,7 +41,7 @@ def poison(monkeypatch):
     def nan_output(shape, device, dtype=torch.float32):
         return torch.full(shape, float("nan"), device=device, dtype=dtype)
 
-    monkeypatch.setattr(triton_cka, "new_output", nan_output)
+    monkeypatch.setattr(_triton_gemm, "new_output", nan_output)
 
 
 def _acts(L, n, d, dtype, gen, offset_cols=(1, 4)):
@@ -66,22 +67,6 @@ def _round_like(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.to(dtype).to(torch.float64) if dtype in HALF else t
 
 
-def _double_centre64(k: torch.Tensor) -> torch.Tensor:
-    """H K H of (L, n, n) float64 Grams by row and column means, for the test reference."""
-    return k - k.mean(-1, keepdim=True) - k.mean(-2, keepdim=True) + k.mean((-2, -1), keepdim=True)
-
-
-def _u_center64(k: torch.Tensor) -> torch.Tensor:
-    """U-centring of (L, n, n) float64 Grams by its definition (Szekely & Rizzo), for the test reference."""
-    n = k.shape[-1]
-    eye = torch.eye(n, dtype=torch.bool, device=k.device)
-    k = k.masked_fill(eye, 0.0)
-    r = k.sum(-1)  # (L, n)
-    s = r.sum(-1)  # (L,)
-    u = k - r.unsqueeze(-1) / (n - 2) - r.unsqueeze(-2) / (n - 2) + (s / ((n - 1) * (n - 2)))[:, None, None]
-    return u.masked_fill(eye, 0.0)
-
-
 class TestShiftedGemm:
     @pytest.mark.parametrize("dtype", DTYPES)
     @pytest.mark.parametrize("split_k", [1, 3])
@@ -89,7 +74,7 @@ class TestShiftedGemm:
         L, n, d1, d2 = 2, 101, 37, 45
         a, b = _acts(L, n, d1, dtype, gen), _acts(L, n, d2, dtype, gen)
         sa, sb = a.mean(-2, dtype=torch.float32), b.mean(-2, dtype=torch.float32)  # (L, d1), (L, d2)
-        got = triton_cka.shifted_gemm(a.transpose(1, 2), b, shift_a=sa, shift_a_along="m", shift_b=sb,
+        got = _triton_gemm.shifted_gemm(a.transpose(1, 2), b, shift_a=sa, shift_a_along="m", shift_b=sb,
                                       shift_b_along="n", split_k=split_k)  # (L, d1, d2)
         # the kernel subtracts in float32, then rounds to the dot dtype: reproduce exactly in float64
         ar = _round_like((a.float() - sa.unsqueeze(1)).double(), dtype)
@@ -100,7 +85,7 @@ class TestShiftedGemm:
     def test_symmetric_writes_both_triangles(self, gen):
         x = _acts(1, 29, 70, torch.float32, gen)  # 70 columns: 3 x 3 tiles of 32, triangle of 6
         mu = x.mean(-2)
-        got = triton_cka.shifted_gemm(x.transpose(1, 2), x, shift_a=mu, shift_b=mu, symmetric=True)
+        got = _triton_gemm.shifted_gemm(x.transpose(1, 2), x, shift_a=mu, shift_b=mu, symmetric=True)
         assert torch.equal(got, got.transpose(1, 2))
         xc = (x - mu.unsqueeze(1)).double()
         _assert_close(got, xc.transpose(1, 2) @ xc, xc.abs().transpose(1, 2) @ xc.abs(), F32, "symmetric")
@@ -108,62 +93,10 @@ class TestShiftedGemm:
     def test_shift_value_error(self, gen):
         x = _acts(1, 5, 3, torch.float32, gen)
         with pytest.raises(ValueError, match="shift axis must be one of"):
-            triton_cka.shifted_gemm(x, x.transpose(1, 2), shift_a=x[:, 0], shift_a_along="n")
+            _triton_gemm.shifted_gemm(x, x.transpose(1, 2), shift_a=x[:, 0], shift_a_along="n")
 
 
 class TestCkaOps:
-    @pytest.mark.parametrize("dtype", DTYPES)
-    @pytest.mark.parametrize("debiased", [False, True])
-    @pytest.mark.parametrize("L", [1, 2])
-    def test_shifted_cross_products(self, dtype, debiased, L, gen):
-        n, dx, dy = 53, 37, 45  # n > d
-        x, y = _acts(L, n, dx, dtype, gen), _acts(L, n, dy, dtype, gen, offset_cols=(0,))
-        sx, sy = x.mean(-2, dtype=torch.float32), y.mean(-2, dtype=torch.float32)
-        gx = torch.tensor([2.0**-3, 2.0**5][:L], dtype=torch.float64, device=DEVICE)  # exact per-layer scales
-        gy = None if L == 1 else torch.tensor([2.0**7, 1.0], dtype=torch.float64, device=DEVICE)
-        got = triton_cka._shifted_cross_products_triton(x, y, sx, sy, debiased, gx, gy)
-        ref = _shifted_cross_products_torch(x.double(), y.double(), sx.double(), sy.double(), debiased, gx, gy)
-        xa = ((x.double() - sx.double().unsqueeze(1)) * gx.view(-1, 1, 1)).abs()  # |x'|
-        ya = (y.double() - sy.double().unsqueeze(1)).abs() * (1.0 if gy is None else gy.view(-1, 1, 1))
-        ref_abs = _shifted_cross_products_torch(xa, ya, torch.zeros_like(sx, dtype=torch.float64),
-                                                torch.zeros_like(sy, dtype=torch.float64), debiased)
-        assert set(got) == set(ref)
-        for key in ref:
-            tol = TOL[dtype] if key in ("sxy", "sxx", "syy") else F32  # only the GEMMs round operands to half
-            _assert_close(got[key], ref[key], ref_abs[key], tol, f"{key} {dtype}")
-        counts = torch.full((L,), float(n), dtype=torch.float64)
-        cka = _cka_from_sums({k: v.double().cpu() for k, v in got.items()}, counts, debiased, 2.0**-24)
-        np.testing.assert_allclose(cka.numpy(), reference.linear_cka_ref(x, y, debiased), rtol=0,
-                                   atol=cka_bound(x, y, debiased=debiased, backend="triton"))
-
-    @pytest.mark.parametrize("dtype", DTYPES)
-    @pytest.mark.parametrize("unbiased", [False, True])
-    @pytest.mark.parametrize("scale", [None, 2.0**-12])
-    def test_centered_gram(self, dtype, unbiased, scale, gen):
-        L, n, d = 2, 45, 77  # n < d
-        x = _acts(L, n, d, dtype, gen)
-        g = None if scale is None else torch.full((L,), scale, dtype=torch.float64, device=DEVICE)
-        got, trace = triton_cka._centered_gram_triton(x, unbiased, g)  # (L, n, n), (L,)
-        assert got.dtype == torch.float32 and got.shape == (L, n, n) and trace.dtype == torch.float64
-        assert torch.isfinite(got).all() and torch.equal(got, got.transpose(1, 2))
-        # reference: float64 Gram of the operands the kernel feeds its dot (shifted by the float32-rounded
-        # float64 mean, scaled, rounded to the dot dtype), then centred (H K H) or U-centred exactly
-        shift = x.mean(-2, dtype=torch.float64).float().unsqueeze(1)  # (L, 1, d)
-        xr = _round_like(((x.float() - shift) * (1.0 if scale is None else scale)).double(), dtype)
-        k = xr @ xr.transpose(1, 2)  # (L, n, n)
-        ref = _u_center64(k) if unbiased else _double_centre64(k)
-        # float32 accumulation of d products, then the centring's float32 subtraction: a few u of the
-        # entries of k: TOL[float32] relative to the Frobenius norm of the (uncentred) Gram
-        err = torch.linalg.matrix_norm(got.double() - ref) / torch.linalg.matrix_norm(k)  # (L,)
-        assert float(err.max()) <= TOL[torch.float32]
-        np.testing.assert_allclose(trace.cpu().numpy(), k.diagonal(dim1=1, dim2=2).sum(-1).cpu().numpy(),
-                                   rtol=TOL[torch.float32])
-        y = _acts(L, n, 19, dtype, gen, offset_cols=())
-        k2 = triton_cka._centered_gram_triton(y, unbiased)[0].double()
-        cka = (got.double() * k2).sum((-2, -1)) / (torch.linalg.matrix_norm(got.double()) * torch.linalg.matrix_norm(k2))
-        np.testing.assert_allclose(cka.cpu().numpy(), reference.linear_cka_ref(x, y, unbiased), rtol=0,
-                                   atol=cka_bound(x, y, debiased=unbiased, method="gram", backend="triton"))
-
     def test_float64_runs_the_composite(self, gen):
         x = _acts(1, 9, 5, torch.float64, gen)
         got, trace = triton_cka._centered_gram_triton(x, False)
@@ -171,78 +104,13 @@ class TestCkaOps:
         assert got.dtype == torch.float64 and torch.equal(got, ref) and torch.equal(trace, ref_trace)
 
 
-class TestPcaOps:
-    @pytest.mark.parametrize("dtype", DTYPES)
-    @pytest.mark.parametrize("L", [1, 2])
-    def test_centered_matmuls(self, dtype, L, gen):
-        n, d, l = 150, 37, 9  # n long enough for a split over K in centered_matmul_t
-        x = _acts(L, n, d, dtype, gen)
-        mu = x.mean(-2, dtype=torch.float32)  # (L, d)
-        omega, q = randn(L, d, l, gen=gen), randn(L, n, l, gen=gen)  # float32
-        xa = (x.double() - mu.double().unsqueeze(1)).abs()
-        got = triton_pca._centered_matmul_triton(x, mu, omega)
-        ref = _centered_matmul_torch(x.double(), mu.double(), omega.double())
-        _assert_close(got, ref, xa @ omega.double().abs(), F32, f"centered_matmul {dtype}")
-        got_t = triton_pca._centered_matmul_t_triton(x, mu, q)
-        ref_t = _centered_matmul_t_torch(x.double(), mu.double(), q.double())
-        _assert_close(got_t, ref_t, xa.transpose(1, 2) @ q.double().abs(), F32, f"centered_matmul_t {dtype}")
-
-    @pytest.mark.parametrize("rank_deficient", [False, True])
-    def test_orthonormalize(self, rank_deficient, gen):
-        a = randn(2, 61, 7, gen=gen)  # (L, m, l)
-        if rank_deficient:
-            a[..., 3] = a[..., 1]  # Cholesky fails: falls back to Householder QR
-        q = triton_pca._orthonormalize_triton(a)
-        eye = torch.eye(7, dtype=q.dtype, device=q.device)
-        # Q is orthonormal in float64, then rounded to float32; Q^T Q sums 61 float32 products: F32
-        assert float((q.transpose(1, 2) @ q - eye).abs().max()) < F32
-        if not rank_deficient:  # same column space: Q Q^T a = a
-            a64 = a.double()
-            resid = q.double() @ (q.double().transpose(1, 2) @ a64) - a64
-            assert float(resid.abs().max() / a64.abs().max()) < F32  # Q's float32 rounding, 7 columns
-
-
 class TestFisherOps:
-    @pytest.mark.parametrize("dtype", DTYPES)
-    @pytest.mark.parametrize("B", [1, 3])
-    @pytest.mark.parametrize("masked", [False, True])
-    def test_per_sample_linear_fisher(self, dtype, B, masked, gen):
-        T, n_in, n_out = 11, 37, 45
-        x, g = randn(B, T, n_in, gen=gen, dtype=dtype), randn(B, T, n_out, gen=gen, dtype=dtype)
-        mask = None
-        if masked:
-            mask = torch.rand(B, T, generator=gen) > 0.4
-            mask[0, :] = False  # a fully masked sample contributes nothing
-            mask = mask.to(DEVICE)
-        out = randn(n_out, n_in, gen=gen).abs()  # accumulates into existing values
-        init = out.clone()
-        assert triton_fisher._per_sample_linear_fisher_triton(x, g, mask, out) is None
-        ref = reference.per_sample_linear_fisher_ref(x, g, mask) + reference.to_f64(init)
-        ref_abs = reference.per_sample_linear_fisher_ref(x.abs(), g.abs(), mask) + reference.to_f64(init)
-        _assert_close(out, ref, ref_abs, F32, f"per-sample fisher {dtype}")  # exact operands, float32 sums
-
     def test_per_sample_float64_out(self, gen):
         x, g = randn(2, 5, 7, gen=gen), randn(2, 5, 3, gen=gen)
         out = torch.zeros(3, 7, dtype=torch.float64, device=DEVICE)
         triton_fisher._per_sample_linear_fisher_triton(x, g, None, out)
         # float64 out runs the float64 composite: float64 sums of the float32 inputs
         np.testing.assert_allclose(out.cpu().numpy(), reference.per_sample_linear_fisher_ref(x, g), rtol=TOL[torch.float64])
-
-    def test_square_accumulate_mixed_list(self, gen):
-        shapes = [(1000,), (7, 33), (129,), (3,), (0,), (5, 5)]
-        acc_dtypes = [torch.float32, torch.float32, torch.float64, torch.float32, torch.float32, torch.float64]
-        grad_dtypes = [torch.bfloat16, torch.float16, torch.float32, torch.float32, torch.bfloat16, torch.bfloat16]
-        accs = [randn(*s, gen=gen, dtype=a).abs() for s, a in zip(shapes, acc_dtypes)]
-        grads = [randn(*s, gen=gen, dtype=g) for s, g in zip(shapes, grad_dtypes)]
-        big = randn(301, gen=gen)
-        accs.append(randn(300, gen=gen).abs())
-        grads.append(big[1:])  # contiguous but not 16-byte aligned: the unaligned path
-        refs = [reference.fisher_accumulate_ref(a, g, 0.37) for a, g in zip(accs, grads)]
-        assert triton_fisher._square_accumulate_triton(accs, grads, 0.37) is None
-        for i, (a, r) in enumerate(zip(accs, refs)):
-            # acc + scale * g^2 of positive terms: three roundings in acc's dtype (the upcast is exact)
-            _assert_close(a, r, r, 4 * 2.0**-24 if a.dtype == torch.float32 else 4 * 2.0**-53,
-                          f"square_accumulate[{i}] {a.dtype}<-{grads[i].dtype}")
 
 
 class TestPublicFunctions:

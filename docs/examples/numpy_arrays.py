@@ -1,9 +1,8 @@
-"""A NumPy pipeline calling the metrics: activations as arrays, converted with torch.as_tensor (no copy for float32).
+"""A NumPy pipeline calling the metrics directly: arrays in, tensors out (``.numpy()`` to get arrays back).
 
 Run: python docs/examples/numpy_arrays.py
 """
 import numpy as np
-import torch
 
 from repforget_kernels import StreamingCKA, cka_matrix, linear_cka, pca_shift, pca_similarity
 
@@ -12,16 +11,15 @@ base = rng.standard_normal((1000, 64)).astype(np.float32)            # (n sample
 tuned = base @ rng.standard_normal((64, 64)).astype(np.float32) * 0.1 + base  # the same samples after a change
 layers = rng.standard_normal((4, 1000, 64)).astype(np.float32)       # (L layers, n, d)
 
-x, y = torch.as_tensor(base), torch.as_tensor(tuned)
-print("linear CKA          ", float(linear_cka(x, y)))
-print("debiased CKA        ", float(linear_cka(x, y, debiased=True)))
-print("CKA between layers  ", cka_matrix(torch.as_tensor(layers)).numpy().round(3))
-print("PCA similarity (k=1)", float(pca_similarity(x, y)))
-print("PCA similarity (k=4)", float(pca_similarity(x, y, k=4)))
-print("PCA shift, in reference standard deviations", pca_shift(x, y + 0.5, k=2, normalize=True).numpy())
+print("linear CKA          ", float(linear_cka(base, tuned)))
+print("debiased CKA        ", float(linear_cka(base, tuned, debiased=True)))
+print("CKA between layers  ", cka_matrix(layers).numpy().round(3))
+print("PCA similarity (k=1)", float(pca_similarity(base, tuned)))
+print("PCA similarity (k=4)", float(pca_similarity(base, tuned, k=4)))
+print("PCA shift, in reference standard deviations", pca_shift(base, tuned + 0.5, k=2, normalize=True).numpy())
 
 # rows arriving in chunks (e.g. read from disk): exact CKA in O(d^2) memory
 stream = StreamingCKA()
 for start in range(0, len(base), 256):
-    stream.update(torch.as_tensor(base[start:start + 256]), torch.as_tensor(tuned[start:start + 256]))
+    stream.update(base[start:start + 256], tuned[start:start + 256])
 print("streamed CKA        ", float(stream.compute()), "(equals linear CKA above)")

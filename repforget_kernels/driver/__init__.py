@@ -1,4 +1,4 @@
-"""Reference driver: unlearn, relearn and diagnose causal LMs end to end (issue 4).
+"""Reference driver: unlearn, relearn and diagnose causal LMs end to end.
 
 Model side: ``data`` (synthetic corpus, JSONL, encoding), ``models`` (tiny Qwen2, local HF checkpoints,
 layer discovery, memory plan), ``losses`` / ``train`` (GA, GA+GD, GA+KL, NPO, NPO+KL, RLabel,

@@ -19,10 +19,14 @@ environment (one GPU per local rank, NCCL; gloo on CPU). ``run`` and ``demo`` sh
 FSDP2 and train it data-parallel (``distributed``, ``train``); evaluation and diagnostics split their
 batches across ranks and merge the results; rank 0 writes the files, which hold the numbers one
 process would produce (up to float rounding of the reductions).
+
+Length: one module because it is the argument table of three subcommands and their mapping onto
+the pipeline's config; it holds no logic of its own.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import re
@@ -37,13 +41,15 @@ from repforget_kernels.pooling import SAMPLE_DEFINITIONS
 from .methods import METHOD_NAMES as METHOD_CHOICES
 from .methods import REFERENCES as REFERENCE_CHOICES
 
-__all__ = ["DEMO_LRS", "DEMO_REQUESTS", "build_parser", "demo_specs", "main"]
+__all__ = ["DEMO_METHODS", "DEMO_LRS", "DEMO_REQUESTS", "build_parser", "demo_specs", "main"]
 
 DEFAULT_CACHE = Path(os.environ.get("REPFORGET_CACHE", "~/.cache/repforget")).expanduser()
 SPLIT_FLAGS = ("forget", "retain", "holdout", "unrelated")
 
-# The demo grid: every registered method at three learning rates (mild, moderate, destructive) in the
+# The demo grid: the paper's methods (not every registered one: SimNPO, IdkDPO and RMU run through
+# `repforget run --method`) at three learning rates (mild, moderate, destructive) in the
 # single setting, and at the moderate rate with 5 and 10 sequential requests. See the README.
+DEMO_METHODS = ("ga", "ga_gd", "ga_kl", "npo", "npo_gd", "npo_kl", "rlabel")
 DEMO_LRS = (1e-4, 7e-4, 2e-3)
 DEMO_REQUESTS = (5, 10)
 DEMO_EPOCHS = 8  # per request
@@ -118,6 +124,7 @@ def _experiment(p: argparse.ArgumentParser) -> None:
     p.add_argument("--beta", type=positive_float, default=0.1, help="NPO temperature")
     p.add_argument("--retain-weight", type=positive_float, default=1.0,
                    help="weight of the retain term of the GD / KL methods (the demo: %(default)s)")
+    _training_knobs(p)
     p.add_argument("--reference", choices=REFERENCE_CHOICES, default="original",
                    help="NPO reference and KL anchor: the original model (default) or the model at each request's start")
     p.add_argument("--relearn-epochs", type=int_at_least(1), default=1,
@@ -130,10 +137,56 @@ def _experiment(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-items", type=int_at_least(1), default=96, help="items per evaluation split at most (the "
                    "forget set is always evaluated whole)")
     p.add_argument("--probe-items", type=int_at_least(4), default=64, help="items per probe set")
+    p.add_argument("--mink-k", type=fraction, default=0.4,
+                   help="fraction of the lowest answer-token scores Min-K%% and Min-K%%++ average (default %(default)s)")
     p.add_argument("--no-nulls", action="store_true", help="skip the null models (random init, other seed, oracle)")
     p.add_argument("--workers", type=int_at_least(1), default=None,
                    help="single-threaded worker processes, each running whole runs (default: one per core for "
                         "the embedded model on CPU, else 1)")
+
+
+def fraction(text: str) -> float:
+    """argparse type: a number in (0, 1]."""
+    value = positive_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0 (weight decay, SimNPO's margin)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
+
+
+# Unlearning settings passed to RunSpec.options only when given (None: the TrainConfig default).
+_KNOBS = {
+    "forget_weight": dict(type=positive_float, help="weight of the forget term (default 1)"),
+    "weight_decay": dict(type=non_negative_float, help="optimizer weight decay of unlearning (default 0)"),
+    "warmup": dict(type=int_at_least(0), help="updates of linear learning-rate warm-up (default 0)"),
+    "scheduler": dict(choices=("constant", "linear", "cosine"), help="learning-rate schedule after warm-up "
+                      "(default constant)"),
+    "grad_accum": dict(type=int_at_least(1), help="batches accumulated per update (default 1)"),
+    "max_steps": dict(type=int_at_least(1), help="cap on the updates of each unlearning request"),
+    "gamma": dict(type=non_negative_float, help="SimNPO's reward margin gamma (default 0)"),
+    "rmu_layer": dict(type=int_at_least(0), help="RMU: the decoder block steered (0-based; default L//4 - 1)"),
+    "rmu_steer": dict(type=positive_float, help="RMU: the steering coefficient c (default 6.5)"),
+}
+
+
+def _training_knobs(p: argparse.ArgumentParser) -> None:
+    for name, kwargs in _KNOBS.items():
+        p.add_argument("--" + name.replace("_", "-"), default=None, **kwargs)
+
+
+def _options(args) -> dict:
+    """{TrainConfig field: value} of the knobs given on the command line."""
+    return {name: getattr(args, name) for name in _KNOBS if getattr(args, name, None) is not None}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,6 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
                       retain_weight=DEMO_RETAIN_WEIGHT)
 
     run = sub.add_parser("run", help="one grid of unlearning runs")
+    run.add_argument("--config", type=Path, default=None,
+                     help="YAML or JSON file of options under their long names with underscores (retain_model, method, "
+                          "lr, ...; lists for grids); options on the command line override it")
+    run.add_argument("--run-seeds", type=int, nargs="+", default=None,
+                     help="the seeds of the runs, explicitly (instead of --seed, --seed + 1, ... from --seeds)")
     _common(run)
     _experiment(run)
     run.add_argument("--model", default="tiny", help="tiny | local model directory | yi-6b | qwen2.5-7b")
@@ -160,9 +218,25 @@ def build_parser() -> argparse.ArgumentParser:
                      help="continual: numbers of sequential unlearning requests (one run per value)")
     run.add_argument("--forget-size", choices=("forget01", "forget05", "forget10"), default="forget10",
                      help="embedded benchmark: the forget set, 1%%, 5%% or 10%% of the entities")
-    run.add_argument("--max-length", type=int_at_least(2), default=64, help="tokens per example")
+    run.add_argument("--max-length", type=int_at_least(2), default=64,
+                     help="tokens per example (longer {text} items become overlapping windows)")
+    run.add_argument("--save-models", action="store_true",
+                     help="write OUT/models/RUN/STAGE (Hugging Face directories: safetensors + tokenizer + config) after "
+                          "each run's last unlearning stage and after each relearning control")
+    run.add_argument("--lora-rank", type=int_at_least(1), default=None,
+                     help="train LoRA adapters of this rank instead of the full weights (unlearning and relearning)")
+    run.add_argument("--lora-alpha", type=positive_float, default=16.0, help="LoRA scale alpha (default %(default)s)")
+    run.add_argument("--lora-targets", nargs="+", default=["all-linear"],
+                     help="module names the adapters go on (peft target_modules; default: every linear layer)")
+    run.add_argument("--no-tofu-metrics", dest="tofu_metrics", action="store_false",
+                     help="skip TOFU / MUSE numbers (ROUGE-L, probability, truth ratio, forget quality, model "
+                          "utility, privleak; docs/interop.md)")
+    run.add_argument("--chat-template", action="store_true",
+                     help="render every prompt with the tokenizer's chat template (instruct models)")
     for split in SPLIT_FLAGS:
-        run.add_argument(f"--{split}", type=Path, default=None, help=f"JSONL for the {split} split")
+        run.add_argument(f"--{split}", type=Path, default=None,
+                         help=f"the {split} split: JSONL / JSON array, parquet or a datasets save_to_disk directory "
+                              "({prompt, answer}, TOFU's {question, answer, ...} or {text} records)")
     run.add_argument("--fill-synthetic", action="store_true",
                      help="take the splits not given as files from the embedded benchmark")
     run.add_argument("--retain-model", default=None,
@@ -170,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--other-seed-model", default=None,
                      help="a null for a local model: the same architecture and data, another seed")
 
+    parser.commands = sub.choices  # {command: its parser}
     an = sub.add_parser("analyze", help="diagnostics of two existing checkpoints")
     _common(an)
     an.add_argument("--ref", required=True, help="reference (original) model directory")
@@ -265,7 +340,7 @@ def _examples(args) -> tuple:
     """(splits, {split: path}): the embedded benchmark without data files; with them, exactly the user's splits
     (forget and retain required), or the benchmark with the user's splits swapped in under --fill-synthetic."""
     from .benchmark import make_benchmark
-    from .data import load_jsonl
+    from .data import load_split
 
     sources = {split: getattr(args, split) for split in SPLIT_FLAGS if getattr(args, split, None) is not None}
     if not sources:
@@ -276,7 +351,7 @@ def _examples(args) -> tuple:
                          "the missing splits from the embedded benchmark (its facts are unrelated to yours)")
     corpus = make_benchmark(args.seed, _benchmark_config(args)) if args.fill_synthetic else {}
     for split, path in sources.items():
-        corpus[split] = load_jsonl(path, split)
+        corpus[split] = load_split(path, split)
     wanted = [c for c in args.relearn_controls if c != "forget" and not corpus.get(c)]
     if wanted:
         raise UsageError(f"relearning control(s) {', '.join(wanted)} need --{wanted[0]} data (or leave them out of "
@@ -302,7 +377,11 @@ def _pipeline(args, examples=None, sources=None):
                          examples=examples, data_sources=sources or {}, nulls=() if args.no_nulls else NULLS,
                          null_models=_null_models(args),
                          workers=_workers(args, device), progress=is_main and not args.no_progress, fsdp=fsdp,
-                         restart=args.restart)
+                         restart=args.restart, mink_k=args.mink_k,
+                         chat_template=getattr(args, "chat_template", False),
+                         tofu_metrics=getattr(args, "tofu_metrics", False),
+                         save_models=getattr(args, "save_models", False), lora=_lora(args),
+                         invocation=_resolved(args))
     return Pipeline(cfg)
 
 
@@ -315,6 +394,22 @@ def _null_models(args) -> dict:
             _check_model(spec)
             out[name] = spec
     return out
+
+
+def _lora(args):
+    """LoraSettings from --lora-rank / --lora-alpha / --lora-targets, None without --lora-rank."""
+    from .distributed import launched_world_size
+    from .models import LoraSettings
+
+    if getattr(args, "lora_rank", None) is None:
+        return None
+    if launched_world_size() > 1:
+        raise UsageError("--lora-rank runs in one process (LoRA adapters are not sharded with FSDP here)")
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        raise UsageError("--lora-rank needs the 'peft' package: pip install 'repforget-kernels[driver]'") from None
+    return LoraSettings(rank=args.lora_rank, alpha=args.lora_alpha, targets=tuple(args.lora_targets))
 
 
 def _workers(args, device: str) -> int:
@@ -333,11 +428,13 @@ def _grid(args, methods: list, settings: list) -> list:
     (setting, requests, learning rates) triples."""
     from .pipeline import RunSpec
 
+    seeds = getattr(args, "run_seeds", None) or [args.seed + k for k in range(args.seeds)]
     try:
         return [RunSpec(method=m, lr=lr, setting=setting, requests=requests, epochs=args.epochs,
                         batch_size=args.batch_size, beta=args.beta, retain_weight=args.retain_weight,
-                        seed=args.seed + k, reference=args.reference, optimizer=args.optimizer)
-                for k in range(args.seeds) for m in methods for setting, requests, rates in settings for lr in rates]
+                        seed=seed, reference=args.reference, optimizer=args.optimizer,
+                        options=_options(args))
+                for seed in dict.fromkeys(seeds) for m in methods for setting, requests, rates in settings for lr in rates]
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 
@@ -352,10 +449,96 @@ def _specs(args) -> list:
 
 
 def demo_specs(args) -> list:
-    """The demo grid: every registered method at DEMO_LRS in the single setting, and at the middle rate with
-    each of DEMO_REQUESTS sequential requests; for each of ``args.seeds`` seeds."""
+    """The demo grid: DEMO_METHODS at DEMO_LRS in the single setting, and at the middle rate with each of
+    DEMO_REQUESTS sequential requests; for each of ``args.seeds`` seeds."""
     settings = [("single", 1, DEMO_LRS)] + [("continual", n, (DEMO_LRS[1],)) for n in DEMO_REQUESTS]
-    return _grid(args, list(METHOD_CHOICES), settings)
+    return _grid(args, list(DEMO_METHODS), settings)
+
+
+def _read_config(path: Path) -> dict:
+    """The options of an experiment file: a YAML (.yaml / .yml) or JSON mapping; UsageError naming the file."""
+    if not path.is_file():
+        raise UsageError(f"--config {path}: no such file")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise UsageError("--config with a YAML file needs the 'pyyaml' package "
+                             "(pip install 'repforget-kernels[driver]'), or give a JSON file") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise UsageError(f"--config {path}: not valid YAML ({_one_line(exc)})") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"--config {path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"--config {path}: expected a mapping of option names to values, got {type(data).__name__}")
+    return data
+
+
+def _config_tokens(data: dict, parser: argparse.ArgumentParser, path: Path) -> list:
+    """Command-line tokens for an experiment file's options: ``key: value`` -> ``--key value`` (underscores
+    become dashes; lists give several values; true gives a flag, false nothing; ``seeds`` given as a list are
+    the runs' seeds, ``--run-seeds``). UsageError naming unknown options."""
+    known = {opt for action in parser._actions for opt in action.option_strings}
+    tokens = []
+    for key, value in data.items():
+        if key == "seeds" and isinstance(value, list):
+            key = "run_seeds"
+        flag = "--" + str(key).replace("_", "-")
+        if flag not in known or flag == "--config":
+            raise UsageError(f"--config {path}: unknown option {key!r} (options are the long command-line names "
+                             "with underscores, e.g. retain_model, method, lr)")
+        if isinstance(value, bool):
+            tokens += [flag] if value else []
+        elif isinstance(value, list):
+            if not value:
+                raise UsageError(f"--config {path}: {key!r} is an empty list")
+            tokens += [flag] + [str(v) for v in value]
+        elif value is None:
+            continue
+        else:
+            tokens += [flag, str(value)]
+    return tokens
+
+
+def _expand_config(argv: list) -> tuple:
+    """(argv with the ``run --config FILE`` options spliced in before the command line's own, so those override
+    them; the file's options as read, or None)."""
+    if not argv or argv[0] != "run":
+        return argv, None
+    rest, path = [], None
+    i = 1
+    while i < len(argv):
+        if argv[i] == "--config" and i + 1 < len(argv):
+            path, i = Path(argv[i + 1]), i + 2
+        elif argv[i].startswith("--config="):
+            path, i = Path(argv[i].split("=", 1)[1]), i + 1
+        else:
+            rest.append(argv[i])
+            i += 1
+    if path is None:
+        return argv, None
+    data = _read_config(path)
+    run_parser = build_parser().commands["run"]
+    return ["run"] + _config_tokens(data, run_parser, path) + rest, {"file": str(path), "options": data}
+
+
+def _resolved(args) -> dict:
+    """The resolved options of a command (JSON-ready: paths as strings), as written into the report; ``config``
+    holds the experiment file and its options as read (None without --config)."""
+    out = {}
+    for key, value in sorted(vars(args).items()):
+        if isinstance(value, Path):
+            value = str(value)
+        elif isinstance(value, (list, tuple)):
+            value = [str(v) if isinstance(v, Path) else v for v in value]
+        out[key] = value
+    return out
 
 
 # --------------------------------------------------------------------------- commands
@@ -375,7 +558,9 @@ def _print_summary(report: dict, out: Path) -> None:
               f"collateral={_r(b['collateral'])} recovery={_r(b['recovery'])} position={_r(s['position'])}")
     h = report["summary"]["structure_vs_recovery"]
     print(f"structure vs non-recovery: Spearman {_r(h['spearman'])} 95% CI {[_r(v) for v in h['ci95']]} "
-          f"over {h['runs']} runs; regimes {report['summary']['regimes']}; "
+          f"over {h['runs']} runs (without catastrophe: {_r(h['non_catastrophic']['spearman'])} "
+          f"{[_r(v) for v in h['non_catastrophic']['ci95']]} over {h['non_catastrophic']['runs']}); "
+          f"regimes {report['summary']['regimes']}; "
           f"selective {report['summary']['selective_runs']}")
 
 
@@ -428,7 +613,7 @@ def cmd_analyze(args) -> int:
 
     from repforget_kernels import compare_models
 
-    from .data import encode, load_jsonl
+    from .data import encode, load_split
     from .diagnostics import comparison_options
     from .distributed import join_process_group, launched_world_size
     from .models import load_model
@@ -442,8 +627,8 @@ def cmd_analyze(args) -> int:
             raise UsageError("analyze needs two model directories (--ref DIR --upd DIR), got 'tiny'")
         _check_model(spec)
     _check_same_shape(args.ref, args.upd)
-    probe_items = load_jsonl(args.data, "probe")
-    forget_items = load_jsonl(args.forget, "forget") if args.forget is not None else probe_items
+    probe_items = load_split(args.data, "probe")
+    forget_items = load_split(args.forget, "forget") if args.forget is not None else probe_items
     out = Path(args.out)
     device = _device(args.device)
     _check_out(out)
@@ -488,7 +673,9 @@ def main(argv: Optional[list] = None) -> int:
 
     out = None
     try:
+        argv, experiment = _expand_config(list(sys.argv[1:] if argv is None else argv))
         args = build_parser().parse_args(argv)
+        args.config = experiment
         out = args.out
         return COMMANDS[args.command](args)
     except (UsageError, DataError, ModelNotFound, StateError) as exc:

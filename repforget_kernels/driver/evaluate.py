@@ -13,11 +13,14 @@ The other per-example numbers of a split come from ONE forward pass per batch (`
 - token accuracy: teacher-forced answer-token accuracy, argmax_v p(v | prefix) == label over the
   supervised answer tokens, EOS excluded, pooled over the split (correct tokens / answer tokens).
 - perplexity: exp(total NLL / supervised tokens) of the split.
-- MIA scores per example, oriented so that higher = more member-like (trained):
+- MIA scores per example over the answer tokens (EOS and every other special token excluded), oriented
+  so that higher = more member-like (trained):
   ``loss``  = -mean NLL of the answer tokens;
-  ``zlib``  = -(sum NLL of the answer tokens) / zlib-compressed byte length of the example's text
-              (Carlini et al. 2021: log-perplexity against zlib entropy);
-  ``min_k`` = mean of the lowest k% (k = 20, at least one) answer-token log-probs (Shi et al. 2024);
+  ``zlib``  = -(mean NLL of the answer tokens) / zlib-compressed byte length of the answer text alone
+              (Carlini et al. 2021, "Extracting Training Data from Large Language Models": log-perplexity
+              against zlib entropy; open-unlearning's ``mia_zlib``: the decoded answer, special tokens skipped);
+  ``min_k`` = mean of the lowest k (``mink_k``, default MIN_K = 0.4 as in open-unlearning; at least one)
+              fraction of the answer-token log-probs (Shi et al. 2024, "Detecting Pretraining Data");
   ``min_k_plus_plus`` = the same on z_t = (log p(x_t) - mu_t) / sigma_t with mu_t = E_{z~p_t} log p_t(z)
               and sigma_t^2 = Var_{z~p_t} log p_t(z) over the vocabulary at position t (Zhang et al. 2024).
 - MIA AUC: roc_auc(scores on forget = members, scores on holdout = non-members).
@@ -37,14 +40,14 @@ import torch
 import re
 import string
 
-from .data import split_rows
+from .data import position_ids, split_rows
 from .distributed import gather_in_order, rank_batches
 from .losses import forward_logits, next_token_logprobs
 
 __all__ = ["MIN_K", "roc_auc", "normalize_answer", "greedy_continuations", "exact_match", "split_scores",
            "evaluate"]
 
-MIN_K = 0.2  # fraction of lowest-scoring tokens averaged by Min-K% and Min-K%++
+MIN_K = 0.4  # fraction of lowest-scoring tokens averaged by Min-K% and Min-K%++ (open-unlearning's default)
 _MIA = ("loss", "zlib", "min_k", "min_k_plus_plus")
 
 
@@ -100,7 +103,7 @@ def greedy_continuations(model, prompts: list, *, max_new_tokens: list, eos_id, 
         ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
         mask[i, width - len(p):] = 1
     ids, mask = ids.to(device), mask.to(device)
-    positions = (mask.cumsum(-1) - 1).clamp_min(0)  # (B, T)
+    positions = position_ids(mask)  # (B, T)
     caps = torch.tensor(max_new_tokens, device=device)  # (B,)
     cache_arg, extra = _decoding_arguments(model)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **extra)
@@ -159,7 +162,7 @@ def _teacher_forced_greedy(model, encoded: dict, batch_size: int) -> torch.Tenso
 
 @torch.no_grad()
 def exact_match(model, encoded: dict, *, tokenizer=None, batch_size: int = 64,
-                teacher_forced: Optional[torch.Tensor] = None) -> torch.Tensor:
+                teacher_forced: Optional[torch.Tensor] = None, answers: bool = False):
     """(N,) bool: whether the greedy answer to each encoded item equals its reference (see the module docstring).
 
     encoded: an encode() output (prompt unsupervised, answer + EOS supervised). An item whose every supervised
@@ -167,6 +170,9 @@ def exact_match(model, encoded: dict, *, tokenizer=None, batch_size: int = 64,
     when not given) is answered exactly so by greedy decoding, whose prefix at every step is then the
     reference's; only the other items are decoded, and compared as normalised text. Rows in order; under
     torch.distributed each rank takes its share of the batches and the outcomes are gathered.
+    ``answers``: also return the N greedy answers as text (decoded up to EOS or 2 x the reference length + 8
+    tokens, for ROUGE; the exact match still reads only the first reference length + 2 tokens), as
+    (hits, answers).
     """
     was_training = model.training
     model.eval()
@@ -176,20 +182,27 @@ def exact_match(model, encoded: dict, *, tokenizer=None, batch_size: int = 64,
         if teacher_forced is None:
             teacher_forced = _teacher_forced_greedy(model, encoded, batch_size)
         result = teacher_forced.clone()
+        texts = [_answer_text(answer, eos, tokenizer) for _, answer in split_rows(encoded)] if answers else None
         todo = (~teacher_forced).nonzero().flatten()  # (M,) the items greedy decoding must answer
         parts = []
         for index, batch in (rank_batches(_subset(encoded, todo), batch_size) if todo.numel() else ()):
             rows = split_rows(batch)
             refs = [_answer_text(answer, eos, tokenizer) for _, answer in rows]
             caps = [len(answer) + 2 for _, answer in rows]
-            outs = greedy_continuations(model, [p for p, _ in rows], max_new_tokens=caps, eos_id=eos, pad_id=pad)
-            got = [normalize_answer(_answer_text(o, eos, tokenizer)) == normalize_answer(r) for o, r in zip(outs, refs)]
-            parts.append((index, torch.tensor(got, dtype=torch.bool)))
+            long_caps = [2 * len(answer) + 8 for _, answer in rows] if answers else caps
+            outs = greedy_continuations(model, [p for p, _ in rows], max_new_tokens=long_caps, eos_id=eos, pad_id=pad)
+            got = [normalize_answer(_answer_text(o[:cap], eos, tokenizer)) == normalize_answer(r)
+                   for o, cap, r in zip(outs, caps, refs)]
+            parts.append((index, (torch.tensor(got, dtype=torch.bool), [_answer_text(o, eos, tokenizer) for o in outs])))
         if todo.numel():
-            result[todo] = torch.cat(gather_in_order(parts))
+            gathered = gather_in_order(parts)
+            result[todo] = torch.cat([hits for hits, _ in gathered])
+            if answers:
+                for row, text in zip(todo.tolist(), [t for _, batch_texts in gathered for t in batch_texts]):
+                    texts[row] = text
     finally:
         model.train(was_training)
-    return result
+    return (result, texts) if answers else result
 
 
 def _min_k(values: torch.Tensor, mask: torch.Tensor, k: float) -> torch.Tensor:
@@ -215,14 +228,21 @@ def _standardised(logp_rows: torch.Tensor, logp_tokens: torch.Tensor) -> torch.T
     return (logp_tokens - mu) / sigma
 
 
-def _zlib_lengths(batch: dict, tokenizer) -> torch.Tensor:
-    """(B,) zlib-compressed byte length of each example's real tokens (decoded text, else the id string)."""
+def _zlib_lengths(batch: dict, answer: torch.Tensor, tokenizer) -> torch.Tensor:
+    """(B,) zlib-compressed byte length of each row's answer text: the tokens at the ``answer`` (B, T-1)
+    next-token positions, decoded with special tokens skipped (without a tokenizer: the id string)."""
     lengths = []
-    for ids, mask in zip(batch["input_ids"], batch["attention_mask"]):
-        real = ids[mask.bool()].tolist()
-        text = tokenizer.decode(real) if tokenizer is not None else " ".join(map(str, real))
+    for ids, keep in zip(batch["input_ids"][:, 1:], answer):
+        real = ids[keep].tolist()
+        text = tokenizer.decode(real, skip_special_tokens=True) if tokenizer is not None else " ".join(map(str, real))
         lengths.append(len(zlib.compress(text.encode("utf-8"))))
     return torch.tensor(lengths, dtype=torch.float64)
+
+
+def _special_ids(tokenizer, eos) -> list:
+    """The ids MIA scores skip: EOS and the tokenizer's other special tokens."""
+    ids = set(getattr(tokenizer, "all_special_ids", None) or []) if tokenizer is not None else set()
+    return sorted(ids | ({eos} if eos is not None else set()))
 
 
 @torch.no_grad()
@@ -232,13 +252,17 @@ def split_scores(model, encoded: dict, *, batch_size: int = 16, tokenizer=None, 
     Returns {"greedy" (N,) bool: every supervised token is the argmax (the greedy answer is the reference,
     see :func:`exact_match`), "correct" (N,) and "tokens" (N,) answer-token counts (EOS excluded), "nll" (N,) summed NLL of
     the supervised tokens, "supervised" (N,) their counts,
-    and the four MIA scores (N,) float64 ("loss", "zlib", "min_k", "min_k_plus_plus")}, on CPU, in row
-    order (under torch.distributed: every rank's batches, gathered).
+    and the four MIA scores (N,) float64 ("loss", "zlib", "min_k", "min_k_plus_plus", over the answer tokens,
+    special tokens excluded, Min-K% fraction ``k``)}, on CPU, in row order (under torch.distributed: every
+    rank's batches, gathered).
     """
+    if isinstance(k, bool) or not isinstance(k, (int, float)) or not 0 < k <= 1:
+        raise ValueError(f"k (the Min-K% fraction) must be in (0, 1], got {k!r}")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     eos = _eos_id(model, tokenizer)
+    special = torch.tensor(_special_ids(tokenizer, eos), dtype=torch.long, device=device)  # (S,)
     parts: list[tuple[int, dict]] = []  # (batch index, {key: (B,) tensor})
     try:
         for index, batch in rank_batches(encoded, batch_size):
@@ -248,8 +272,9 @@ def split_scores(model, encoded: dict, *, batch_size: int = 16, tokenizer=None, 
             z = torch.zeros_like(logp)  # (B, T-1): Min-K%++ statistic, only at supervised positions
             z[mask] = _standardised(logp_all[mask], logp[mask])
             tokens = mask.sum(1)  # (B,)
-            answer = mask & (target != eos) if eos is not None else mask  # (B, T-1) answer tokens, no EOS
+            answer = mask & ~torch.isin(target, special)  # (B, T-1) answer tokens, no EOS / special token
             nll = -(logp.masked_fill(~mask, 0.0)).sum(1)  # (B,)
+            answer_nll = -(logp.masked_fill(~answer, 0.0)).sum(1) / answer.sum(1).clamp_min(1)  # (B,) mean
             argmax = logp_all.argmax(-1)  # (B, T-1)
             parts.append((index, {
                 "greedy": ((argmax == target) | ~mask).all(1).cpu(),
@@ -257,10 +282,10 @@ def split_scores(model, encoded: dict, *, batch_size: int = 16, tokenizer=None, 
                 "tokens": answer.sum(1).cpu(),
                 "supervised": tokens.cpu(),
                 "nll": nll.double().cpu(),
-                "loss": (-nll / tokens.clamp_min(1)).double().cpu(),
-                "zlib": -nll.double().cpu() / _zlib_lengths(batch, tokenizer),
-                "min_k": _min_k(logp, mask, k).double().cpu(),
-                "min_k_plus_plus": _min_k(z, mask, k).double().cpu(),
+                "loss": -answer_nll.double().cpu(),
+                "zlib": -answer_nll.double().cpu() / _zlib_lengths(batch, answer, tokenizer),
+                "min_k": _min_k(logp, answer, k).double().cpu(),
+                "min_k_plus_plus": _min_k(z, answer, k).double().cpu(),
             }))
     finally:
         model.train(was_training)
@@ -270,7 +295,8 @@ def split_scores(model, encoded: dict, *, batch_size: int = 16, tokenizer=None, 
 
 
 def evaluate(model, splits: dict[str, dict], *, batch_size: int = 16, tokenizer=None, generate: bool = True,
-             generate_batch_size: int = 128) -> dict:
+             generate_batch_size: int = 128, mink_k: float = MIN_K, tofu: bool = False,
+             alternatives: Optional[dict] = None) -> dict:
     """Behavioural metrics of ``model`` on encode() outputs keyed by split name.
 
     Returns {"em": {split: exact match of greedy answers} (when ``generate``), "em_items": {split: "0110..."
@@ -279,17 +305,33 @@ def evaluate(model, splits: dict[str, dict], *, batch_size: int = 16, tokenizer=
     "mia_auc": {"loss", "zlib", "min_k", "min_k_plus_plus"}: forget = members vs holdout = non-members
     (None unless both are given)}. ``tokenizer`` decodes answers for the exact match and the ZLib score
     (without it token ids are compared and the id string compressed).
+
+    ``tofu``: also TOFU's numbers (``metrics``): "rouge" {split: mean ROUGE-L recall of the greedy answers}
+    (when ``generate``), "probability" {split}, and from ``alternatives`` ({split: metrics.truth_ratio_data
+    or None}) "truth_ratio" {split: the split's truth-ratio score}, "truth_ratio_items" {split: per-item R},
+    and "model_utility" (None without a utility split).
     """
+    from . import metrics
+
     if not isinstance(splits, dict) or not splits:
         raise ValueError(f"splits must be a non-empty dict of encode() outputs, got {splits!r}")
-    scores = {name: split_scores(model, enc, batch_size=batch_size, tokenizer=tokenizer) for name, enc in splits.items()}
+    scores = {name: split_scores(model, enc, batch_size=batch_size, tokenizer=tokenizer, k=mink_k)
+              for name, enc in splits.items()}
     out: dict = {"token_acc": {name: float(s["correct"].sum()) / max(1, int(s["tokens"].sum()))
                                for name, s in scores.items()}}
     if generate:
-        hits = {name: exact_match(model, enc, tokenizer=tokenizer, batch_size=generate_batch_size,
-                                  teacher_forced=scores[name]["greedy"]) for name, enc in splits.items()}
+        found = {name: exact_match(model, enc, tokenizer=tokenizer, batch_size=generate_batch_size,
+                                   teacher_forced=scores[name]["greedy"], answers=tofu) for name, enc in splits.items()}
+        hits = {name: f[0] if tofu else f for name, f in found.items()}
         out["em"] = {name: float(h.float().mean()) for name, h in hits.items()}
         out["em_items"] = {name: "".join("1" if v else "0" for v in h.tolist()) for name, h in hits.items()}
+        if tofu:
+            eos = _eos_id(model, tokenizer)
+            out["rouge"] = {}
+            for name, enc in splits.items():
+                refs = [_answer_text(answer, eos, tokenizer) for _, answer in split_rows(enc)]
+                recalls = [metrics.rouge_l_recall(g, r) for g, r in zip(found[name][1], refs)]
+                out["rouge"][name] = sum(recalls) / len(recalls)
     out["perplexity"] = None
     if "retain" in scores:
         s = scores["retain"]
@@ -297,4 +339,17 @@ def evaluate(model, splits: dict[str, dict], *, batch_size: int = 16, tokenizer=
     out["mia_auc"] = None
     if "forget" in scores and "holdout" in scores:
         out["mia_auc"] = {key: roc_auc(scores["forget"][key], scores["holdout"][key]) for key in _MIA}
+    if tofu:
+        out["probability"] = {name: metrics.probability(s) for name, s in scores.items()}
+        out["truth_ratio"], out["truth_ratio_items"] = {}, {}
+        for name, data in (alternatives or {}).items():
+            if data is None or name not in splits:
+                continue
+            ratios = metrics.truth_ratios(
+                split_scores(model, data["paraphrased"], batch_size=batch_size, tokenizer=tokenizer, k=mink_k),
+                split_scores(model, data["perturbed"], batch_size=batch_size, tokenizer=tokenizer, k=mink_k),
+                data["perturbed_item"])
+            out["truth_ratio"][name] = metrics.truth_ratio_score(ratios, forget=name == "forget")
+            out["truth_ratio_items"][name] = ratios.tolist()
+        out["model_utility"] = metrics.model_utility(out["probability"], out.get("rouge", {}), out["truth_ratio"])
     return out

@@ -7,8 +7,8 @@ supervised (prompt, padding); the logits at position t predict token t+1, so eve
 The methods built from these losses are declared in ``methods.METHODS``.
 
 NLL is the mean over supervised tokens of the batch; KL is the mean over real (non-padding)
-next-token positions of sum_v p_orig(v) (log p_orig(v) - log p_theta(v)); NPO is a mean over
-sequences. Each loss takes an optional ``denominator`` replacing the batch's own count (tokens,
+next-token positions of sum_v p_orig(v) (log p_orig(v) - log p_theta(v)); NPO, SimNPO and DPO are means
+over sequences; the RMU representation loss is a mean over real tokens and hidden units. Each loss takes an optional ``denominator`` replacing the batch's own count (tokens,
 positions or sequences): data-parallel training computes each rank's share of a batch with the whole
 batch's count, so the ranks' losses add up to the loss of the whole batch.
 """
@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .data import pad_rows, split_rows
+from .data import pad_rows, position_ids, split_rows
 
 __all__ = [
     "token_logprobs",
@@ -28,6 +28,9 @@ __all__ = [
     "ga_loss",
     "kl_loss",
     "npo_loss",
+    "simnpo_loss",
+    "dpo_loss",
+    "representation_mse",
     "random_label_data",
 ]
 
@@ -54,8 +57,10 @@ def next_token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[tor
 
 
 def forward_logits(model, batch: dict) -> torch.Tensor:
-    """logits (B, T, V) of a causal LM on a batch (input_ids, attention_mask), no loss computed by HF."""
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    """logits (B, T, V) of a causal LM on a batch (input_ids, attention_mask), no loss computed by HF; position ids
+    follow the attention mask (``data.position_ids``), so left padding does not shift absolute positions."""
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                 position_ids=position_ids(batch["attention_mask"]), use_cache=False).logits
 
 
 def sequence_logprob(model, batch: dict) -> torch.Tensor:
@@ -119,6 +124,57 @@ def npo_loss(seq_logp: torch.Tensor, ref_seq_logp: torch.Tensor, beta: float, de
     log_ratio = seq_logp.float() - ref_seq_logp.float()  # (B,)
     count = _divisor(torch.tensor(log_ratio.numel()), denominator, "seq_logp is empty: NPO is undefined")
     return -(2.0 / beta) * F.logsigmoid(-beta * log_ratio).sum() / count
+
+
+def simnpo_loss(seq_logp: torch.Tensor, lengths: torch.Tensor, beta: float, gamma: float = 0.0,
+                denominator=None) -> torch.Tensor:
+    """Scalar: SimNPO (Fan et al. 2024, "Simplicity Prevails", eq. 4), reference-free and length-normalised:
+    -(2/beta) mean_s log sigmoid(-(beta / |y_s|) log pi_theta(y_s|x_s) - gamma).
+
+    seq_logp (B,) summed answer log-probs, lengths (B,) supervised token counts |y_s| (> 0), gamma >= 0 the
+    reward margin. (open-unlearning writes the same loss with delta = gamma / beta.) ``denominator``
+    replaces B.
+    """
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta!r}")
+    if not gamma >= 0:
+        raise ValueError(f"gamma must be >= 0, got {gamma!r}")
+    if bool((lengths <= 0).any()):
+        raise ValueError("lengths must be > 0 for every sequence (an item without supervised tokens)")
+    reward = -beta * seq_logp.float() / lengths.float() - gamma  # (B,)
+    count = _divisor(torch.tensor(reward.numel()), denominator, "seq_logp is empty: SimNPO is undefined")
+    return -(2.0 / beta) * F.logsigmoid(reward).sum() / count
+
+
+def dpo_loss(win_logp: torch.Tensor, ref_win_logp: torch.Tensor, lose_logp: torch.Tensor,
+             ref_lose_logp: torch.Tensor, beta: float, denominator=None) -> torch.Tensor:
+    """Scalar: DPO (Rafailov et al. 2023) as open-unlearning scales it for unlearning,
+    -(2/beta) mean_s log sigmoid(beta ((log pi(w_s) - log pi_ref(w_s)) - (log pi(l_s) - log pi_ref(l_s)))).
+
+    All (B,) summed answer log-probs: w the preferred answer (IdkDPO: an "I don't know" answer), l the
+    dispreferred one (the forget answer). At pi == pi_ref the loss is (2/beta) log 2. ``denominator``
+    replaces B.
+    """
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta!r}")
+    margin = (win_logp.float() - ref_win_logp.float()) - (lose_logp.float() - ref_lose_logp.float())  # (B,)
+    count = _divisor(torch.tensor(margin.numel()), denominator, "win_logp is empty: DPO is undefined")
+    return -(2.0 / beta) * F.logsigmoid(beta * margin).sum() / count
+
+
+def representation_mse(hidden: torch.Tensor, target: torch.Tensor, attention_mask: torch.Tensor,
+                       denominator=None) -> torch.Tensor:
+    """Scalar float32: mean over real tokens and hidden units of (hidden - target)^2 (RMU's loss terms,
+    Li et al. 2024 "The WMDP Benchmark", eq. 1-2, with the official code's element-wise mean: the paper's
+    per-token squared L2 norm divided by the width d).
+
+    hidden (B, T, d) activations of the trained model, target (B, T, d) or (d,) (the steering vector c*u),
+    attention_mask (B, T), 1 = real token. ``denominator`` replaces the count of real tokens.
+    """
+    mask = attention_mask.bool()  # (B, T)
+    per_token = (hidden.float() - target.float()).square().mean(-1)  # (B, T)
+    count = _divisor(mask.sum(), denominator, "attention_mask has no real token: the RMU loss is undefined")
+    return per_token.masked_fill(~mask, 0.0).sum() / count
 
 
 def random_label_data(encoded: dict, seed: int = 0, pad_id: int = 0) -> dict[str, torch.Tensor]:

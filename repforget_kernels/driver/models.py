@@ -1,4 +1,5 @@
-"""Models for the driver: the embedded model, local Hugging Face checkpoints, layer discovery, memory plan.
+"""Models for the driver: the embedded model, local Hugging Face checkpoints, layer discovery, LoRA adapters,
+export, memory plan.
 
 Never downloads. ``load_model("tiny", ...)`` is the embedded Qwen2 model of ``pretrain`` (pretrained on
 the embedded benchmark on first use, then cached; ``variant`` picks the original or one of the null
@@ -8,7 +9,10 @@ HF cache, loaded with ``local_files_only=True``.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,10 +27,93 @@ __all__ = [
     "load_tokenizer",
     "load_model",
     "decoder_layers",  # the library's (repforget_kernels.decoder_layers), re-exported for the driver
+    "LoraSettings",
+    "with_lora",
+    "is_lora",
+    "merged_copy",
+    "export_model",
+    "check_lora_targets",
+    "lora_parameters",
     "memory_plan",
 ]
 
 PRESETS = {"yi-6b": "01-ai/Yi-6B", "qwen2.5-7b": "Qwen/Qwen2.5-7B"}
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA adapters (Hu et al. 2022) trained in place of the full weights: rank ``rank``, scale alpha / rank,
+    on the linear layers named by ``targets`` (peft's target_modules; "all-linear": every linear layer of the
+    decoder blocks, the output head excluded)."""
+
+    rank: int
+    alpha: float = 16.0
+    targets: tuple = ("all-linear",)
+
+    def __post_init__(self):
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"LoRA rank must be an int >= 1, got {self.rank!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
+            raise ValueError(f"LoRA alpha must be > 0, got {self.alpha!r}")
+        if not self.targets or not all(isinstance(t, str) and t for t in self.targets):
+            raise ValueError(f"LoRA targets must be non-empty module names, got {self.targets!r}")
+
+
+def with_lora(model, settings: LoraSettings):
+    """``model`` wrapped by peft with fresh LoRA adapters (B = 0: the wrapped model computes what ``model`` does);
+    only the adapters require gradients. ValueError when a target matches no module."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ImportError("--lora-rank needs the 'peft' package (pip install 'repforget-kernels[driver]')") from None
+    targets = "all-linear" if tuple(settings.targets) == ("all-linear",) else list(settings.targets)
+    config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, target_modules=targets, lora_dropout=0.0,
+                        bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def check_lora_targets(model, settings: LoraSettings) -> None:
+    """ValueError unless every LoRA target names a module of ``model`` (peft's rule: the full name or its last
+    dotted parts), before any training starts."""
+    if tuple(settings.targets) == ("all-linear",):
+        return
+    names = [name for name, _ in model.named_modules()]
+    missing = [t for t in settings.targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ValueError(f"LoRA targets {missing} match no module of the model; its linear layers are named {leaves}")
+
+
+def is_lora(model) -> bool:
+    """Whether ``model`` is a peft model carrying adapters."""
+    return hasattr(model, "peft_config") and hasattr(model, "merge_and_unload")
+
+
+def merged_copy(model):
+    """A plain transformers model with the adapters of a peft ``model`` merged into copies of its weights
+    (``model`` itself is left as it is); costs one copy of the weights."""
+    return copy.deepcopy(model).merge_and_unload().eval()
+
+
+def export_model(model, tokenizer, directory: Path) -> Path:
+    """Write ``model`` as a Hugging Face directory loadable by AutoModelForCausalLM.from_pretrained: config,
+    safetensors weights and the tokenizer; a peft model is written merged, with its adapters in
+    ``directory/adapter``. The directory is filled under a temporary name and renamed, so a directory that
+    exists is complete. Returns it."""
+    directory = Path(directory)
+    tmp = directory.with_name(directory.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    plain = merged_copy(model) if is_lora(model) else model
+    if is_lora(model):
+        model.save_pretrained(str(tmp / "adapter"))
+    plain.save_pretrained(str(tmp), safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp))
+    if directory.exists():
+        shutil.rmtree(directory)
+    tmp.rename(directory)
+    return directory
 
 
 class ModelNotFound(FileNotFoundError):
@@ -187,8 +274,16 @@ def _plan_arguments(optimizer, sizes: dict) -> None:
         raise ValueError("optimizer 'adafactor' does not run on FSDP-sharded parameters (gpus > 1): use adamw or sgd")
 
 
+def lora_parameters(config, rank: int) -> int:
+    """Parameters of rank-``rank`` LoRA adapters on every linear matrix of the decoder blocks (peft's
+    "all-linear"): rank x (rows + cols) per matrix."""
+    _, block_shapes = _param_shapes(config)
+    return config.num_hidden_layers * sum(rank * (s[0] + s[1]) for s in block_shapes if len(s) == 2)
+
+
 def memory_plan(config, *, optimizer: str = "adamw", gradient_checkpointing: bool = True, batch_size: int = 1,
-                seq_len: int = 512, gpus: int = 1, token_cka: bool = True, diag_batch_size: int = 2) -> dict:
+                seq_len: int = 512, gpus: int = 1, token_cka: bool = True, diag_batch_size: int = 2,
+                lora_rank: int | None = None) -> dict:
     """Bytes per GPU to unlearn and diagnose a Llama/Qwen2-style model with the driver, and whether it fits 80 GB.
 
     One GPU (``gpus=1``): bf16 weights, gradients and optimizer states (no float32 master copy).
@@ -216,12 +311,22 @@ def memory_plan(config, *, optimizer: str = "adamw", gradient_checkpointing: boo
     ``diag_batch_size`` x T batch; then the token-level CKA, "token_cka" (float64 StreamingCKA state,
     8 x 3 h^2 bytes per layer). "diagnostics" = weights + reference + the larger of the two passes.
 
+    LoRA (``lora_rank``, one GPU only): the weights stay frozen (2P) and the adapters' A = lora_parameters
+    parameters train: "weights" 2P + 2A, "gradients" 2A, "optimizer" 4A (adamw) | 0 (sgd) (adafactor as
+    adamw: the adapters are thin matrices), activations and logits as above; diagnostics run on a merged copy,
+    + 2P in "diagnostics_bytes"["merged"].
+
     Returns {"params", "gpus", "bytes", "diagnostics_bytes", "training", "diagnostics", "total" (the
     peak of the two phases, worst case a KL method), "total_without_kl", "budget" (90% of 80e9: CUDA
     context and fragmentation headroom), "fits_80gb", "kl_cache_bytes_per_token", "advice"}.
     """
     _plan_arguments(optimizer, {"batch_size": batch_size, "seq_len": seq_len, "gpus": gpus,
                                 "diag_batch_size": diag_batch_size})
+    if lora_rank is not None:
+        if isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 1:
+            raise ValueError(f"lora_rank must be None or a positive int, got {lora_rank!r}")
+        if gpus > 1:
+            raise ValueError("LoRA runs on one GPU here (gpus must be 1 with lora_rank)")
     shapes, block_shapes = _param_shapes(config)
     params = sum(torch.Size(s).numel() for s in shapes)
     h, layers, heads, vocab = config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.vocab_size
@@ -251,6 +356,11 @@ def memory_plan(config, *, optimizer: str = "adamw", gradient_checkpointing: boo
             "fisher": 4 * block * layers + 4 * max(torch.Size(s).numel() for s in block_shapes),
             "activations": layers * layer_activations(diag_tokens), "logits": 10 * diag_tokens * vocab,
             "token_cka": 8 * 3 * h * h * layers if token_cka else 0}
+    if lora_rank is not None:
+        adapters = lora_parameters(config, lora_rank)
+        train.update(weights=2 * params + 2 * adapters, gradients=2 * adapters,
+                     optimizer=0 if optimizer == "sgd" else 4 * adapters)
+        diag["weights"] = 2 * params + 2 * adapters + 2 * params  # the trainee and its merged copy
     training = sum(train.values())
     diagnostics = diag["weights"] + reference + max(diag["fisher"] + diag["activations"] + diag["logits"],
                                                     diag["token_cka"])

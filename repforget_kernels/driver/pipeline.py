@@ -40,6 +40,9 @@ so every rank computes the one-process record. Rank 0 pretrains the embedded mod
 and load them from the cache), decides what is already finished, and writes every file; the
 checkpoints hold the full float32 master weights, so a resumed run continues from exactly where it
 stopped.
+
+Length: one module because the stages of a run (unlearn, relearn, evaluate, compare) share the
+run's state and checkpoints; the workers, evaluation and training live in their own modules.
 """
 from __future__ import annotations
 
@@ -72,22 +75,25 @@ from .distributed import (
     shard_model,
     world,
 )
-from .evaluate import evaluate, exact_match
+from .evaluate import MIN_K, evaluate, exact_match
 from .methods import REFERENCES, get_method
-from .models import load_model
+from .metrics import against_retain, truth_ratio_data
+from .models import LoraSettings, check_lora_targets, export_model, is_lora, load_model, merged_copy, with_lora
 from .report import versions, write_report
 from .state import StateDir, StateMismatch, content_digest, model_identity
 from .train import TrainConfig, relearn, unlearn
 from .verdict import THRESHOLDS, structure_summary, structure_vs_recovery, verdict
 from .workers import pretrain_in_parallel, run_in_parallel
 
-__all__ = ["SETTINGS", "RELEARN_CONTROLS", "PROBES", "NULLS", "RunSpec", "PipelineConfig", "split_requests",
-           "Pipeline", "selective_runs", "summarize"]
+__all__ = ["SETTINGS", "TRAIN_OPTIONS", "RELEARN_CONTROLS", "PROBES", "NULLS", "RunSpec", "PipelineConfig",
+           "split_requests", "Pipeline", "selective_runs", "summarize"]
 
 SETTINGS = ("single", "continual")
 RELEARN_CONTROLS = ("forget", "retain", "unrelated")
 PROBES = ("forget", "retain", "unrelated")
 NULLS = ("random_init", "other_seed", "retain_oracle")
+TRAIN_OPTIONS = ("forget_weight", "weight_decay", "warmup", "scheduler", "grad_accum", "max_steps", "gamma",
+                 "rmu_layer", "rmu_steer")
 STRUCTURE_DRAWS = 200  # bootstrap draws of the pooled-CKA drift per probe set and stage
 _TOKEN_STORE_BYTES = 256 << 20  # the original's token rows of one probe set are stored up to this size
 _SELECTIVE = {"forget_drop": 0.5, "retain_drop": 0.1}
@@ -100,7 +106,8 @@ class RunSpec:
     each with the full budget); ``retain_weight`` scales the retain term of the methods that have one;
     ``seed`` seeds the data order, RLabel's answers and the relearning subsets;
     ``reference``: NPO's reference and the KL anchor are the ``original`` model or the ``current`` one at
-    the start of each request."""
+    the start of each request; ``options``: further TrainConfig fields of the unlearning stages (TRAIN_OPTIONS:
+    knobs and method hyperparameters), named in the run id when given."""
 
     method: str
     lr: float
@@ -113,9 +120,15 @@ class RunSpec:
     seed: int = 0
     reference: str = "original"
     optimizer: str = "adamw"  # "adamw" | "sgd" | "adafactor" (see models.memory_plan for 7B on one GPU)
+    options: dict = field(default_factory=dict)
 
     def __post_init__(self):
         get_method(self.method)
+        unknown = sorted(set(self.options) - set(TRAIN_OPTIONS))
+        if unknown:
+            raise ValueError(f"options {unknown} are not unlearning settings; choose from {', '.join(TRAIN_OPTIONS)}")
+        TrainConfig(**self.options)  # checks the values
+        object.__setattr__(self, "options", dict(sorted(self.options.items())))
         if self.setting not in SETTINGS:
             raise ValueError(f"setting must be one of {SETTINGS}, got {self.setting!r}")
         if self.reference not in REFERENCES:
@@ -137,7 +150,16 @@ class RunSpec:
     def run_id(self) -> str:
         setting = "single" if self.setting == "single" else f"continual{self.requests}"
         tail = "" if self.reference == "original" else "_ref-current"
+        tail += "".join(f"_{key}-{value:g}" if isinstance(value, float) else f"_{key}-{value}"
+                        for key, value in self.options.items())
         return f"{self.method}_lr{self.lr:g}_{setting}_seed{self.seed}{tail}"
+
+    def record(self) -> dict:
+        """The spec as JSON (``options`` only when given, so runs without them keep their stored form)."""
+        out = asdict(self)
+        if not out["options"]:
+            del out["options"]
+        return out
 
     def unlearning_stages(self) -> list:
         return ["unlearned"] if self.setting == "single" else [f"unlearned_{i}" for i in range(1, self.requests + 1)]
@@ -157,6 +179,14 @@ class PipelineConfig:
     workers: run-level parallelism in one process's stead (``workers``: single-threaded processes; ignored
     under a torch.distributed launcher).
     fsdp: how the trainee is sharded under several processes (unused in one process).
+    mink_k: the fraction of lowest answer-token scores Min-K% and Min-K%++ average; chat_template: prompts are
+    rendered by the tokenizer's chat template (``data.encode``); tofu_metrics: every evaluation also computes
+    TOFU's and MUSE's numbers (``metrics``: ROUGE-L, probability, truth ratio, model utility; forget quality and
+    privleak against the retain oracle); save_models: the model after each run's last unlearning stage and after
+    each relearning control is written to OUT/models/RUN/STAGE (``models.export_model``; the stage record's
+    ``model_dir``); lora: LoRA adapters are trained instead of the full weights, in unlearning and relearning
+    alike, and every stage is evaluated and diagnosed on the merged model; invocation: the resolved command-line
+    options (and experiment file) that made this configuration, written into the report as config["resolved"].
     """
 
     out: Path
@@ -185,6 +215,12 @@ class PipelineConfig:
     progress: bool = True
     fsdp: FSDPSettings = field(default_factory=FSDPSettings)
     restart: bool = False
+    mink_k: float = MIN_K
+    chat_template: bool = False
+    tofu_metrics: bool = False
+    save_models: bool = False
+    lora: Optional[LoraSettings] = None
+    invocation: dict = field(default_factory=dict)
 
     def settings(self) -> dict:
         """The settings the stored state depends on besides the data and the model files (JSON-ready)."""
@@ -192,7 +228,10 @@ class PipelineConfig:
                 "eval_batch_size": self.eval_batch_size, "eval_items": self.eval_items,
                 "probe_items": self.probe_items, "relearn": [self.relearn_lr, self.relearn_epochs,
                                                              self.relearn_batch_size, self.relearn_optimizer],
-                "diagnostics": asdict(self.diagnostics), "nulls": list(self.nulls),
+                "diagnostics": asdict(self.diagnostics), "nulls": list(self.nulls), "mink_k": self.mink_k,
+                "chat_template": self.chat_template, "tofu_metrics": self.tofu_metrics,
+                "lora": None if self.lora is None else {"rank": self.lora.rank, "alpha": self.lora.alpha,
+                                                        "targets": list(self.lora.targets)},
                 "null_models": {k: str(v) for k, v in sorted(self.null_models.items())}}
 
 
@@ -283,11 +322,11 @@ class Pipeline:
     def _claim_run(self, spec: RunSpec) -> None:
         rel = f"{spec.run_id}/spec.json"
         if broadcast(self.state.exists(rel)):
-            if self.state.read_json(rel) != asdict(spec):
+            if self.state.read_json(rel) != spec.record():
                 raise StateMismatch(f"{self.state.path(spec.run_id)} holds run {spec.run_id} with different settings; "
                                     "use another --out, or --restart to discard it")
         elif is_main():
-            self.state.write_json(rel, asdict(spec))
+            self.state.write_json(rel, spec.record())
 
     # ----------------------------------------------------------------- main loop
     def run(self, specs: list) -> dict:
@@ -311,11 +350,14 @@ class Pipeline:
             if todo:
                 run_in_parallel(self.cfg, todo, done, total)
         runs = []
+        retain_record = (nulls.get("retain_oracle") or {}).get("record") if self.cfg.tofu_metrics else None
         for spec in tqdm(specs, desc="runs", disable=not self.cfg.progress or parallel):
             stages = [original] + self.run_stages(spec)
+            if self.cfg.tofu_metrics:
+                stages = [dict(stage, **against_retain(stage, retain_record)) for stage in stages]
             runs.append({"run_id": spec.run_id, "method": spec.method, "lr": spec.lr, "setting": spec.setting,
                          "requests": spec.requests, "seed": spec.seed, "reference": spec.reference,
-                         "spec": asdict(spec), "stages": stages,
+                         "spec": spec.record(), "stages": stages,
                          "verdict": verdict(stages, nulls, self.cfg.thresholds)})
         for run in runs:
             b = run["verdict"]["behaviour"]
@@ -353,7 +395,7 @@ class Pipeline:
                     device=str(c.device), world_size=world()[1], model_info=self.info,
                     relearn_controls=list(c.relearn_controls),
                     n_items={k: len(v) for k, v in self.examples.items()},
-                    eval_splits=list(self.eval_splits), probe_sets=list(self.probes))
+                    eval_splits=list(self.eval_splits), probe_sets=list(self.probes), resolved=c.invocation)
 
     # ----------------------------------------------------------------- data and models
     def _subset(self, split: str, limit: int) -> list:
@@ -367,13 +409,20 @@ class Pipeline:
                 c.model, cache_dir=c.cache_dir, device=c.device, seed=c.seed, corpus=self.examples,
                 progress=c.progress, tiny_options=c.tiny_options)
         self.reference.requires_grad_(False)
-        enc = lambda items: encode(self.tokenizer, items, max_length=c.max_length)  # noqa: E731
+        if c.lora is not None:
+            check_lora_targets(self.reference, c.lora)
+        enc = self._encode
         limit = {s: len(self.examples[s]) if s == "forget" else c.eval_items for s in EVAL_SPLITS}  # forget: all of it
         self.eval_splits = {s: enc(self._subset(s, limit[s])) for s in EVAL_SPLITS if self.examples.get(s)}
+        self.eval_alternatives = {s: truth_ratio_data(self.tokenizer, self._subset(s, limit[s]), c.max_length,
+                                                      c.chat_template) for s in self.eval_splits} if c.tofu_metrics else None
         self.probes = {s: self._subset(s, c.probe_items) for s in PROBES if self.examples.get(s)}
         self.encoded_probes = {s: enc(items) for s, items in self.probes.items()}
         self.fisher_probes = {s: enc(items[:c.diagnostics.fisher_items]) for s, items in self.probes.items()}
         self.forget_all = enc(self.examples["forget"])
+
+    def _encode(self, items: list) -> dict:
+        return encode(self.tokenizer, items, max_length=self.cfg.max_length, chat_template=self.cfg.chat_template)
 
     def _token_source(self) -> Optional[str]:
         """Where token-level CKA gets the original's token rows: stored once ("store", when every probe set's
@@ -388,7 +437,8 @@ class Pipeline:
 
     def _evaluate(self, model) -> dict:
         return evaluate(model, self.eval_splits, batch_size=self.cfg.eval_batch_size, tokenizer=self.tokenizer,
-                        generate_batch_size=self.cfg.eval_batch_size)
+                        generate_batch_size=self.cfg.eval_batch_size, mink_k=self.cfg.mink_k,
+                        tofu=self.cfg.tofu_metrics, alternatives=self.eval_alternatives)
 
     def _forget_em(self, model) -> float:
         """Forget exact match as the stage evaluation computes it (same items, same batches: batch composition
@@ -411,9 +461,26 @@ class Pipeline:
             out[probe] = record
         return out
 
+    @staticmethod
+    def _plain(model):
+        """The plain model a stage is evaluated and diagnosed on: a gathered replica of a sharded trainee, the
+        merged copy of a LoRA one, else the model itself."""
+        if is_sharded(model):
+            return plain_copy(model)
+        return merged_copy(model) if is_lora(model) else model
+
+    def _export(self, run_id: str, stage: str, model) -> str:
+        """``save_models``: the stage's model as a Hugging Face directory OUT/models/RUN/STAGE (models.export_model);
+        returns its path relative to OUT. Every rank takes part, rank 0 writes."""
+        plain = plain_copy(model) if is_sharded(model) else model
+        rel = Path("models") / run_id / stage
+        if is_main():
+            export_model(plain, self.tokenizer, self.out / rel)
+        return str(rel)
+
     def _measure(self, model, draws: bool = False) -> dict:
         """Evaluation and diagnostics of a stage's model (a sharded trainee through a gathered plain replica)."""
-        plain = plain_copy(model) if is_sharded(model) else model
+        plain = self._plain(model)
         return dict(**self._evaluate(plain), structure=self._structure(plain, draws))
 
     def _original_stage(self) -> dict:
@@ -516,11 +583,14 @@ class Pipeline:
             if i < len(unl):
                 tc = TrainConfig(lr=spec.lr, epochs=spec.epochs, batch_size=spec.batch_size, beta=spec.beta,
                                  retain_weight=spec.retain_weight, seed=spec.seed * 1000 + i,
-                                 progress=self.cfg.progress, optimizer=spec.optimizer)
+                                 progress=self.cfg.progress, optimizer=spec.optimizer, **spec.options)
                 train = unlearn(model, spec.method, requests[i], self.encoded_retain_train(), tc,
-                                reference=self.reference if spec.reference == "original" else None)
+                                reference=self.reference if spec.reference == "original" else None,
+                                tokenizer=self.tokenizer)
                 record = dict(name=names[i], train=train, **self._measure(model, draws=i == len(unl) - 1))
                 holds_unlearned = i == len(unl) - 1
+                if holds_unlearned and self.cfg.save_models:
+                    record["model_dir"] = self._export(spec.run_id, names[i], model)
             else:
                 if not holds_unlearned:  # an earlier control relearned it: back to the unlearned checkpoint
                     del model
@@ -528,6 +598,8 @@ class Pipeline:
                 control = names[i].split("_", 1)[1]
                 record = dict(name=names[i], **self._relearn_control(model, control, spec.seed, measure=True))
                 holds_unlearned = False
+                if self.cfg.save_models:
+                    record["model_dir"] = self._export(spec.run_id, names[i], model)
             checkpoint = full_state_dict(model) if i < len(unl) else None  # every rank takes part
             if is_main():
                 digest = None
@@ -548,7 +620,7 @@ class Pipeline:
     def encoded_retain_train(self) -> dict:
         """The retain data the methods with a retain term train on (the whole retain split), encoded once."""
         if not hasattr(self, "_retain_train"):
-            self._retain_train = encode(self.tokenizer, self.examples["retain"], max_length=self.cfg.max_length)
+            self._retain_train = self._encode(self.examples["retain"])
         return self._retain_train
 
     def _relearn_data(self, control: str, seed: int) -> dict:
@@ -561,21 +633,21 @@ class Pipeline:
             raise ValueError(f"relearning control {control!r} needs a non-empty {control!r} split")
         rng = random.Random(seed * 7919 + len(control))
         items = [pool[i % len(pool)] for i in rng.sample(range(max(len(pool), len(forget))), len(forget))]
-        return encode(self.tokenizer, items, max_length=self.cfg.max_length)
+        return self._encode(items)
 
     def _relearn_control(self, model, control: str, seed: int, measure: bool = False) -> dict:
         """Relearn ``model`` in place on one control's data with the matched budget; forget exact match after every
         step. Returns {"train", "control", "curve", and the evaluation (+ structure when ``measure``)}."""
         c = self.cfg
-        curve = [self._forget_em(plain_copy(model) if is_sharded(model) else model)]
+        curve = [self._forget_em(self._plain(model))]
 
         def after_step(step: int) -> None:
-            curve.append(self._forget_em(plain_copy(model) if is_sharded(model) else model))
+            curve.append(self._forget_em(self._plain(model)))
 
         tc = TrainConfig(lr=c.relearn_lr, epochs=c.relearn_epochs, batch_size=c.relearn_batch_size, seed=seed,
                          progress=c.progress, optimizer=c.relearn_optimizer)
         train = relearn(model, self._relearn_data(control, seed), tc, on_step=after_step)
-        plain = plain_copy(model) if is_sharded(model) else model
+        plain = self._plain(model)
         record = {"train": train, "control": control, "curve": curve, **self._evaluate(plain)}
         if measure:
             record["structure"] = self._structure(plain)
@@ -585,6 +657,8 @@ class Pipeline:
         """A trainable copy of the original (sharded under several processes), with the checkpoint of unlearning
         stage ``done`` (1-based, named ``name``, its bytes checked against ``digest``) loaded if any."""
         model = copy.deepcopy(self.reference).to(self.cfg.device).requires_grad_(True)
+        if self.cfg.lora is not None:
+            model = with_lora(model, self.cfg.lora)
         if world()[1] > 1:
             shard_model(model, self.cfg.fsdp)
         if done > 0:
@@ -598,7 +672,7 @@ class Pipeline:
     def _requests(self, spec: RunSpec) -> list:
         """Encoded forget data of each unlearning request (one request in the single setting)."""
         chunks = split_requests(self.examples["forget"], spec.requests)
-        return [encode(self.tokenizer, chunk, max_length=self.cfg.max_length) for chunk in chunks]
+        return [self._encode(chunk) for chunk in chunks]
 
 
 def _cka_drift_draws(x: torch.Tensor, y: torch.Tensor, draws: int = STRUCTURE_DRAWS) -> Optional[list]:

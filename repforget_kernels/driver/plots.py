@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Optional
 
 import matplotlib
 
@@ -77,19 +78,28 @@ def _drift_vs_recovery(report: dict, path: Path) -> None:
         b, s = run["verdict"]["behaviour"], run["verdict"]["structure"]
         if b["recovery"] is None or s["position"] is None or b["label"] == "not_forgotten":
             continue
-        ax.scatter(s["position"], 1 - b["recovery"], color=colours[run["method"]],
+        colour = colours[run["method"]]  # catastrophic runs hollow: the whole model broke
+        ax.scatter(s["position"], 1 - b["recovery"], edgecolors=colour,
+                   facecolors="none" if b.get("catastrophic") else colour,
                    marker=_MARKERS.get(run["setting"], "o"), s=28)
     for method, colour in colours.items():
         ax.scatter([], [], color=colour, label=method, s=20)
     for setting, marker in _MARKERS.items():
         ax.scatter([], [], color="grey", marker=marker, label=setting, s=20)
+    ax.scatter([], [], edgecolors="grey", facecolors="none", label="catastrophic", s=20)
     h = report["summary"]["structure_vs_recovery"]
-    r = "-" if h["spearman"] is None else f"{h['spearman']:.2f}"
+    r = _spearman_text(h)
     ax.axvline(report["thresholds"].get("drifted", 0.5), color="grey", lw=0.5, ls=":")
     ax.set(xlabel=f"drift position ({h['metric']}, forget probes; 1 = retain oracle)",
-           ylabel="1 - recovery (forget relearning)", title=f"Structure vs recovery: Spearman {r} ({h['runs']} runs)")
+           ylabel="1 - recovery (forget relearning)",
+           title=f"Structure vs recovery: Spearman {r} over {h['runs']} runs\n"
+                 f"{_spearman_text(h.get('non_catastrophic'))} without the catastrophic (hollow) ones")
     _legend(ax)
     _save(fig, path)
+
+
+def _spearman_text(h: Optional[dict]) -> str:
+    return "-" if h is None or h["spearman"] is None else f"{h['spearman']:.2f}"
 
 
 def _selectivity(report: dict, path: Path) -> None:

@@ -104,7 +104,7 @@ def pretrain(model, tokenizer, corpus: dict, *, include_forget: bool = True, see
     report = ("forget", "retain", "forget_paraphrase", "retain_paraphrase", "holdout", "utility")
     checks = {k: encode(tokenizer, corpus[k][:recipe["check_items"]]) for k in judged}  # a fixed subset, for speed
     total = recipe["epochs"] * -(-data["input_ids"].shape[0] // recipe["batch_size"])
-    start, em = time.perf_counter(), {}
+    start, cpu_start, em = time.perf_counter(), time.process_time(), {}
     bar = tqdm(total=recipe["epochs"], desc="pretrain (epochs)", disable=not progress, leave=False)
 
     def check(epochs: int) -> bool:
@@ -127,7 +127,8 @@ def pretrain(model, tokenizer, corpus: dict, *, include_forget: bool = True, see
     final = evaluate(model, {k: encode(tokenizer, corpus[k]) for k in report if corpus.get(k)}, tokenizer=tokenizer,
                      batch_size=128)
     return {"epochs": result["epochs"], "steps": result["steps"], "seconds": round(time.perf_counter() - start, 2),
-            "final_loss": result["final_loss"], "em": final["em"], "token_acc": final["token_acc"]}
+            "cpu_seconds": round(time.process_time() - cpu_start, 2), "final_loss": result["final_loss"],
+            "em": final["em"], "token_acc": final["token_acc"]}
 
 
 def _key(corpus: dict, variant: str, seed: int, architecture: dict, recipe: dict, vocab_size: int) -> str:

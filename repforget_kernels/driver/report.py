@@ -4,7 +4,8 @@
 
     {"complete": true, "kind": "repforget-report", "config": {...}, "versions": {...}, "thresholds": {...},
      "summary": {"regimes": {label: count}, "structure_vs_recovery": {"spearman", "ci95", "runs", "metric",
-                 "by_metric": {metric: r}, "by_metric_detail"}, "nulls": {null: {probe: drift summary}},
+                 "by_metric": {metric: r}, "by_metric_detail", "non_catastrophic": {the same keys}},
+                 "nulls": {null: {probe: drift summary}},
                  "selective_runs": [run_id], "seed_agreement": {cell: {"label", "agree", "seeds"}}},
      "nulls": {null: {"info", "record": stage record, "relearned" (retain oracle only)}},
      "runs": [{"run_id", "method", "lr", "setting", "requests", "seed", "reference", "spec",
@@ -14,6 +15,9 @@
                            "em": {split: exact match}, "em_items": {split: "0110..."},
                            "token_acc": {split: ...}, "perplexity", "mia_auc": {"loss", "zlib", "min_k",
                            "min_k_plus_plus"}, "curve": [forget EM after each relearning step] (relearned),
+                           with TOFU / MUSE metrics (``repforget run``, docs/interop.md): "rouge",
+                           "probability", "truth_ratio" {split: ...}, "truth_ratio_items" {split: [R]},
+                           "model_utility", "forget_quality", "privleak",
                            "structure": {probe: {"layers": [...], "fisher": {...}, "summary": {metric: drift},
                                                  "draws": {"cka_pooled": [...]}}}}],
                "verdict": {"behaviour": {...}, "structure": {...}}}]}
@@ -131,8 +135,18 @@ def _headline(summary: dict) -> list:
              f"`{h['metric']}` on the forget probes) and non-recovery after relearning on the forget set "
              f"(1 - recovery), over the {h['runs']} runs that forgot: **{_ci(h['spearman'], h['ci95'])}** "
              "(bootstrap over runs). The paper's hypothesis predicts a clearly positive value.", ""]
-    rows = [[m, _ci(d["spearman"], d["ci95"]), d["runs"]] for m, d in h["by_metric_detail"].items()]
-    return lines + _table(["drift metric", "Spearman with 1 - recovery", "runs"], rows) + [""]
+    calm = h.get("non_catastrophic")
+    if calm is not None:
+        lines += [f"Over the {calm['runs']} of them without catastrophe (catastrophic runs drift and fail to recover "
+                  f"because the whole model broke): **{_ci(calm['spearman'], calm['ci95'])}**.", ""]
+    detail = (calm or {}).get("by_metric_detail", {})
+    rows = [[m, _ci(d["spearman"], d["ci95"]), d["runs"]]
+            + ([_ci(detail[m]["spearman"], detail[m]["ci95"]), detail[m]["runs"]] if m in detail else [])
+            for m, d in h["by_metric_detail"].items()]
+    header = ["drift metric", "Spearman with 1 - recovery", "runs"]
+    if detail:
+        header += ["without catastrophe", "runs"]
+    return lines + _table(header, rows) + [""]
 
 
 def _nulls(report: dict) -> list:
@@ -170,8 +184,23 @@ def _em_table(run: dict, splits: list) -> list:
     return _table(["stage"] + [f"EM {k}" for k in splits] + ["token acc forget", "perplexity", "MIA min-k++"], rows)
 
 
+def _benchmark_table(run: dict) -> list:
+    """TOFU / MUSE numbers by stage (docs/interop.md), when the run computed them."""
+    if not any("model_utility" in s for s in run["stages"]):
+        return []
+    rows = [[s["name"], _fmt((s.get("rouge") or {}).get("forget")), _fmt((s.get("probability") or {}).get("forget")),
+             _fmt((s.get("truth_ratio") or {}).get("forget")), _fmt(s.get("forget_quality"), 4),
+             _fmt(s.get("model_utility")), _fmt(s.get("privleak"), 2),
+             _fmt((s.get("mia_auc") or {}).get("zlib")), _fmt((s.get("mia_auc") or {}).get("min_k"))]
+            for s in run["stages"]]
+    return ["### TOFU / MUSE metrics by stage", ""] + _table(
+        ["stage", "ROUGE-L forget", "prob. forget", "truth ratio forget", "forget quality", "model utility",
+         "privleak %", "MIA zlib", "MIA min-k"], rows) + [""]
+
+
 def _run_section(run: dict, splits: list) -> list:
     lines = [f"## {run['run_id']}", "", "### Exact match by stage", ""] + _em_table(run, splits) + [""]
+    lines += _benchmark_table(run)
     curves = [(s["name"], s["curve"]) for s in run["stages"] if s.get("curve")]
     if curves:
         lines += ["### Recovery curves (forget EM after each relearning step)", ""]

@@ -276,19 +276,31 @@ def spearman_ci(x, y, draws: int = BOOTSTRAP, seed: int = _SEED) -> list:
     return _interval(np.array([v for v in values if v is not None], dtype=np.float64))
 
 
-def structure_vs_recovery(runs: list) -> dict:
-    """The headline: Spearman between structural drift at the end of unlearning (positions on the forget
-    probes, the primary metric and each metric alone) and non-recovery after relearning on the forget set
-    (1 - recovery), over the runs where forgetting happened; with a bootstrap 95% interval over runs."""
-    forgot = [r for r in runs if r["verdict"]["behaviour"]["label"] != "not_forgotten"
-              and r["verdict"]["behaviour"]["recovery"] is not None]
-    non_recovery = [1.0 - r["verdict"]["behaviour"]["recovery"] for r in forgot]
+def _correlations(runs: list) -> dict:
+    """Spearman (and its bootstrap 95% interval over runs) between each metric's position and 1 - recovery."""
+    non_recovery = [1.0 - r["verdict"]["behaviour"]["recovery"] for r in runs]
     by_metric = {}
     for m in STRUCTURE_METRICS:
-        pairs = [(r["verdict"]["structure"]["positions"].get(m), nr) for r, nr in zip(forgot, non_recovery)]
+        pairs = [(r["verdict"]["structure"]["positions"].get(m), nr) for r, nr in zip(runs, non_recovery)]
         pairs = [(a, b) for a, b in pairs if a is not None]
         by_metric[m] = {"spearman": spearman(*zip(*pairs)) if len(pairs) >= 3 else None,
                         "ci95": spearman_ci(*zip(*pairs)) if len(pairs) >= 3 else [None, None], "runs": len(pairs)}
     main = by_metric[STRUCTURE_METRIC]
     return {"metric": STRUCTURE_METRIC, "spearman": main["spearman"], "ci95": main["ci95"], "runs": main["runs"],
             "by_metric": {m: v["spearman"] for m, v in by_metric.items()}, "by_metric_detail": by_metric}
+
+
+def structure_vs_recovery(runs: list) -> dict:
+    """The headline: Spearman between structural drift at the end of unlearning (positions on the forget
+    probes, the primary metric and each metric alone) and non-recovery after relearning on the forget set
+    (1 - recovery), over the runs where forgetting happened; with a bootstrap 95% interval over runs.
+
+    ``non_catastrophic`` repeats it over the forgotten runs without catastrophe: a catastrophic run both
+    drifts and fails to recover because the whole model broke, which can make the pooled correlation
+    positive without structure telling reversible from irreversible *selective* forgetting.
+    """
+    forgot = [r for r in runs if r["verdict"]["behaviour"]["label"] != "not_forgotten"
+              and r["verdict"]["behaviour"]["recovery"] is not None]
+    out = _correlations(forgot)
+    out["non_catastrophic"] = _correlations([r for r in forgot if not r["verdict"]["behaviour"].get("catastrophic")])
+    return out

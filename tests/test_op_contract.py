@@ -1,0 +1,323 @@
+"""Every kernel op on every backend this machine can run, against its float64 reference, from one table.
+
+Each row of ``CONTRACTS`` is an op with an input generator (awkward sizes, offsets, one and several
+layers), a float64 reference of the op's contract and the sizes of the terms that round into each
+output (the error is bounded relative to them). One parametrised test runs every row on every
+backend that registers the op and can run on the test device: torch, cpp, triton (under the
+interpreter on a CPU machine), cuda (on a GPU), after the style of repsim's metric list and
+BackPACK's test problems. What is really backend-specific (build, error messages of the C++ checks,
+launch shapes, Hopper PTX) stays in tests/test_cpp_kernels.py, tests/test_triton_kernels.py and
+tests/test_cuda_build.py.
+
+Tolerances: TOL of the working precision (conftest), relative to the sum of |terms| of each output
+entry; Triton feeds its tensor-core GEMMs bf16 / fp16 operands rounded to that type, so those outputs
+get TOL of the half type there (``working_roundoff``).
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import DEVICE, TOL, available_backends, randn
+from repforget_kernels import _dispatch
+from repforget_kernels._numerics import unit_roundoff
+from repforget_kernels.reference import fisher_accumulate_ref, fisher_histogram_ref, per_sample_linear_fisher_ref, to_f64
+
+import repforget_kernels  # noqa: F401  (imports every metric module: every op has its composite)
+
+HALF = (torch.float16, torch.bfloat16)
+ALL_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+class Contract(NamedTuple):
+    op: str
+    dtypes: tuple
+    cases: Callable  # (gen, dtype, backend) -> list of (label, args)
+    run: Callable  # (fn, args) -> {name: tensor}
+    reference: Callable  # (args, dtype, backend) -> {name: (float64 want, float64 sum of |terms|, tol)}
+
+
+def _work_tol(dtype: torch.dtype) -> float:
+    return TOL[torch.float64] if dtype == torch.float64 else TOL[torch.float32]
+
+
+def _gemm_tol(dtype: torch.dtype, backend: str) -> float:
+    """Tolerance of an output that a GEMM of the (shifted) inputs produces."""
+    return TOL[dtype] if backend == "triton" and dtype in HALF else _work_tol(dtype)
+
+
+def _acts(gen, L, n, d, dtype, offset_cols=(1, 4)):
+    """(L, n, d) activations with +1e3 offsets in some columns ("massive activations"), in ``dtype``."""
+    x = randn(L, n, d, gen=gen, dtype=torch.float64)
+    for c in offset_cols:
+        if c < d:
+            x[..., c] += 1e3
+    return x.to(dtype)
+
+
+def _f64(t) -> torch.Tensor:
+    return torch.as_tensor(to_f64(t))
+
+
+# --------------------------------------------------------------------------- square_accumulate
+
+_SQ_SHAPES = [(37, 13), (1,), (0, 5), (3, 7, 11), (40_001,)]  # 40 001 crosses the parallel chunks
+
+
+def _sq_cases(gen, dtype, backend):
+    cases = []
+    for adtype in (torch.float32, torch.float64):
+        accs = [randn(*s, gen=gen, dtype=adtype).abs() for s in _SQ_SHAPES]
+        grads = [randn(*s, gen=gen, dtype=dtype) for s in _SQ_SHAPES]
+        cases.append((f"5 tensors into {adtype}", (accs, grads, 0.37)))
+    # 1e-4 squared underflows in fp16, not in the float32 accumulator (the upcast comes first)
+    cases.append(("half squares", ([torch.zeros(9, device=DEVICE)], [torch.full((9,), 1e-4, device=DEVICE).to(dtype)], 1.0)))
+    if dtype == torch.float32:  # one list mixing accumulator and gradient dtypes, and an unaligned view
+        shapes = [(1000,), (7, 33), (129,), (3,), (0,), (5, 5), (300,)]
+        adts = [torch.float32, torch.float32, torch.float64, torch.float32, torch.float32, torch.float64, torch.float32]
+        gdts = [torch.bfloat16, torch.float16, torch.float32, torch.float32, torch.bfloat16, torch.bfloat16, None]
+        accs = [randn(*s, gen=gen, dtype=a).abs() for s, a in zip(shapes, adts)]
+        grads = [randn(*s, gen=gen, dtype=g) for s, g in zip(shapes[:-1], gdts[:-1])]
+        grads.append(randn(301, gen=gen)[1:])  # contiguous but not 16-byte aligned
+        cases.append(("mixed dtypes, unaligned", (accs, grads, 0.37)))
+    return cases
+
+
+def _sq_run(fn, args):
+    accs, grads, scale = args
+    work = [a.clone() for a in accs]
+    ptrs = [a.data_ptr() for a in work]
+    assert fn(work, grads, scale) is None
+    assert [a.data_ptr() for a in work] == ptrs  # in place
+    return {f"acc[{i}]": a for i, a in enumerate(work)}
+
+
+def _sq_ref(args, dtype, backend):
+    accs, grads, scale = args
+    out = {}
+    for i, (a, g) in enumerate(zip(accs, grads)):
+        want = torch.as_tensor(fisher_accumulate_ref(a, g, scale))
+        # positive terms, the upcast exact: three roundings in acc's dtype, relative to the result
+        out[f"acc[{i}]"] = (want, want.abs(), 4 * unit_roundoff(a.dtype))
+    return out
+
+
+# --------------------------------------------------------------------------- histogram
+
+
+def _hist_cases(gen, dtype, backend):
+    cases = []
+    for log in (True, False):
+        v = randn(70_001, gen=gen, dtype=torch.float64)  # crosses the parallel chunks
+        v = (v.square() * 1e-4 if log else v).to(dtype)
+        v[::997] = 0
+        v64 = to_f64(v)
+        kept = v64[v64 > 0] if log else v64  # the range the reference bins over
+        cases.append(("log" if log else "linear", (v, float(kept.min()), float(kept.max()), 61, log)))
+    return cases
+
+
+def _hist_run(fn, args):
+    counts = fn(*args)
+    assert counts.dtype == torch.int64 and counts.shape == (args[3],)
+    return {"counts": counts}
+
+
+def _hist_ref(args, dtype, backend):
+    v, _, _, bins, log = args
+    want = torch.as_tensor(fisher_histogram_ref(v, bins=bins, log=log)[0], dtype=torch.float64)
+    return {"counts": (want, torch.ones_like(want), 0.0)}  # counts are exact
+
+
+# --------------------------------------------------------------------------- centered_gram
+
+
+def _gram_cases(gen, dtype, backend):
+    cases = []
+    # n < d and n > d, one and several layers; n across the C++ kernel's 256-row blocks for cpp
+    # (Triton's tiles are 32 rows under the interpreter: the small shapes already span several)
+    shapes = [(1, 37, 53), (3, 29, 5), (2, 41, 23)] + ([(2, 301, 7), (1, 517, 19)] if backend == "cpp" else [])
+    for L, n, d in shapes:
+        for unbiased in (False, True):
+            cases.append((f"L{L} n{n} d{d} {'u' if unbiased else ''}centred", (_acts(gen, L, n, d, dtype), unbiased, None)))
+    for unbiased in (False, True):
+        for scale in (2.0**-12, 2.0**9):
+            g = torch.full((2,), scale, dtype=torch.float64, device=DEVICE)
+            cases.append((f"scale {scale:g}", (_acts(gen, 2, 45, 77, dtype), unbiased, g)))
+    return cases
+
+
+def _gram_run(fn, args):
+    k, trace = fn(*args)
+    x = args[0]
+    assert k.dtype == (torch.float64 if x.dtype == torch.float64 else torch.float32) and trace.dtype == torch.float64
+    return {"gram": k, "trace": trace}
+
+
+def _centre64(k: torch.Tensor, unbiased: bool) -> torch.Tensor:
+    """H K H, or the U-centring of Szekely & Rizzo, of (L, n, n) float64 Grams."""
+    if not unbiased:
+        return k - k.mean(-1, keepdim=True) - k.mean(-2, keepdim=True) + k.mean((-2, -1), keepdim=True)
+    n = k.shape[-1]
+    k = k.masked_fill(torch.eye(n, dtype=torch.bool), 0.0)
+    r, s = k.sum(-1), k.sum((-2, -1))
+    out = k - (r.unsqueeze(-1) + r.unsqueeze(-2)) / (n - 2) + (s / ((n - 1) * (n - 2))).view(-1, 1, 1)
+    return out.masked_fill(torch.eye(n, dtype=torch.bool), 0.0)
+
+
+def _gram_ref(args, dtype, backend):
+    x, unbiased, scale = args
+    x64 = _f64(x)
+    g = torch.ones(x.shape[0], dtype=torch.float64) if scale is None else scale.cpu()
+    # the operands each backend multiplies: rows minus the mean rounded to the compute dtype (exact),
+    # scaled (exact), rounded to the half type where Triton's tensor cores take them
+    shift = x64.mean(-2, keepdim=True).to(torch.float64 if dtype == torch.float64 else torch.float32).double()
+    xs = (x64 - shift) * g.view(-1, 1, 1)
+    if backend == "triton" and dtype in HALF:
+        xs = xs.to(dtype).double()
+    k = xs @ xs.transpose(-1, -2)  # (L, n, n)
+    size = torch.linalg.matrix_norm(k).view(-1, 1, 1).expand_as(k)  # entries of the uncentred Gram round in
+    trace = k.diagonal(dim1=-2, dim2=-1).sum(-1)
+    return {"gram": (_centre64(k, unbiased), size, _work_tol(dtype)), "trace": (trace, trace, _work_tol(dtype))}
+
+
+# --------------------------------------------------------------------------- shifted_cross_products
+
+
+def _scp_cases(gen, dtype, backend):
+    cd = torch.float64 if dtype == torch.float64 else torch.float32
+    cases = []
+    for L in (1, 2):
+        for debiased in (False, True):
+            x, y = _acts(gen, L, 53, 37, dtype), _acts(gen, L, 53, 45, dtype, offset_cols=(0,))
+            sx, sy = x.mean(-2, dtype=cd), y.mean(-2, dtype=cd)
+            gx = torch.tensor([2.0**-3, 2.0**5][:L], dtype=torch.float64, device=DEVICE)
+            gy = None if L == 1 else torch.tensor([2.0**7, 1.0], dtype=torch.float64, device=DEVICE)
+            cases.append((f"L{L} {'debiased' if debiased else 'biased'}", (x, y, sx, sy, debiased, gx, gy)))
+    return cases
+
+
+def _scp_run(fn, args):
+    return dict(fn(*args))
+
+
+def _scp_ref(args, dtype, backend):
+    x, y, sx, sy, debiased, gx, gy = args
+    composite = _dispatch.kernel("shifted_cross_products", DEVICE, "torch")
+    d = dict(dtype=torch.float64)
+    want = composite(x.to(**d), y.to(**d), sx.to(**d), sy.to(**d), debiased, gx, gy)
+    xa = ((x.to(**d) - sx.to(**d).unsqueeze(1)) * (1.0 if gx is None else gx.view(-1, 1, 1))).abs()
+    ya = ((y.to(**d) - sy.to(**d).unsqueeze(1)) * (1.0 if gy is None else gy.view(-1, 1, 1))).abs()
+    sizes = composite(xa, ya, torch.zeros_like(sx, **d), torch.zeros_like(sy, **d), debiased)
+    return {k: (want[k].cpu(), sizes[k].cpu(), _gemm_tol(dtype, backend) if k in ("sxy", "sxx", "syy") else _work_tol(dtype))
+            for k in want}
+
+
+# --------------------------------------------------------------------------- centered_matmul(_t)
+
+
+def _cm_cases(gen, dtype, backend, transposed: bool):
+    cd = torch.float64 if dtype == torch.float64 else torch.float32
+    cases = []
+    for L in (1, 2):
+        n, d, l = 150, 37, 9  # n long enough for a split over K in centered_matmul_t
+        x = _acts(gen, L, n, d, dtype)
+        mu = x.mean(-2, dtype=cd)
+        other = randn(L, n if transposed else d, l, gen=gen, dtype=cd)
+        cases.append((f"L{L}", (x, mu, other)))
+    return cases
+
+
+def _cm_run(fn, args):
+    return {"out": fn(*args)}
+
+
+def _cm_ref(transposed: bool):
+    def ref(args, dtype, backend):
+        x, mu, other = (_f64(t) for t in args)
+        xc = x - mu.unsqueeze(-2)
+        a = xc.transpose(-1, -2) if transposed else xc
+        # the shifted values multiply the float32 sketch in float32 on every backend (no half operands)
+        return {"out": (a @ other, a.abs() @ other.abs(), _work_tol(dtype))}
+    return ref
+
+
+# --------------------------------------------------------------------------- per_sample_linear_fisher
+
+
+def _psf_cases(gen, dtype, backend):
+    cases = []
+    for b, t, n_in, n_out in [(3, 11, 37, 45), (1, 11, 37, 45), (2, 1, 33, 40), (5, 13, 8, 3)]:
+        x, g = randn(b, t, n_in, gen=gen, dtype=dtype), randn(b, t, n_out, gen=gen, dtype=dtype)
+        mask = torch.rand(b, t, generator=gen) > 0.4
+        mask[0, :] = False  # a fully masked sample contributes nothing
+        mask = mask.to(DEVICE)
+        adtype = torch.float64 if dtype == torch.float64 else torch.float32
+        out = randn(n_out, n_in, gen=gen, dtype=adtype).abs()
+        cases.append((f"B{b} T{t} {n_in}->{n_out} masked", (x, g, mask, out)))
+        cases.append((f"B{b} T{t} {n_in}->{n_out}", (x, g, None, torch.zeros_like(out))))
+    return cases
+
+
+def _psf_run(fn, args):
+    x, g, mask, out = args
+    work = out.clone()
+    assert fn(x, g, mask, work) is None  # added into ``out`` in place
+    return {"out": work}
+
+
+def _psf_ref(args, dtype, backend):
+    x, g, mask, out = args
+    want = torch.as_tensor(per_sample_linear_fisher_ref(x, g, mask)) + _f64(out)
+    size = torch.as_tensor(per_sample_linear_fisher_ref(x.abs(), g.abs(), mask)) + _f64(out)
+    # G_s: float32 (float64) sums of T products of exact (input-dtype) operands, squared and summed
+    return {"out": (want, size, _work_tol(dtype))}
+
+
+CONTRACTS = [
+    Contract("square_accumulate", ALL_FLOATS, _sq_cases, _sq_run, _sq_ref),
+    Contract("histogram", ALL_FLOATS, _hist_cases, _hist_run, _hist_ref),
+    Contract("centered_gram", ALL_FLOATS, _gram_cases, _gram_run, _gram_ref),
+    Contract("shifted_cross_products", ALL_FLOATS, _scp_cases, _scp_run, _scp_ref),
+    Contract("centered_matmul", ALL_FLOATS, lambda gen, dt, b: _cm_cases(gen, dt, b, False), _cm_run, _cm_ref(False)),
+    Contract("centered_matmul_t", ALL_FLOATS, lambda gen, dt, b: _cm_cases(gen, dt, b, True), _cm_run, _cm_ref(True)),
+    Contract("per_sample_linear_fisher", ALL_FLOATS, _psf_cases, _psf_run, _psf_ref),
+]
+
+
+def _pairs():
+    """(contract, backend) for every backend that registers the op and runs on the test device."""
+    out = []
+    for c in CONTRACTS:
+        for b in available_backends():
+            if b == "torch" or b in _dispatch.registered(c.op):
+                out.append(pytest.param(c, b, id=f"{c.op}-{b}"))
+    return out
+
+
+class TestOpContract:
+    def test_table_covers_every_registered_op(self):
+        ours = {op for op, impls in _dispatch._REGISTRY.items()
+                if getattr(impls.get("torch"), "__module__", "").startswith("repforget_kernels")}
+        assert ours == {c.op for c in CONTRACTS}
+
+    @pytest.mark.parametrize("contract,backend", _pairs())
+    @pytest.mark.parametrize("dtype", ALL_FLOATS, ids=str)
+    def test_matches_float64_reference(self, contract, backend, dtype, gen, two_threads):
+        if dtype not in contract.dtypes:
+            pytest.skip(f"{contract.op} takes no {dtype}")
+        fn = _dispatch.kernel(contract.op, DEVICE, backend)
+        for label, args in contract.cases(gen, dtype, backend):
+            got = contract.run(fn, args)
+            want = contract.reference(args, dtype, backend)
+            assert set(got) == set(want), label
+            for name, (ref, size, tol) in want.items():
+                g = _f64(got[name])
+                assert g.shape == ref.shape, f"{label} {name}: shape {tuple(g.shape)} != {tuple(ref.shape)}"
+                assert torch.isfinite(g).all(), f"{label} {name}: non-finite (unwritten) entries"
+                err = (g - ref).abs()
+                worst = float((err / (tol * size.abs() + 1e-300)).max()) if err.numel() else 0.0
+                assert worst <= 1.0, f"{contract.op}/{backend} {label} {name}: error {worst:.2f}x the bound (tol {tol:g})"
