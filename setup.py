@@ -104,8 +104,9 @@ setup(
         # the benchmark interop of docs/interop.md
         "driver": ["transformers", "tokenizers", "tqdm", "matplotlib", "scipy", "rouge-score", "datasets", "pyyaml",
                    "peft"],
-        # triton: its kernels are tested under TRITON_INTERPRET=1; accelerate: the shipped FSDP launch config is tested
-        "test": ["pytest", "pytest-benchmark", "triton", "accelerate"],
+        # hypothesis: the property sweep; triton: its kernels are tested under TRITON_INTERPRET=1; accelerate: the
+        # shipped FSDP launch config is tested
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "triton", "accelerate"],
         "bench": ["pytest-benchmark", "pytorch-cka", "ckatorch"],
         # only the launcher for `accelerate launch` (multi-GPU driver runs); never imported
         "multigpu": ["accelerate"],
