@@ -1,4 +1,5 @@
-"""Randomized PCA (Halko, Martinsson & Tropp 2011) and the per-layer PCA similarity and shift.
+"""Randomized PCA (block Krylov, Musco & Musco 2015; subspace iteration, Halko, Martinsson & Tropp 2011)
+and the per-layer PCA similarity and shift.
 
 For X (n, d) with float64 column means mu = s + r (s rounded to the compute dtype, r the
 float64 remainder, at most half an ulp of mu), the data is centred without a full centred copy:
@@ -36,6 +37,9 @@ is orthonormalising after each covariance product rather than after each half: d
 variance is below float32 eps (float64 eps) times the largest fade, which leaves the top
 components untouched. Batched over a leading layer dimension; computed in float32 (float64 for
 float64 input); signs fixed so the largest-magnitude entry of each component is positive.
+
+Length: one module because both methods share the exact centring (_Centring, the blocked products)
+and the spectrum checks, and pca_similarity / pca_shift are thin wrappers over the same fit.
 """
 from __future__ import annotations
 
