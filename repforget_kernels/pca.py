@@ -253,7 +253,8 @@ def randomized_pca(
     back through K, where the subspace method's SVD of the projection Q^T Xc needs no such factor) and r_i =
     10 sqrt(d) (var_{l+1} / var_i)^(q + 1/2) the randomized term of the subspace method with l = b
     columns (krylov: exponent q, its space holding the subspace method's last block, in practice far
-    smaller; 0 where it runs the exact sketch), negligible once the iterations have separated the top k: the angle of component i is at most
+    smaller; 0 where it runs the exact sketch), negligible once the iterations have separated the top
+    k: the angle of component i is at most
     eps var_1 / gap_i + r_i, gap_i its variance's distance to its neighbours'; that of the top-k
     subspace eps var_1 / (var_k - var_{k+1}) + r_k; the relative error of explained variance i
     eps var_1 / var_i + r_i (the ratio's the same, the singular value's half); plus the rounding
@@ -328,7 +329,7 @@ def _fit(x, k, name, *, method, oversample, n_iter, center, seed, backend) -> tu
         method, n_iter = "subspace", 0
         omega = torch.randn(L, d, room, generator=gen, dtype=torch.float64).to(omega)  # (L, d, room)
     if method == "krylov":
-        vt, s = _krylov(x3, c, omega, n_iter, matmul, matmul_t, orth, block, gen, room)
+        vt, s = _krylov(x3, c, omega, n_iter, matmul, matmul_t, orth, block, gen)
         s64 = s[:, :k].to(torch.float64) / c.scale.view(L, 1).to(torch.float64) ** 2  # (L, k) unscaled, exact
     else:
         vt, s = _subspace(x3, c, omega, n_iter, matmul, matmul_t, orth, block)
@@ -365,46 +366,42 @@ def _project_out(w: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     return w
 
 
-def _next_block(image, basis: Optional[torch.Tensor], noise, orth, width: int) -> torch.Tensor:
-    """The next orthonormal Krylov block, (L, d, width), from the first ``width`` columns of image = C K_j
-    (L, d, b): their part outside basis (L, d, m).
+def _next_block(image, basis: Optional[torch.Tensor], noise, orth) -> torch.Tensor:
+    """The next orthonormal Krylov block (L, d, b) from image = C K_j (L, d, b): its part outside basis (L, d, m).
 
     Where C K_j lies (nearly) inside span(basis) (the data's rank reached, or directions converged),
     the residual is rounding noise and a QR would complete it with arbitrary columns that may lie
-    inside the basis again; ``noise`` (L, d, b), Gaussian times u |image|_F, is added so that such
-    columns become random directions outside the basis (a perturbation at the level of the
+    inside the basis again; ``noise`` (L, d, b), Gaussian times u |image|_F / sqrt(d b), is added so
+    that such columns become random directions outside the basis (a perturbation at the level of the
     projection's own rounding), and the block is projected out once more after its QR.
     """
-    w = image[..., :width] if basis is None else _project_out(image[..., :width], basis)
+    w = image if basis is None else _project_out(image, basis)
     size = torch.linalg.matrix_norm(image).view(-1, 1, 1) / math.sqrt(noise.shape[-2] * noise.shape[-1])
-    w = w + noise[..., :width] * size  # (L, d, width), |noise|_F about u |image|_F
+    w = w + noise * size  # (L, d, b), |noise|_F about u |image|_F
     q = orth(w)
     return q if basis is None else orth(_project_out(q, basis))
 
 
-def _krylov(x3, c: _Centring, omega, depth: int, matmul, matmul_t, orth, block: int, gen, room: int) -> tuple:
+def _krylov(x3, c: _Centring, omega, depth: int, matmul, matmul_t, orth, block: int, gen) -> tuple:
     """Block Krylov iteration with Rayleigh-Ritz, in depth + 1/2 passes over x: -> (vt (L, m, d), the
-    singular values (L, m) of scale^2 Xc K, decreasing), m = min(depth b, room): the last block is cut to fit.
+    singular values (L, m) of scale^2 Xc K, decreasing), m = depth b (the caller keeps m below the rank
+    bound min(n - 1, d), handing larger spaces to the exact sketch).
 
     The Ritz pairs of C on span K come from the SVD of Xc K = U S V^T (components (K V)^T, variances
     S^2 / (n - 1)) rather than from K^T C K, so the squared matrix's rounding never enters; Xc K_j is the
     intermediate of the pass that makes C K_j, kept, and the last block needs only that half pass.
-    room: the largest space asked for (the caller hands a space that would hold the whole row space to
-    the subspace method instead).
     """
     u = unit_roundoff(omega.dtype)
     image = _covariance_times(x3, c, orth(omega), matmul, matmul_t, block)  # (L, d, b) scale^2 C Omega
-    blocks, rows, m = [], [], 0  # K_j, and scale^2 Xc K_j
+    blocks, rows = [], []  # K_j, and scale^2 Xc K_j
     for j in range(depth):
         noise = u * torch.randn(omega.shape, generator=gen, dtype=torch.float64).to(omega)  # (L, d, b)
-        blocks.append(_next_block(image, torch.cat(blocks, -1) if blocks else None, noise, orth,
-                                  min(image.shape[-1], room - m)))  # (L, d, <= b)
-        m += blocks[-1].shape[-1]
-        if j == depth - 1 or m == room:
-            rows.append(_times(x3, c, blocks[-1] * c.scale, matmul, block) * c.scale)  # (L, n, <= b)
-            break
-        image, y = _covariance_times(x3, c, blocks[-1], matmul, matmul_t, block, keep=True)
-        rows.append(y)  # (L, n, b)
+        blocks.append(_next_block(image, torch.cat(blocks, -1) if blocks else None, noise, orth))  # (L, d, b)
+        if j == depth - 1:
+            rows.append(_times(x3, c, blocks[-1] * c.scale, matmul, block) * c.scale)  # (L, n, b)
+        else:
+            image, y = _covariance_times(x3, c, blocks[-1], matmul, matmul_t, block, keep=True)  # (L, d/n, b)
+            rows.append(y)
     _, s, vt = torch.linalg.svd(torch.cat(rows, -1), full_matrices=False)  # s (L, m), vt (L, m, m)
     return vt @ torch.cat(blocks, -1).transpose(-1, -2), s  # (L, m, d) Ritz vectors, (L, m)
 

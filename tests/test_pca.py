@@ -103,8 +103,8 @@ class TestKrylov:
 
     @pytest.mark.parametrize("n,d", [(9, 30), (5, 4), (40, 7)])
     def test_space_capped_at_min_n_d(self, gen, n, d):
-        """Blocks of b = 4 stop at min(n - 1, d) directions (the last one cut), which hold the whole centred
-        row space: the fit is exact to rounding, with no randomized term."""
+        """10 blocks of b = 4 would pass the rank bound min(n - 1, d): the exact sketch of that many columns
+        runs instead, exact to rounding with no randomized term."""
         x = randn(n, d, gen=gen, dtype=torch.float64)
         got = randomized_pca(x, 2, n_iter=10)
         ref, b = R.pca_ref(x, 2), pca_bounds(x, 2, n_iter=10)
