@@ -15,6 +15,7 @@ import torch
 
 from repforget_kernels import _cpp_ops
 from repforget_kernels._dispatch import kernel
+from repforget_kernels._ops import OPS
 
 CPU = torch.device("cpu")
 BACKENDS = ("torch", "cpp")
@@ -23,7 +24,7 @@ pytestmark = pytest.mark.skipif(not _cpp_ops.available()[0], reason=_cpp_ops.ava
 
 
 def _op(name: str, backend: str):
-    return kernel(name, CPU, backend)
+    return kernel(OPS[name], CPU, backend)
 
 
 def _gen() -> torch.Generator:

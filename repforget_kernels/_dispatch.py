@@ -1,89 +1,64 @@
-"""The one backend dispatcher.
+"""The one backend dispatcher: which implementation of a kernel op serves a call.
 
-Every compiled or Triton kernel implements an *op*: a private function with a
-fixed contract (documented where the op's torch composite is registered). The
-public functions in ``cka``, ``pca`` and ``fisher`` never call a kernel
-directly; they ask :func:`kernel` for the implementation of an op on the
-device of their inputs.
-
-Backends, in order of preference:
+The ops and their implementations are declared in :mod:`._ops` (one :class:`~._ops.KernelOp`
+each). The public functions in ``cka``, ``pca`` and ``fisher`` never call a kernel directly;
+they ask :func:`kernel` for the implementation of an op on the device of their inputs. This
+module holds only the order of preference and the forcing:
 
 - CUDA tensors: ``triton`` -> ``cuda`` -> ``torch``
 - CPU tensors: ``cpp`` -> ``torch`` (``triton`` too under ``TRITON_INTERPRET=1``
   when forced, for tests)
 
-``backend=`` on a public function, or the environment variable
-``REPFORGET_BACKEND``, forces one. A forced backend serves every op it has a
-kernel for; ops it has no kernel for run the torch composite, which exists for
-every op. A forced backend that cannot run at all on the inputs' device (the
-extension was not built, Triton is not installed, ...) raises ValueError.
+``backend=`` on a public function, or the environment variable ``REPFORGET_BACKEND``, forces
+one. A forced backend serves every op it has a kernel for; ops it has no kernel for run the
+torch composite, which exists for every op. A forced backend that cannot run at all on the
+inputs' device (the extension was not built, Triton is not installed, ...) raises ValueError.
 
-Gradients: the compiled and Triton kernels have no backward. When grad mode is on and
-an input requires grad (:func:`needs_grad`), the front doors ask for ``grad=True`` and
-every op is served by its torch composite, which autograd differentiates; a forced
-backend is still checked, and applies again as soon as no input requires grad.
+The compiled backends' kernels are found in the torch dispatcher when this module is imported
+(``cpp``: the op has a CPU kernel, ``cuda``: a CUDA kernel), and so are the Triton modules where a
+GPU is present (elsewhere the first time a forced Triton backend may serve a call, under the
+interpreter). The choice itself then only reads tables, so a call inside ``torch.compile`` traces
+without a graph break.
+
+Gradients: the compiled and Triton kernels have no backward. When grad mode is on and an input
+requires grad (:func:`needs_grad`), the front doors ask for ``grad=True`` and every op is served
+by its torch composite, which autograd differentiates; a forced backend is still checked, and
+applies again as soon as no input requires grad.
 """
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import os
 from typing import Callable, Optional
 
 import torch
 
-__all__ = [
-    "BACKENDS", "register", "kernel", "needs_grad", "backend_available", "resolve_backend", "registered", "interpreting",
-]
+from . import _cpp_ops
+from ._ops import BACKENDS, OPS, KernelOp, interpreting
 
-BACKENDS = ("torch", "cpp", "triton", "cuda")
+__all__ = ["BACKENDS", "kernel", "needs_grad", "backend_available", "resolve_backend", "registered"]
+
 _PREFERENCE = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
-# Modules holding each backend's kernels; each must import cleanly even when its backend cannot
-# run here (it then offers nothing or reports unavailability). The compiled backends' modules list
-# their kernels in ``KERNELS`` (registered by :func:`_load`; they never import this module), the
-# Triton modules register theirs with :func:`register` as they are imported.
-_BACKEND_MODULES = {
-    "cpp": ("repforget_kernels._cpp_ops",),
-    "cuda": ("repforget_kernels._cuda_ops",),
-    "triton": (
-        "repforget_kernels.triton_cka",
-        "repforget_kernels.triton_pca",
-        "repforget_kernels.triton_fisher",
-    ),
-}
-_REGISTRY: dict[str, dict[str, Callable]] = {}
-_loaded: set[str] = set()
+_COMPILED_KEYS = {"cpp": "CPU", "cuda": "CUDA"}  # backend -> the dispatch key its compiled kernels use
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+_triton_loaded = False
 
 
-def register(op: str, backend: str) -> Callable[[Callable], Callable]:
-    """Decorator: record ``fn`` as ``backend``'s implementation of ``op``."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-
-    def deco(fn: Callable) -> Callable:
-        _REGISTRY.setdefault(op, {})[backend] = fn
-        return fn
-
-    return deco
+def _attach_compiled_kernels() -> None:
+    """kernels["cpp"] / ["cuda"] = torch.ops.repforget.<op> for each op with a compiled CPU / CUDA kernel."""
+    for op in OPS.values():
+        for backend, key in _COMPILED_KEYS.items():
+            if op.has_compiled_kernel(key):
+                op.kernels[backend] = op.packet
 
 
-def _load(backend: str) -> None:
-    if backend in _loaded or backend == "torch":
+def _load_triton() -> None:
+    """Import the Triton kernel modules (each attaches its kernels to its ops)."""
+    global _triton_loaded
+    if _triton_loaded:
         return
-    _loaded.add(backend)
-    for module in _BACKEND_MODULES[backend]:
-        try:
-            loaded = importlib.import_module(module)
-        except ImportError as exc:  # the backend's toolchain is missing: it registers nothing
-            if not exc.name or not exc.name.startswith("repforget_kernels"):
-                continue
-            raise
-        for op, fn in getattr(loaded, "KERNELS", {}).items():
-            register(op, backend)(fn)
-
-
-def interpreting() -> bool:
-    """True under TRITON_INTERPRET=1 (Triton kernels run on CPU tensors through the interpreter)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    _triton_loaded = True
+    from . import triton_cka, triton_fisher, triton_pca  # noqa: F401  (imports attach the kernels)
 
 
 def backend_available(backend: str, device: torch.device) -> tuple[bool, str]:
@@ -93,19 +68,13 @@ def backend_available(backend: str, device: torch.device) -> tuple[bool, str]:
     if backend == "cpp":
         if device.type != "cpu":
             return False, f"the cpp backend runs on CPU tensors, got a {device.type} tensor"
-        from . import _cpp_ops
-
         return _cpp_ops.available()
     if backend == "cuda":
         if device.type != "cuda":
             return False, f"the cuda backend runs on CUDA tensors, got a {device.type} tensor"
-        from . import _cuda_ops
-
-        return _cuda_ops.available()
+        return _cpp_ops.cuda_available()
     if backend == "triton":
-        try:
-            import triton  # noqa: F401
-        except ImportError:
+        if not _TRITON_INSTALLED:
             return False, "triton is not installed"
         if device.type == "cuda" or (device.type == "cpu" and interpreting()):
             return True, ""
@@ -132,7 +101,13 @@ def needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def kernel(op: str, device: torch.device, backend: Optional[str] = None, *, grad: bool = False) -> Callable:
+def _implementation(op: KernelOp, backend: str) -> Optional[Callable]:
+    if backend == "triton":
+        _load_triton()
+    return op.kernels.get(backend)
+
+
+def kernel(op: KernelOp, device: torch.device, backend: Optional[str] = None, *, grad: bool = False) -> Callable:
     """The implementation of ``op`` for tensors on ``device``, honouring a forced ``backend``.
 
     ``grad=True`` (an input needs a gradient): the differentiable torch composite, whatever the
@@ -141,25 +116,26 @@ def kernel(op: str, device: torch.device, backend: Optional[str] = None, *, grad
     device = torch.device(device)
     forced = resolve_backend(backend, device)
     if grad:
-        return _REGISTRY[op]["torch"]
+        return op.composite
     if forced is not None:
-        _load(forced)
-        return _REGISTRY[op].get(forced) or _REGISTRY[op]["torch"]
+        return _implementation(op, forced) or op.composite
     for name in _PREFERENCE.get(device.type, ("torch",)):
         if name == "torch":
             break
         if backend_available(name, device)[0]:
-            _load(name)
-            if name in _REGISTRY.get(op, {}):
-                return _REGISTRY[op][name]
-    return _REGISTRY[op]["torch"]
+            fn = _implementation(op, name)
+            if fn is not None:
+                return fn
+    return op.composite
 
 
-def registered(op: str) -> tuple[str, ...]:
-    """The backends with a kernel for ``op`` (after loading every backend module that imports here)."""
-    for name in ("cpp", "cuda", "triton"):
-        try:
-            _load(name)
-        except Exception:  # pragma: no cover - a broken backend module shows in its own tests
-            pass
-    return tuple(sorted(_REGISTRY.get(op, {})))
+def registered(op: KernelOp) -> tuple[str, ...]:
+    """The backends with an implementation of ``op`` (the Triton modules loaded when Triton is installed)."""
+    if _TRITON_INSTALLED:
+        _load_triton()
+    return tuple(sorted(op.kernels))
+
+
+_attach_compiled_kernels()
+if _TRITON_INSTALLED and torch.cuda.is_available():
+    _load_triton()

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import interpreting
+from ._ops import interpreting
 
 __all__ = ["shifted_gemm", "new_output", "dot_code", "num_programs_target", "dot_operand", "dot_acc"]
 

@@ -3,11 +3,16 @@
 Each check raises TypeError (wrong kind of object or dtype) or ValueError (wrong
 shape, values or device) with a message that names the argument and what it got.
 
+Checks on values (NaN / Inf, zero variance) go through :func:`require`, which inside
+``torch.compile`` becomes a runtime assertion instead of a graph break.
+
 Array inputs: every public metric takes a torch.Tensor or anything ``torch.as_tensor`` takes
 (NumPy arrays, nested lists of numbers, ...), converted by :func:`as_tensor` alone; results are
 tensors whatever the input kind (docs/api.md, "Inputs").
 """
 from __future__ import annotations
+
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -17,6 +22,7 @@ __all__ = [
     "as_tensor",
     "check_float_tensor",
     "check_finite",
+    "require",
     "check_same_device",
     "check_rows",
     "check_same_rows",
@@ -60,14 +66,28 @@ def check_float_tensor(x, name: str) -> torch.Tensor:
     return x
 
 
+def require(ok: torch.Tensor, message: str, eager_message: Optional[Callable[[], str]] = None) -> None:
+    """Raise ValueError unless every element of the boolean tensor ``ok`` is True.
+
+    Eager: one host synchronisation; the error says ``eager_message()`` (text computed from the
+    data: counts, indices; run only on failure) or else ``message``. Inside ``torch.compile`` the
+    check is ``torch._assert_async(ok, message)``: it stays in the graph (no break) and raises
+    RuntimeError with ``message`` when the compiled code runs (on CUDA, a device-side assertion).
+    """
+    if torch.compiler.is_compiling():
+        torch._assert_async(ok.all(), message)
+        return
+    if not bool(ok.all()):
+        raise ValueError(eager_message() if eager_message is not None else message)
+
+
 def check_finite(x: torch.Tensor, name: str) -> None:
     """Raise ValueError if ``x`` holds NaN or Inf (one pass over ``x``)."""
     if x.device.type == "meta" or not x.numel():  # meta tensors carry no values
         return
     lo, hi = torch.aminmax(x)  # one pass, no temporary; NaN and Inf reach the extremes
-    if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
-        n_bad = int((~torch.isfinite(x)).sum())
-        raise ValueError(f"{name} contains {n_bad} NaN or Inf value(s) (shape {tuple(x.shape)})")
+    require(torch.isfinite(lo) & torch.isfinite(hi), f"{name} contains NaN or Inf values",
+            lambda: f"{name} contains {int((~torch.isfinite(x)).sum())} NaN or Inf value(s) (shape {tuple(x.shape)})")
 
 
 def check_same_device(**tensors: torch.Tensor) -> None:

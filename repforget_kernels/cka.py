@@ -13,8 +13,8 @@ of either input, and centring first keeps its precision under large offsets):
     HSIC_u(K, L) = [tr(KL) - k.l + trK trL / ((n-1)(n-2)) - 2 k.l / (n-2)] / (n (n-3))
     (with centred features K~ 1 = -k, so 1^T K~ L~ 1 = k.l and 1^T K~ 1 = -tr K)
 
-Every entry point reduces to the same mergeable sums of shifted rows (one op,
-``shifted_cross_products``) or to centred Gram matrices (op ``centered_gram``);
+Every entry point reduces to the same mergeable sums of shifted rows (kernel op
+``shifted_cross_products``, declared in :mod:`._ops`) or to centred Gram matrices (op ``centered_gram``);
 :func:`_cka_from_sums` turns the sums into CKA for all three front doors.
 
 Numerics (``_numerics``): each input is shifted by its float64 column means rounded to the
@@ -34,108 +34,12 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from ._dispatch import kernel, needs_grad, register
+from ._dispatch import kernel, needs_grad
 from ._numerics import ZERO_TEST_FACTOR, mean_shift, range_scale, unit_roundoff
-from ._validate import as_tensor, check_rows, check_same_device, check_same_rows, compute_dtype
+from ._ops import CENTERED_GRAM, SHIFTED_CROSS_PRODUCTS, shifted_cross_product_keys
+from ._validate import as_tensor, check_rows, check_same_device, check_same_rows, compute_dtype, require
 
 __all__ = ["linear_cka", "cka_matrix", "StreamingCKA"]
-
-_SUM_KEYS = ("sxy", "sxx", "syy", "sx", "sy")
-_DEBIASED_KEYS = ("sa", "sb", "saa", "sbb", "sab", "sax", "sbx", "say", "sby")
-
-
-# --------------------------------------------------------------------------- ops (torch composites)
-
-
-@register("shifted_cross_products", "torch")
-def _shifted_cross_products_torch(x, y, shift_x, shift_y, debiased, scale_x=None, scale_y=None):
-    """Sums over the rows of one chunk, after subtracting a shift from every row and scaling it.
-
-    Contract shared by every backend:
-      x (L, n, dx), y (L, n, dy) any float dtype; shift_x (L, dx), shift_y (L, dy) in the
-      compute dtype (float32, or float64 for float64 input), subtracted in that dtype (so a shift
-      that is the rounded column mean is applied exactly); scale_x, scale_y (L,) float64 powers of
-      two or None (1), multiplying the shifted rows before any product (exact; keeps products of
-      rows of any magnitude in range).
-      Returns a dict of tensors in float32 or wider (float64 for float64 input), with
-      x' = (x - shift_x) scale_x, y' = (y - shift_y) scale_y, a_i = ||x'_i||^2, b_i = ||y'_i||^2:
-        sxy (L, dx, dy) = X'^T Y'    sxx (L, dx, dx) = X'^T X'    syy (L, dy, dy) = Y'^T Y'
-        sx (L, dx) = sum_i x'_i      sy (L, dy) = sum_i y'_i
-      and when ``debiased``: sa, sb, saa, sbb, sab (L,) = sum a, b, a^2, b^2, ab;
-        sax, sbx (L, dx) = sum a_i x'_i, sum b_i x'_i;  say, sby (L, dy) = sum a_i y'_i, sum b_i y'_i.
-    Cost: n (dx dy + dx^2 + dy^2) multiply-adds; memory: one shifted copy of x and y.
-    """
-    cd = shift_x.dtype
-    xs = _shift_and_scale(x, shift_x, scale_x)  # (L, n, dx)
-    ys = _shift_and_scale(y, shift_y, scale_y)  # (L, n, dy)
-    xt = xs.transpose(-1, -2)  # (L, dx, n)
-    out = {
-        "sxy": torch.bmm(xt, ys),  # (L, dx, dy)
-        "sxx": torch.bmm(xt, xs),  # (L, dx, dx)
-        "syy": torch.bmm(ys.transpose(-1, -2), ys),  # (L, dy, dy)
-        "sx": xs.sum(-2),  # (L, dx) cascade-summed in the compute dtype: shifted values are small
-        "sy": ys.sum(-2),  # (L, dy)
-    }
-    if debiased:
-        a = torch.linalg.vector_norm(xs, dim=-1).square().to(torch.float64)  # (L, n) a_i = ||x'_i||^2
-        b = torch.linalg.vector_norm(ys, dim=-1).square().to(torch.float64)  # (L, n)
-        ab = torch.stack([a, b], -2).to(cd)  # (L, 2, n): both weight vectors, one read of xs and of ys
-        abx = torch.bmm(ab, xs)  # (L, 2, dx) rows: sum a_i x'_i, sum b_i x'_i
-        aby = torch.bmm(ab, ys)  # (L, 2, dy) rows: sum a_i y'_i, sum b_i y'_i
-        out.update(
-            sa=a.sum(-1), sb=b.sum(-1), saa=a.square().sum(-1), sbb=b.square().sum(-1), sab=(a * b).sum(-1),
-            sax=abx[:, 0], sbx=abx[:, 1], say=aby[:, 0], sby=aby[:, 1],
-        )
-    return out
-
-
-def _shift_and_scale(x: torch.Tensor, shift: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
-    """(x - shift) * scale in shift's dtype: (L, n, d), (L, d), (L,) or None -> (L, n, d)."""
-    xs = x.to(shift.dtype) - shift.unsqueeze(-2)  # (L, n, d)
-    return xs if scale is None else xs * scale.to(device=shift.device, dtype=shift.dtype).view(-1, 1, 1)
-
-
-def _gram_offsets(rows: torch.Tensor, diag: torch.Tensor, unbiased: bool) -> torch.Tensor:
-    """Offsets u (L, n) float64 such that K_ij - u_i - u_j is the centred (unbiased: U-centred, i != j) Gram.
-
-    rows = K 1 and diag = diag K of a Gram of shifted rows, (L, n) float64.
-    biased: u_i = r_i / n - s / (2 n^2) with r = K 1 (H K H); unbiased: u_i = r_i/(n-2) - s/(2 (n-1)(n-2))
-    with r = K~ 1 (Szekely-Rizzo); s = 1^T r.
-    """
-    n = rows.shape[-1]
-    if unbiased:
-        r = rows - diag  # (L, n) = K~ 1
-        return r / (n - 2) - r.sum(-1, keepdim=True) / (2 * (n - 1) * (n - 2))
-    return rows / n - rows.sum(-1, keepdim=True) / (2 * n * n)
-
-
-@register("centered_gram", "torch")
-def _centered_gram_torch(x, unbiased, scale=None):
-    """Centred (or U-centred) Gram matrices of a stack of layers, and the size of what the centring cancels.
-
-    Contract shared by every backend:
-      x (L, n, d) any float dtype; scale (L,) float64 powers of two or None (1).
-      Rows x' = (x - s) scale with s the column means (float64, rounded to the compute dtype: the
-      shift is then exact in that dtype, no cancellation under large offsets); K = X' X'^T.
-      -> (gram (L, n, n) in float32, float64 for float64 input; trace (L,) float64 = tr K = ||X'||_F^2).
-      unbiased=False: gram = H K H (doubly centred: exact whatever the shift left in X', never
-        built with H); = Xc Xc^T of the column-centred rows.
-      unbiased=True: the U-centred Gram of Szekely & Rizzo (invariant to the shift):
-        U_ij = K_ij - r_i/(n-2) - r_j/(n-2) + s/((n-1)(n-2)) for i != j, U_ii = 0,
-        with K~ = K with zero diagonal, r = K~ 1, s = 1^T K~ 1; <U(K), U(L)> / (n(n-3)) = HSIC_u.
-    Cost: n^2 d multiply-adds + 2 passes over the (L, n, n) result; memory: the result and one
-    shifted copy of x.
-    """
-    cd = compute_dtype(x)
-    _, shift = mean_shift(x, cd)
-    xs = _shift_and_scale(x, shift, scale)  # (L, n, d)
-    k = torch.bmm(xs, xs.transpose(-1, -2))  # (L, n, n) Gram of the shifted rows
-    diag = k.diagonal(dim1=-2, dim2=-1).to(torch.float64)  # (L, n)
-    u = _gram_offsets(k.sum(-1, dtype=torch.float64), diag, unbiased).to(cd)  # (L, n)
-    k = k - u.unsqueeze(-1) - u.unsqueeze(-2)  # (L, n, n), exactly symmetric (the offsets commute)
-    if unbiased:
-        k.diagonal(dim1=-2, dim2=-1).zero_()
-    return k, diag.sum(-1)
 
 
 # --------------------------------------------------------------------------- sums -> CKA
@@ -220,15 +124,13 @@ def _ratio(hxy, hxx, hyy, exx, eyy, u: float, names: tuple = ("x", "y")) -> torc
     ||K||_F >= tr K / sqrt(rank). hxx, hyy, exx, eyy may be broadcast views ((Lx, 1), (1, Ly)); the
     error names ``names`` and the flat index.
     """
+    why = ("its HSIC is within rounding of zero (all rows equal after centring, or for debiased CKA all rows "
+           "equal but one), so CKA is undefined")
     for h, e, name in ((hxx, exx, names[0]), (hyy, eyy, names[1])):
-        bad = ~(h.flatten() > ZERO_TEST_FACTOR * u * e.flatten())  # NaN counts as bad
-        if bool(bad.any()):
-            idx = bad.nonzero().flatten().tolist()
-            raise ValueError(
-                f"{name} has no variance to compare at batch/layer index {idx}: its HSIC is within rounding "
-                "of zero (all rows equal after centring, or for debiased CKA all rows equal but one), "
-                "so CKA is undefined"
-            )
+        ok = h.flatten() > ZERO_TEST_FACTOR * u * e.flatten()  # NaN counts as not ok
+        require(ok, f"{name} has no variance to compare at some batch/layer index: {why}",
+                lambda ok=ok, name=name: f"{name} has no variance to compare at batch/layer index "
+                                         f"{(~ok).nonzero().flatten().tolist()}: {why}")
     return hxy / (hxx.sqrt() * hyy.sqrt())
 
 
@@ -250,8 +152,9 @@ def _feature_sums(x3, y3, debiased: bool, backend, unscale: bool = False) -> dic
     _, shift_x = mean_shift(x3, cd)  # (L, dx)
     _, shift_y = mean_shift(y3, cd)  # (L, dy)
     scale_x, scale_y = range_scale(x3), range_scale(y3)  # (L,) each
-    op = kernel("shifted_cross_products", x3.device, backend, grad=needs_grad(x3, y3))
-    sums = {k: v.to(torch.float64) for k, v in op(x3, y3, shift_x, shift_y, debiased, scale_x, scale_y).items()}
+    op = kernel(SHIFTED_CROSS_PRODUCTS, x3.device, backend, grad=needs_grad(x3, y3))
+    out = op(x3, y3, shift_x, shift_y, debiased, scale_x, scale_y)
+    sums = {k: v.to(torch.float64) for k, v in zip(shifted_cross_product_keys(debiased), out)}
     if unscale:
         for k, (px, py) in _SCALE_POWERS.items():
             if k in sums:
@@ -344,7 +247,7 @@ def linear_cka(
 
 def _layer_gram(x3: torch.Tensor, debiased: bool, backend) -> tuple:
     """Op ``centered_gram`` on (L, n, d) rows scaled by ``range_scale``: ((L, n, n), (L,) traces)."""
-    op = kernel("centered_gram", x3.device, backend, grad=needs_grad(x3))
+    op = kernel(CENTERED_GRAM, x3.device, backend, grad=needs_grad(x3))
     return op(x3, debiased, range_scale(x3))
 
 
@@ -647,7 +550,7 @@ class StreamingCKA:
         self._u = max(self._u, u)
 
     def _sum_keys(self) -> tuple:
-        return _SUM_KEYS + (_DEBIASED_KEYS if self.debiased else ())
+        return shifted_cross_product_keys(self.debiased)
 
     def _empty(self, layers: int, dx: int, dy: int, device) -> dict:
         f64 = dict(dtype=torch.float64, device=device)

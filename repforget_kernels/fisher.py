@@ -2,9 +2,9 @@
 
     F_j = (1/N) sum_s (d/d theta_j log p(y_s | x_s))^2
 
-with log p summed over the unmasked target tokens of sequence s. Three ops
-carry the arithmetic, each with a torch composite registered here and compiled twins in
-other backends (same contract, see each composite's docstring):
+with log p summed over the unmasked target tokens of sequence s. Three kernel ops carry the
+arithmetic (declared with their contracts and torch composites in :mod:`._ops`; the backends'
+kernels attach to them):
 
 - ``square_accumulate``: acc += scale * grad**2 over a list of tensors, in float32/float64.
 - ``per_sample_linear_fisher``: out += sum_s (sum_t m_st g_st x_st^T)**2 for one nn.Linear,
@@ -20,7 +20,8 @@ from typing import Mapping, Optional
 
 import torch
 
-from ._dispatch import kernel, register
+from ._dispatch import kernel
+from ._ops import HISTOGRAM, PER_SAMPLE_LINEAR_FISHER, SQUARE_ACCUMULATE
 from ._validate import as_tensor, check_finite, check_float_tensor, check_same_device, compute_dtype
 
 __all__ = [
@@ -31,117 +32,6 @@ __all__ = [
 ]
 
 _ACC_DTYPES = (torch.float32, torch.float64)
-# Scratch of the per-sample linear Fisher composite: half a float32 weight matrix, at least this.
-_SCRATCH_FLOOR_BYTES = 1 << 20
-# Elements per pass of the histogram composite and per group of square_accumulate upcasts.
-_HIST_CHUNK = 1 << 20
-_UPCAST_GROUP_BYTES = 64 << 20
-
-
-# --------------------------------------------------------------------------- ops (torch composites)
-
-
-@register("square_accumulate", "torch")
-def _square_accumulate_torch(accs, grads, scale):
-    """In place, for every pair: acc += scale * grad.to(acc.dtype)**2.
-
-    Contract shared by every backend:
-      accs: list of float32/float64 contiguous tensors; grads: list of tensors of the same
-      shapes, any float dtype, contiguous, on the same device. Returns None.
-      The square is taken after the upcast, so bf16/fp16 gradients never underflow.
-    Cost: one read of each grad and one read-modify-write of each acc; the upcast copies are
-    made in groups of at most 64 MiB (none when grad already has acc's dtype).
-    """
-    group_a, group_g, nbytes = [], [], 0
-    for acc, g in zip(accs, grads):
-        g_up = g if g.dtype == acc.dtype else g.to(acc.dtype)  # same shape as acc
-        group_a.append(acc)
-        group_g.append(g_up)
-        nbytes += g_up.numel() * g_up.element_size() if g_up is not g else 0
-        if nbytes >= _UPCAST_GROUP_BYTES:
-            torch._foreach_addcmul_(group_a, group_g, group_g, value=scale)
-            group_a, group_g, nbytes = [], [], 0
-    if group_a:
-        torch._foreach_addcmul_(group_a, group_g, group_g, value=scale)
-
-
-def _plan_chunks(b: int, t: int, n_in: int, n_out: int, elem: int) -> tuple[int, int]:
-    """(samples per chunk, weight rows per block) for the per-sample linear Fisher composite.
-
-    The scratch per-sample gradient block (c, rows, n_in) stays within
-    max(W/2, 1 MiB) bytes, W = n_out * n_in * elem, so peak memory beyond the inputs and
-    ``out`` is at most that plus one chunk of upcast / masked inputs (c T (n_in + n_out) elem).
-    Small layers batch several samples per GEMM; large ones take one sample and row blocks.
-    """
-    w = n_out * n_in * elem
-    budget = max(w // 2, _SCRATCH_FLOOR_BYTES)
-    if w <= budget:
-        return max(1, min(b, budget // w)), n_out
-    return 1, max(1, min(n_out, budget // (n_in * elem)))
-
-
-@register("per_sample_linear_fisher", "torch")
-def _per_sample_linear_fisher_torch(x, grad_out, mask, out):
-    """out += sum_s (sum_t m_st g_st x_st^T)**2 elementwise, in place.
-
-    Contract shared by every backend:
-      x (B, T, in), grad_out (B, T, out) any float dtype; mask (B, T) bool or None;
-      out (out, in) float32/float64 contiguous. Computed in out's dtype (bf16/fp16 inputs
-      upcast first). Never materialises B x out x in. Returns None.
-    Cost: B T in out multiply-adds (the per-sample GEMMs) + B in out for the squares;
-    scratch as in :func:`_plan_chunks`.
-    """
-    b, t, n_in = x.shape
-    n_out = grad_out.shape[2]
-    cd = out.dtype
-    if t == 1:  # (g x^T)**2 = g**2 (x**2)^T: the sum over samples is one GEMM
-        g2 = grad_out[:, 0].to(cd).square()  # (B, out)
-        if mask is not None:
-            g2 = g2 * mask[:, 0].unsqueeze(-1).to(cd)  # (B, out)
-        out.addmm_(g2.T, x[:, 0].to(cd).square())
-        return
-    c, rows = _plan_chunks(b, t, n_in, n_out, torch.finfo(cd).bits // 8)
-    buf = torch.empty(c * rows * n_in, dtype=cd, device=out.device)  # scratch, reused by every chunk
-    for s0 in range(0, b, c):
-        xc = x[s0 : s0 + c].to(cd)  # (c', T, in)
-        gc = grad_out[s0 : s0 + c].to(cd)  # (c', T, out)
-        if mask is not None:
-            gc = gc * mask[s0 : s0 + c].unsqueeze(-1).to(cd)  # (c', T, out)
-        if c > 1:
-            g_s = torch.bmm(gc.transpose(1, 2), xc, out=buf[: xc.shape[0] * n_out * n_in].view(-1, n_out, n_in))
-            g_s.square_()  # (c', out, in) squared per-sample gradients
-            ones = torch.ones(1, g_s.shape[0], dtype=cd, device=out.device)  # (1, c')
-            out.view(1, -1).addmm_(ones, g_s.view(g_s.shape[0], -1))
-            continue
-        for r0 in range(0, n_out, rows):
-            nr = min(rows, n_out - r0)
-            g_blk = torch.mm(gc[0, :, r0 : r0 + nr].T, xc[0], out=buf[: nr * n_in].view(nr, n_in))  # (rows, in)
-            out[r0 : r0 + nr].addcmul_(g_blk, g_blk)
-
-
-@register("histogram", "torch")
-def _histogram_torch(values, lo, hi, bins, log):
-    """Counts of ``values`` in ``bins`` equal bins over [lo, hi] (log10-spaced when ``log``).
-
-    Contract shared by every backend:
-      values (N,) contiguous any float dtype; lo < hi floats (lo > 0 when log); -> int64 (bins,).
-      Bin of v: floor(t * bins), t = (v - lo) / (hi - lo), or when log
-      t = (log10 v - log10 lo) / (log10 hi - log10 lo), t in float64; v == hi goes in the last
-      bin; v outside [lo, hi] (and v <= 0 when log) is not counted.
-    Cost: one pass over ``values`` in chunks of 2^20 (one float64 chunk of scratch).
-    """
-    counts = torch.zeros(bins, dtype=torch.int64, device=values.device)
-    a, z = (math.log10(lo), math.log10(hi)) if log else (lo, hi)
-    for c0 in range(0, values.numel(), _HIST_CHUNK):
-        v = values[c0 : c0 + _HIST_CHUNK].to(torch.float64)  # (chunk,)
-        keep = (v >= lo) & (v <= hi)  # (chunk,)
-        if log:
-            keep &= v > 0
-        v = v[keep]
-        tv = ((v.log10() if log else v) - a) / (z - a)  # (kept,) in [0, 1]
-        idx = (tv * bins).floor().to(torch.int64).clamp_(0, bins - 1)  # (kept,)
-        counts += torch.bincount(idx, minlength=bins)
-    return counts
 
 
 # --------------------------------------------------------------------------- fisher_accumulate_
@@ -202,7 +92,7 @@ def fisher_accumulate_(fisher, grad, *, scale: float = 1.0, backend: Optional[st
         check_same_device(**{"fisher[0]": accs[0], f"fisher{tag}": acc, f"grad{tag}": g})
         check_finite(g, f"grad{tag}")
     if accs:
-        op = kernel("square_accumulate", accs[0].device, backend)
+        op = kernel(SQUARE_ACCUMULATE, accs[0].device, backend)
         op(accs, [g.contiguous() for g in grads], float(scale))
     return fisher
 
@@ -276,7 +166,7 @@ def per_sample_linear_fisher(
         _check_accumulator(out, "out")
         if tuple(out.shape) != shape:
             raise ValueError(f"out must have shape (out_features, in_features) = {shape}, got {tuple(out.shape)}")
-    op = kernel("per_sample_linear_fisher", x.device, backend)
+    op = kernel(PER_SAMPLE_LINEAR_FISHER, x.device, backend)
     op(x.contiguous(), grad_out.contiguous(), None if mask is None else mask.contiguous(), out)
     return out
 
@@ -381,7 +271,7 @@ def fisher_histogram(values, *, bins: int = 64, log: bool = True, backend: Optio
         if hi == lo:  # a width that float64 can hold next to lo, however large lo is
             hi = lo + max(1.0, abs(lo))
         edges = torch.linspace(lo, hi, bins + 1, dtype=torch.float64, device=device)  # (bins + 1,)
-    op = kernel("histogram", device, backend)
+    op = kernel(HISTOGRAM, device, backend)
     counts = torch.zeros(bins, dtype=torch.int64, device=device)
     for _, v in flat:
         if v.numel():

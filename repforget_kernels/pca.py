@@ -48,8 +48,9 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from ._dispatch import kernel, needs_grad, register
+from ._dispatch import kernel, needs_grad
 from ._numerics import ZERO_TEST_FACTOR, mean_shift, range_scale, unit_roundoff
+from ._ops import CENTERED_MATMUL, CENTERED_MATMUL_T
 from ._validate import check_rows, check_same_device, compute_dtype
 
 __all__ = ["METHODS", "PCAResult", "randomized_pca", "pca_similarity", "pca_shift"]
@@ -70,31 +71,7 @@ class PCAResult(NamedTuple):
     mean: torch.Tensor
 
 
-# --------------------------------------------------------------------------- ops (torch composites)
-
-
-@register("centered_matmul", "torch")
-def _centered_matmul_torch(x, mu, omega):
-    """Xc @ Omega without cancellation: (X - 1 mu^T) formed block by block (the caller passes row blocks).
-
-    Contract: x (L, n, d) any float dtype; mu (L, d) and omega (L, d, l) in the compute dtype
-    (float32 or float64) -> (L, n, l) in the compute dtype, = (X - 1 mu^T) Omega with mu subtracted
-    from x in the compute dtype before the product (exact for columns with a large offset when mu
-    is their rounded mean; never X Omega - 1 (mu^T Omega), which cancels eps * |mu| / sigma).
-    Cost: n d l multiply-adds, one read of x; memory: one shifted copy of x.
-    """
-    return torch.bmm(x.to(omega.dtype) - mu.unsqueeze(-2), omega)  # (L, n, l)
-
-
-@register("centered_matmul_t", "torch")
-def _centered_matmul_t_torch(x, mu, q):
-    """Xc^T @ Q without cancellation: (X - 1 mu^T)^T Q.
-
-    Contract: x (L, n, d) any float dtype; mu (L, d) and q (L, n, l) in the compute dtype
-    -> (L, d, l) in the compute dtype, mu subtracted from x before the product (as centered_matmul).
-    Cost: n d l multiply-adds; memory: one shifted copy of x.
-    """
-    return torch.bmm((x.to(q.dtype) - mu.unsqueeze(-2)).transpose(-1, -2), q)  # (L, d, l)
+# --------------------------------------------------------------------------- orthonormalisation
 
 
 def _cholesky_qr_pass(a: torch.Tensor):
@@ -314,8 +291,8 @@ def _fit(x, k, name, *, method, oversample, n_iter, center, seed, backend) -> tu
     gen = torch.Generator().manual_seed(seed)
     omega = torch.randn(L, d, l, generator=gen, dtype=torch.float64).to(device=x.device, dtype=cd)  # (L, d, l)
     grad = needs_grad(x)
-    matmul = kernel("centered_matmul", x.device, backend, grad=grad)
-    matmul_t = kernel("centered_matmul_t", x.device, backend, grad=grad)
+    matmul = kernel(CENTERED_MATMUL, x.device, backend, grad=grad)
+    matmul_t = kernel(CENTERED_MATMUL_T, x.device, backend, grad=grad)
     cholesky = x.device.type == "cuda" and not grad  # Householder QR where autograd differentiates
 
     def orth(a: torch.Tensor) -> torch.Tensor:

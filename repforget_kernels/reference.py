@@ -23,6 +23,13 @@ __all__ = [
     "per_sample_linear_fisher_ref",
     "fisher_histogram_ref",
     "masked_pool_ref",
+    "square_accumulate_op_ref",
+    "per_sample_linear_fisher_op_ref",
+    "histogram_op_ref",
+    "shifted_cross_products_op_ref",
+    "centered_gram_op_ref",
+    "centered_matmul_op_ref",
+    "centered_matmul_t_op_ref",
 ]
 
 
@@ -246,3 +253,83 @@ def masked_pool_ref(hidden, mask, how: str = "mean") -> np.ndarray:
         else:
             rows.append(h[b, 0])
     return np.stack(rows)
+
+
+# --------------------------------------------------------------------------- kernel op twins
+# Each kernel op's contract (repforget_kernels._ops) in float64, on the op's own arguments: a dict of
+# named float64 arrays (for an in-place op, the new values of what it updates). Shifts and scales are
+# applied as given (the op applies them exactly in the compute dtype).
+
+
+def _rounded_mean(x: np.ndarray, float64_input: bool) -> np.ndarray:
+    """Column means over the rows (axis -2) in float64, rounded to the compute dtype (float32 unless float64 input)."""
+    mean = x.mean(axis=-2)
+    return mean if float64_input else mean.astype(np.float32).astype(np.float64)
+
+
+def _scales(scale, layers: int) -> np.ndarray:
+    """(L, 1, 1) float64 scale factors from an (L,) tensor or None (1)."""
+    return np.ones((layers, 1, 1)) if scale is None else to_f64(scale).reshape(-1, 1, 1)
+
+
+def square_accumulate_op_ref(accs, grads, scale: float) -> dict:
+    """acc + scale * grad**2 for every pair: {"acc[i]": array}."""
+    return {f"acc[{i}]": fisher_accumulate_ref(a, g, scale) for i, (a, g) in enumerate(zip(accs, grads))}
+
+
+def per_sample_linear_fisher_op_ref(x, grad_out, mask, out) -> dict:
+    """out + sum_s G_s**2 by the explicit per-sample loop: {"out": (out, in)}."""
+    return {"out": to_f64(out) + per_sample_linear_fisher_ref(x, grad_out, mask)}
+
+
+def histogram_op_ref(values, lo: float, hi: float, bins: int, log: bool) -> dict:
+    """Counts in ``bins`` equal (log10-spaced when ``log``) bins over [lo, hi], by the op's bin formula:
+    floor(t bins), t the position in [0, 1]; hi in the last bin; values outside not counted. {"counts": (bins,)}."""
+    v = to_f64(values).ravel()
+    keep = (v >= lo) & (v <= hi) & ((v > 0) if log else True)
+    v = v[keep]
+    a, z = (np.log10(lo), np.log10(hi)) if log else (lo, hi)
+    t = ((np.log10(v) if log else v) - a) / (z - a)
+    idx = np.clip(np.floor(t * bins).astype(np.int64), 0, bins - 1)
+    return {"counts": np.bincount(idx, minlength=bins).astype(np.float64)}
+
+
+def shifted_cross_products_op_ref(x, y, shift_x, shift_y, debiased: bool, scale_x=None, scale_y=None) -> dict:
+    """The sums of shifted and scaled rows x' = (x - shift_x) scale_x, y' likewise, by their definitions."""
+    x, y = to_f64(x), to_f64(y)
+    xs = (x - to_f64(shift_x)[:, None, :]) * _scales(scale_x, x.shape[0])  # (L, n, dx)
+    ys = (y - to_f64(shift_y)[:, None, :]) * _scales(scale_y, y.shape[0])  # (L, n, dy)
+    xt = np.swapaxes(xs, -1, -2)
+    out = {"sxy": xt @ ys, "sxx": xt @ xs, "syy": np.swapaxes(ys, -1, -2) @ ys, "sx": xs.sum(1), "sy": ys.sum(1)}
+    if debiased:
+        a, b = (xs**2).sum(-1), (ys**2).sum(-1)  # (L, n) squared row norms
+        out.update(sa=a.sum(-1), sb=b.sum(-1), saa=(a**2).sum(-1), sbb=(b**2).sum(-1), sab=(a * b).sum(-1),
+                   sax=np.einsum("ln,lnd->ld", a, xs), sbx=np.einsum("ln,lnd->ld", b, xs),
+                   say=np.einsum("ln,lnd->ld", a, ys), sby=np.einsum("ln,lnd->ld", b, ys))
+    return out
+
+
+def centered_gram_op_ref(x, unbiased: bool, scale=None) -> dict:
+    """{"gram": (L, n, n) H K H (U-centred when ``unbiased``), "trace": (L,) tr K} for K = X' X'^T,
+    X' = (X - 1 s^T) scale, s the column means rounded to the compute dtype."""
+    float64_input = str(getattr(x, "dtype", "")) in ("torch.float64", "float64")  # tensor or array
+    x = to_f64(x)
+    xs = (x - _rounded_mean(x, float64_input)[:, None, :]) * _scales(scale, x.shape[0])  # (L, n, d)
+    k = xs @ np.swapaxes(xs, -1, -2)  # (L, n, n)
+    n = k.shape[-1]
+    if unbiased:
+        gram = np.stack([_u_centre(kl) for kl in k])
+    else:
+        h = np.eye(n) - np.ones((n, n)) / n
+        gram = h @ k @ h
+    return {"gram": gram, "trace": np.trace(k, axis1=-2, axis2=-1)}
+
+
+def centered_matmul_op_ref(x, mu, omega) -> dict:
+    """{"out": (X - 1 mu^T) Omega}: (L, n, d), (L, d), (L, d, l) -> (L, n, l)."""
+    return {"out": (to_f64(x) - to_f64(mu)[:, None, :]) @ to_f64(omega)}
+
+
+def centered_matmul_t_op_ref(x, mu, q) -> dict:
+    """{"out": (X - 1 mu^T)^T Q}: (L, n, d), (L, d), (L, n, l) -> (L, d, l)."""
+    return {"out": np.swapaxes(to_f64(x) - to_f64(mu)[:, None, :], -1, -2) @ to_f64(q)}

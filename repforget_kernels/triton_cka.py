@@ -1,6 +1,6 @@
 """Triton kernels for the cka ops, on the shifted GEMM of ``_triton_gemm``.
 
-Ops registered here (backend "triton"; float64 inputs go to the torch composite, which is
+Kernels attached here (backend "triton"; float64 inputs go to the torch composite, which is
 cuBLAS DGEMM on a GPU):
   shifted_cross_products: three shifted GEMMs (X'^T Y', and one triangle each of X'^T X', Y'^T Y')
     plus two small O(n d) kernels for the sums (row norms, weighted column sums in float64).
@@ -14,9 +14,8 @@ import triton
 import triton.language as tl
 
 from . import _triton_gemm as _gemm
-from ._dispatch import interpreting, kernel, register
 from ._numerics import mean_shift
-from .cka import _gram_offsets
+from ._ops import CENTERED_GRAM, SHIFTED_CROSS_PRODUCTS, gram_offsets, interpreting, shifted_cross_product_keys
 
 __all__ = ["row_sqnorms", "weighted_colsums"]
 
@@ -137,9 +136,9 @@ def weighted_colsums(x: torch.Tensor, shift: torch.Tensor, scale=None, wa=None, 
 # --------------------------------------------------------------------------- ops
 
 
-@register("shifted_cross_products", "triton")
+@SHIFTED_CROSS_PRODUCTS.implement("triton")
 def _shifted_cross_products_triton(x, y, shift_x, shift_y, debiased, scale_x=None, scale_y=None):
-    """Triton version of the op (contract in ``cka._shifted_cross_products_torch``).
+    """Triton version of the op (contract in ``_ops``).
 
     X'^T Y' by the shifted GEMM over the tile grid, X'^T X' and Y'^T Y' over one tile triangle
     each (mirrored in the kernel); sx, sy and the debiased extras by two O(n d) kernels (row norms
@@ -149,7 +148,7 @@ def _shifted_cross_products_triton(x, y, shift_x, shift_y, debiased, scale_x=Non
     Cost: n (dx dy + (dx^2 + dy^2) / 2) multiply-adds on tensor cores (bf16/fp16) or in float32.
     """
     if shift_x.dtype == torch.float64:
-        return kernel("shifted_cross_products", x.device, "torch")(x, y, shift_x, shift_y, debiased, scale_x, scale_y)
+        return SHIFTED_CROSS_PRODUCTS.composite(x, y, shift_x, shift_y, debiased, scale_x, scale_y)
     xt = x.transpose(-1, -2)  # (L, dx, n) view
     yt = y.transpose(-1, -2)  # (L, dy, n) view
     gx = dict(shift_a=shift_x, shift_a_along="m", scale_a=scale_x)
@@ -160,18 +159,19 @@ def _shifted_cross_products_triton(x, y, shift_x, shift_y, debiased, scale_x=Non
         "syy": _gemm.shifted_gemm(yt, y, **gy, shift_b=shift_y, shift_b_along="n", scale_b=scale_y, symmetric=True),
     }
     if not debiased:
-        out["sx"] = weighted_colsums(x, shift_x, scale_x)[:, 0]  # (L, dx)
-        out["sy"] = weighted_colsums(y, shift_y, scale_y)[:, 0]  # (L, dy)
-        return out
+        out["sx"] = weighted_colsums(x, shift_x, scale_x)[:, 0].clone()  # (L, dx); outputs never alias
+        out["sy"] = weighted_colsums(y, shift_y, scale_y)[:, 0].clone()  # (L, dy)
+        return [out[k] for k in shifted_cross_product_keys(False)]
     a = row_sqnorms(x, shift_x, scale_x)  # (L, n) float64
     b = row_sqnorms(y, shift_y, scale_y)  # (L, n) float64
-    cx = weighted_colsums(x, shift_x, scale_x, a, b)  # (L, 3, dx)
-    cy = weighted_colsums(y, shift_y, scale_y, a, b)  # (L, 3, dy)
+    cx = weighted_colsums(x, shift_x, scale_x, a, b).unbind(1)  # 3 x (L, dx)
+    cy = weighted_colsums(y, shift_y, scale_y, a, b).unbind(1)  # 3 x (L, dy)
+    cx, cy = [c.clone() for c in cx], [c.clone() for c in cy]  # outputs never alias each other
     out.update(
-        sx=cx[:, 0], sy=cy[:, 0], sax=cx[:, 1], sbx=cx[:, 2], say=cy[:, 1], sby=cy[:, 2],
+        sx=cx[0], sy=cy[0], sax=cx[1], sbx=cx[2], say=cy[1], sby=cy[2],
         sa=a.sum(-1), sb=b.sum(-1), saa=a.square().sum(-1), sbb=b.square().sum(-1), sab=(a * b).sum(-1),
     )
-    return out
+    return [out[k] for k in shifted_cross_product_keys(True)]
 
 
 @triton.jit
@@ -193,9 +193,9 @@ def _centre_gram_kernel(k_ptr, u_ptr, N, s_kl, s_km, ZERO_DIAG: tl.constexpr, BM
     tl.store(ptrs, kv, mask=msk)
 
 
-@register("centered_gram", "triton")
+@CENTERED_GRAM.implement("triton")
 def _centered_gram_triton(x, unbiased, scale=None):
-    """Triton version of the op (contract in ``cka._centered_gram_torch``).
+    """Triton version of the op (contract in ``_ops``).
 
     K = X' X'^T with X' = (X - 1 s^T) scale, s the float64 column means rounded to float32,
     subtracted (exactly, for offset columns) and scaled in the load; one tile triangle computed
@@ -205,13 +205,13 @@ def _centered_gram_triton(x, unbiased, scale=None):
     Cost: n^2 d / 2 multiply-adds + 2 passes over the (L, n, n) result.
     """
     if x.dtype == torch.float64:
-        return kernel("centered_gram", x.device, "torch")(x, unbiased, scale)
+        return CENTERED_GRAM.composite(x, unbiased, scale)
     _, shift = mean_shift(x, torch.float32)  # (L, d)
     k = _gemm.shifted_gemm(x, x.transpose(-1, -2), shift_a=shift, shift_a_along="k", shift_b=shift, shift_b_along="k",
                      scale_a=scale, scale_b=scale, symmetric=True)  # (L, n, n)
     L, n, _ = k.shape
     diag = k.diagonal(dim1=-2, dim2=-1).to(torch.float64)  # (L, n)
-    u = _gram_offsets(k.sum(-1, dtype=torch.float64), diag, unbiased).to(torch.float32).contiguous()  # (L, n)
+    u = gram_offsets(k.sum(-1, dtype=torch.float64), diag, unbiased).to(torch.float32).contiguous()  # (L, n)
     bm = 32 if interpreting() else 64
     _centre_gram_kernel[(triton.cdiv(n, bm), triton.cdiv(n, bm), L)](
         k, u, n, k.stride(0), k.stride(1), ZERO_DIAG=bool(unbiased), BM=bm, BN=bm)

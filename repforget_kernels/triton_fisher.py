@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import interpreting, kernel, register
+from ._ops import PER_SAMPLE_LINEAR_FISHER, SQUARE_ACCUMULATE, interpreting
 from ._triton_gemm import dot_acc, dot_code, dot_operand
 
 __all__: list[str] = []
@@ -74,15 +74,15 @@ def _fisher_config(code: int, interp: bool) -> dict:
     return dict(BO=64, BI=64, BT=32, num_warps=4, num_stages=2)
 
 
-@register("per_sample_linear_fisher", "triton")
+@PER_SAMPLE_LINEAR_FISHER.implement("triton")
 def _per_sample_linear_fisher_triton(x, grad_out, mask, out):
-    """Triton version of the op (contract in ``fisher``): out += sum_s (sum_t m_st g_st x_st^T)**2 in place.
+    """Triton version of the op (contract in ``_ops``): out += sum_s (sum_t m_st g_st x_st^T)**2 in place.
 
     x (B, T, in), grad_out (B, T, out) any float dtype, mask (B, T) bool or None, out (out, in)
     float32 contiguous; float64 out runs the torch composite. Returns None.
     """
     if out.dtype == torch.float64:
-        return kernel("per_sample_linear_fisher", x.device, "torch")(x, grad_out, mask, out)
+        return PER_SAMPLE_LINEAR_FISHER.composite(x, grad_out, mask, out)
     B, T, n_in = x.shape
     n_out = grad_out.shape[-1]
     interp = interpreting()
@@ -145,9 +145,9 @@ def _block_tables(key: tuple, block: int, device: torch.device) -> tuple:
     return accs.to(**to), grads.to(**to), numel.to(**to), owner.to(**to), start.to(**to), aligned
 
 
-@register("square_accumulate", "triton")
+@SQUARE_ACCUMULATE.implement("triton")
 def _square_accumulate_triton(accs, grads, scale):
-    """Triton version of the op (contract in ``fisher``): acc += scale * grad.to(acc.dtype)**2 for every pair.
+    """Triton version of the op (contract in ``_ops``): acc += scale * grad.to(acc.dtype)**2 for every pair.
 
     One launch per (acc dtype, grad dtype) group; the tensors must be contiguous (the contract).
     """

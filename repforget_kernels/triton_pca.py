@@ -15,30 +15,30 @@ from __future__ import annotations
 import torch
 
 from . import _triton_gemm as _gemm
-from ._dispatch import kernel, register
+from ._ops import CENTERED_MATMUL, CENTERED_MATMUL_T
 
-__all__: list[str] = []  # the module only registers ops
+__all__: list[str] = []  # the module only attaches kernels to ops
 
 
-@register("centered_matmul", "triton")
+@CENTERED_MATMUL.implement("triton")
 def _centered_matmul_triton(x, mu, omega):
-    """Triton version of the op (contract in ``pca._centered_matmul_torch``): (X - 1 mu^T) Omega -> (L, n, l).
+    """Triton version of the op (contract in ``_ops``): (X - 1 mu^T) Omega -> (L, n, l).
 
     x (L, n, d) any float dtype, mu (L, d), omega (L, d, l) float32; float64 runs the torch composite.
     Cost: 2 L n d l flops, one read of x.
     """
     if omega.dtype == torch.float64:
-        return kernel("centered_matmul", x.device, "torch")(x, mu, omega)
+        return CENTERED_MATMUL.composite(x, mu, omega)
     return _gemm.shifted_gemm(x, omega, shift_a=mu, shift_a_along="k")  # (L, n, l)
 
 
-@register("centered_matmul_t", "triton")
+@CENTERED_MATMUL_T.implement("triton")
 def _centered_matmul_t_triton(x, mu, q):
-    """Triton version of the op (contract in ``pca._centered_matmul_t_torch``): (X - 1 mu^T)^T Q -> (L, d, l).
+    """Triton version of the op (contract in ``_ops``): (X - 1 mu^T)^T Q -> (L, d, l).
 
     x (L, n, d) any float dtype, mu (L, d), q (L, n, l) float32; float64 runs the torch composite.
     Cost: 2 L n d l flops, one read of x, split over n into float32 partial sums.
     """
     if q.dtype == torch.float64:
-        return kernel("centered_matmul_t", x.device, "torch")(x, mu, q)
+        return CENTERED_MATMUL_T.composite(x, mu, q)
     return _gemm.shifted_gemm(x.transpose(-1, -2), q, shift_a=mu, shift_a_along="m")  # (L, d, l)

@@ -21,6 +21,7 @@ import torch
 
 from conftest import TOL, randn
 from repforget_kernels import _cpp_ops, _dispatch
+from repforget_kernels._ops import OPS
 from repforget_kernels.reference import (
     centered_gram_ref,
     fisher_accumulate_ref,
@@ -35,11 +36,11 @@ needs_extension = pytest.mark.skipif(
 
 
 def cpp(op: str):
-    return _dispatch.kernel(op, CPU, "cpp")
+    return _dispatch.kernel(OPS[op], CPU, "cpp")
 
 
 def composite(op: str):
-    return _dispatch.kernel(op, CPU, "torch")
+    return _dispatch.kernel(OPS[op], CPU, "torch")
 
 
 def max_rel_diff(got, want) -> float:
@@ -226,7 +227,7 @@ class TestCenteredGram:
             cpp("centered_gram")(torch.zeros(1, 2, 4), True)
         with pytest.raises(RuntimeError, match="x must have a floating dtype, got Int"):
             cpp("centered_gram")(torch.zeros(1, 5, 4, dtype=torch.int32), False)
-        with pytest.raises(RuntimeError, match=r"scale must be a float64 CPU tensor of shape \[1\]"):
+        with pytest.raises(RuntimeError, match=r"scale must be a floating CPU tensor of shape \[1\]"):
             torch.ops.repforget.centered_gram(torch.zeros(1, 5, 4), False, torch.ones(2, dtype=torch.float64))
 
 
@@ -241,8 +242,8 @@ class TestMissingExtension:
                 warnings.simplefilter("always")
                 importlib.reload(_cpp_ops)
                 ok, why = _cpp_ops.available()
-                ops = {op: _dispatch.kernel(op, CPU) for op in ("square_accumulate", "histogram", "centered_gram")}
-                ops_again = {op: _dispatch.kernel(op, CPU) for op in ops}
+                ops = {op: _dispatch.kernel(OPS[op], CPU) for op in ("square_accumulate", "histogram", "centered_gram")}
+                ops_again = {op: _dispatch.kernel(OPS[op], CPU) for op in ops}
             assert not ok
             assert "repforget_kernels._C" in why and "pip install --no-build-isolation -e ." in why
             messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
@@ -250,7 +251,7 @@ class TestMissingExtension:
             for op in ops:
                 assert ops[op] is ops_again[op] is composite(op)
             with pytest.raises(ValueError, match="backend='cpp' cannot run here"):
-                _dispatch.kernel("histogram", CPU, "cpp")
+                _dispatch.kernel(OPS["histogram"], CPU, "cpp")
             v = torch.tensor([0.1, 0.6, 1.0])
             assert ops["histogram"](v, 0.0, 1.0, 2, False).tolist() == [1, 2]
         with warnings.catch_warnings():

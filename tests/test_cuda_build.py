@@ -2,6 +2,9 @@
 
 - every csrc/cuda/*.cu compiles with nvcc for sm_90 and sm_80, and ptxas reports no spills
   (skipped with a reason when nvcc is not on PATH);
+- the torch binding csrc/cuda/cuda_ops.cpp passes the C++ compiler's syntax and type checks against
+  this torch's headers and CUDA's (``-fsyntax-only``; a CPU wheel lacks one generated header, which
+  gets an empty stand-in), so a binding that no longer matches torch's API fails here, not on a GPU;
 - the Triton kernels compile ahead of time for an sm_90 target (triton.compile with a
   GPUTarget: the real NVIDIA pipeline down to PTX, no GPU needed), the GEMMs on tensor cores
   (wgmma in the PTX) and the square-accumulate with 16-byte vector loads.
@@ -42,6 +45,32 @@ class TestNvcc:
         assert max(spills) == 0, f"ptxas reports spills in {source}:\n{log}"
         stack = [int(v) for v in re.findall(r"(\d+) bytes stack frame", log)]
         assert max(stack) == 0, f"a kernel of {source} uses local memory (stack frame):\n{log}"
+
+
+def _cuda_include():
+    """CUDA's include directory next to nvcc (or /usr/local/cuda), or None."""
+    roots = ([os.path.dirname(os.path.dirname(os.path.realpath(NVCC)))] if NVCC else []) + ["/usr/local/cuda"]
+    for root in roots:
+        if os.path.exists(os.path.join(root, "include", "cuda_runtime.h")):
+            return os.path.join(root, "include")
+    return None
+
+
+class TestCudaBinding:
+    @pytest.mark.skipif(shutil.which("g++") is None or _cuda_include() is None, reason="needs g++ and CUDA's headers")
+    def test_binding_compiles_against_torch_headers(self, tmp_path):
+        import sysconfig
+
+        from torch.utils.cpp_extension import include_paths
+
+        stub = tmp_path / "c10" / "cuda" / "impl"
+        stub.mkdir(parents=True)
+        (stub / "cuda_cmake_macros.h").write_text("#pragma once\n")  # generated only in CUDA builds of torch
+        cmd = ["g++", "-std=c++20", "-fsyntax-only", "-DREPFORGET_WITH_CUDA", f"-I{tmp_path}",
+               *[f"-I{p}" for p in include_paths()], f"-I{_cuda_include()}", f"-I{sysconfig.get_paths()['include']}",
+               os.path.join(ROOT, "csrc", "cuda", "cuda_ops.cpp")]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, f"cuda_ops.cpp does not compile:\n{proc.stderr[-4000:]}"
 
 
 # Runs in a subprocess: conftest turns the interpreter on in this process, and interpreted

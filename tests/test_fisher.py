@@ -12,8 +12,9 @@ from torch import nn
 
 from conftest import TOL, randn
 from repforget_kernels import DiagonalFisher, fisher_accumulate_, fisher_histogram, per_sample_linear_fisher
-from repforget_kernels import fisher as fisher_mod
+from repforget_kernels import _ops
 from repforget_kernels._dispatch import kernel
+from repforget_kernels._ops import HISTOGRAM, PER_SAMPLE_LINEAR_FISHER, SQUARE_ACCUMULATE
 from repforget_kernels.reference import (
     fisher_accumulate_ref,
     fisher_histogram_ref,
@@ -79,7 +80,7 @@ class TestFisherAccumulate:
         assert float(acc32.min()) > 0.9e-8
 
     def test_op_contract_in_place_and_scaled(self, backend, gen, device):
-        op = kernel("square_accumulate", device, backend)
+        op = kernel(SQUARE_ACCUMULATE, device, backend)
         acc = torch.ones(9, 5, dtype=torch.float64, device=device)
         g = randn(9, 5, gen=gen, dtype=torch.bfloat16, device=device)
         assert op([acc], [g], -0.5) is None
@@ -142,7 +143,7 @@ class TestPerSampleLinearFisher:
         assert rel_err(out, want) < TOL[torch.float32]
 
     def test_op_contract_adds_into_out(self, backend, gen, device):
-        op = kernel("per_sample_linear_fisher", device, backend)
+        op = kernel(PER_SAMPLE_LINEAR_FISHER, device, backend)
         x = randn(2, 5, 7, gen=gen, dtype=torch.float64, device=device)
         g = randn(2, 5, 3, gen=gen, dtype=torch.float64, device=device)
         mask = _mask(2, 5, gen, device)
@@ -167,10 +168,10 @@ class TestPerSampleLinearFisher:
     @pytest.mark.parametrize("floor", [64, 2048])
     def test_composite_row_blocks_and_sample_chunks(self, gen, device, monkeypatch, floor):
         # A tiny scratch budget forces row blocks (64 B) or several samples per GEMM (2 KiB).
-        monkeypatch.setattr(fisher_mod, "_SCRATCH_FLOOR_BYTES", floor)
+        monkeypatch.setattr(_ops, "_SCRATCH_FLOOR_BYTES", floor)
         x, g = randn(7, 5, 9, gen=gen, device=device), randn(7, 5, 12, gen=gen, device=device)
         mask = _mask(7, 5, gen, device)
-        c, rows = fisher_mod._plan_chunks(7, 5, 9, 12, 4)
+        c, rows = _ops._plan_chunks(7, 5, 9, 12, 4)
         assert (rows < 12) if floor == 64 else (c > 1)
         got = per_sample_linear_fisher(x, g, mask=mask, backend="torch")
         assert rel_err(got, per_sample_linear_fisher_ref(x, g, mask)) < TOL[torch.float32]
@@ -178,7 +179,7 @@ class TestPerSampleLinearFisher:
     def test_composite_scratch_under_two_weight_matrices(self):
         b, t, n_in, n_out = 32, 128, 1024, 1024
         w = n_in * n_out * 4
-        c, rows = fisher_mod._plan_chunks(b, t, n_in, n_out, 4)
+        c, rows = _ops._plan_chunks(b, t, n_in, n_out, 4)
         scratch = c * rows * n_in * 4 + c * t * (n_in + n_out) * 4  # per-sample block + upcast/masked inputs
         assert scratch + w < 2 * w  # beyond the inputs, counting the freshly allocated result
 
@@ -256,7 +257,7 @@ class TestFisherHistogram:
 
     @pytest.mark.parametrize("log", [True, False])
     def test_op_contract_bounds(self, backend, device, log):
-        op = kernel("histogram", device, backend)
+        op = kernel(HISTOGRAM, device, backend)
         v = torch.tensor([0.0, 0.5, 1.0, 2.5, 4.5, 7.9, 8.0, 9.0, -1.0], dtype=torch.float32, device=device)
         got = op(v, 1.0, 8.0, 3, log).cpu().tolist()
         # linear bins [1, 3.33), [3.33, 5.67), [5.67, 8]; log bins [1, 2), [2, 4), [4, 8]; 8.0 == hi is in the

@@ -1,8 +1,9 @@
 """Every kernel op on every backend this machine can run, against its float64 reference, from one table.
 
-Each row of ``CONTRACTS`` is an op with an input generator (awkward sizes, offsets, one and several
-layers), a float64 reference of the op's contract and the sizes of the terms that round into each
-output (the error is bounded relative to them). One parametrised test runs every row on every
+Each row of ``CONTRACTS`` is an op (its declaration in repforget_kernels._ops) with an input generator
+(awkward sizes, offsets, one and several layers) and the sizes of the terms that round into each output
+(the error is bounded relative to them); the expected values are the op's declared float64 reference
+(``KernelOp.reference``, in repforget_kernels.reference). One parametrised test runs every row on every
 backend that registers the op and can run on the test device: torch, cpp, triton (under the
 interpreter on a CPU machine), cuda (on a GPU), after the style of repsim's metric list and
 BackPACK's test problems. What is really backend-specific (build, error messages of the C++ checks,
@@ -24,20 +25,24 @@ import torch
 from conftest import DEVICE, TOL, available_backends, randn
 from repforget_kernels import _dispatch
 from repforget_kernels._numerics import unit_roundoff
-from repforget_kernels.reference import fisher_accumulate_ref, fisher_histogram_ref, per_sample_linear_fisher_ref, to_f64
-
-import repforget_kernels  # noqa: F401  (imports every metric module: every op has its composite)
+from repforget_kernels._ops import OPS, KernelOp, shifted_cross_product_keys
+from repforget_kernels.reference import to_f64
 
 HALF = (torch.float16, torch.bfloat16)
 ALL_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 class Contract(NamedTuple):
-    op: str
+    op: KernelOp
     dtypes: tuple
     cases: Callable  # (gen, dtype, backend) -> list of (label, args)
     run: Callable  # (fn, args) -> {name: tensor}
     reference: Callable  # (args, dtype, backend) -> {name: (float64 want, float64 sum of |terms|, tol)}
+
+
+def _declared(name: str, *args) -> dict:
+    """The op's declared float64 reference on ``args``, as float64 tensors."""
+    return {k: torch.as_tensor(v, dtype=torch.float64) for k, v in OPS[name].reference(*args).items()}
 
 
 def _work_tol(dtype: torch.dtype) -> float:
@@ -97,12 +102,10 @@ def _sq_run(fn, args):
 
 def _sq_ref(args, dtype, backend):
     accs, grads, scale = args
-    out = {}
-    for i, (a, g) in enumerate(zip(accs, grads)):
-        want = torch.as_tensor(fisher_accumulate_ref(a, g, scale))
-        # positive terms, the upcast exact: three roundings in acc's dtype, relative to the result
-        out[f"acc[{i}]"] = (want, want.abs(), 4 * unit_roundoff(a.dtype))
-    return out
+    want = _declared("square_accumulate", *args)
+    # positive terms, the upcast exact: three roundings in acc's dtype, relative to the result
+    return {f"acc[{i}]": (want[f"acc[{i}]"], want[f"acc[{i}]"].abs(), 4 * unit_roundoff(a.dtype))
+            for i, a in enumerate(accs)}
 
 
 # --------------------------------------------------------------------------- histogram
@@ -127,8 +130,7 @@ def _hist_run(fn, args):
 
 
 def _hist_ref(args, dtype, backend):
-    v, _, _, bins, log = args
-    want = torch.as_tensor(fisher_histogram_ref(v, bins=bins, log=log)[0], dtype=torch.float64)
+    want = _declared("histogram", *args)["counts"]
     return {"counts": (want, torch.ones_like(want), 0.0)}  # counts are exact
 
 
@@ -170,18 +172,19 @@ def _centre64(k: torch.Tensor, unbiased: bool) -> torch.Tensor:
 
 def _gram_ref(args, dtype, backend):
     x, unbiased, scale = args
+    want = _declared("centered_gram", *args)
     x64 = _f64(x)
     g = torch.ones(x.shape[0], dtype=torch.float64) if scale is None else scale.cpu()
-    # the operands each backend multiplies: rows minus the mean rounded to the compute dtype (exact),
-    # scaled (exact), rounded to the half type where Triton's tensor cores take them
     shift = x64.mean(-2, keepdim=True).to(torch.float64 if dtype == torch.float64 else torch.float32).double()
-    xs = (x64 - shift) * g.view(-1, 1, 1)
-    if backend == "triton" and dtype in HALF:
+    xs = (x64 - shift) * g.view(-1, 1, 1)  # the shifted, scaled rows of the contract (exact)
+    if backend == "triton" and dtype in HALF:  # Triton's tensor cores take the operands rounded to the half type
         xs = xs.to(dtype).double()
     k = xs @ xs.transpose(-1, -2)  # (L, n, n)
+    if backend == "triton" and dtype in HALF:
+        want = {"gram": _centre64(k, unbiased), "trace": k.diagonal(dim1=-2, dim2=-1).sum(-1)}
     size = torch.linalg.matrix_norm(k).view(-1, 1, 1).expand_as(k)  # entries of the uncentred Gram round in
-    trace = k.diagonal(dim1=-2, dim2=-1).sum(-1)
-    return {"gram": (_centre64(k, unbiased), size, _work_tol(dtype)), "trace": (trace, trace, _work_tol(dtype))}
+    trace = want["trace"]
+    return {"gram": (want["gram"], size, _work_tol(dtype)), "trace": (trace, trace, _work_tol(dtype))}
 
 
 # --------------------------------------------------------------------------- shifted_cross_products
@@ -201,18 +204,17 @@ def _scp_cases(gen, dtype, backend):
 
 
 def _scp_run(fn, args):
-    return dict(fn(*args))
+    return dict(zip(shifted_cross_product_keys(args[4]), fn(*args)))
 
 
 def _scp_ref(args, dtype, backend):
     x, y, sx, sy, debiased, gx, gy = args
-    composite = _dispatch.kernel("shifted_cross_products", DEVICE, "torch")
+    want = _declared("shifted_cross_products", *args)
     d = dict(dtype=torch.float64)
-    want = composite(x.to(**d), y.to(**d), sx.to(**d), sy.to(**d), debiased, gx, gy)
-    xa = ((x.to(**d) - sx.to(**d).unsqueeze(1)) * (1.0 if gx is None else gx.view(-1, 1, 1))).abs()
-    ya = ((y.to(**d) - sy.to(**d).unsqueeze(1)) * (1.0 if gy is None else gy.view(-1, 1, 1))).abs()
-    sizes = composite(xa, ya, torch.zeros_like(sx, **d), torch.zeros_like(sy, **d), debiased)
-    return {k: (want[k].cpu(), sizes[k].cpu(), _gemm_tol(dtype, backend) if k in ("sxy", "sxx", "syy") else _work_tol(dtype))
+    xa = ((x.to(**d) - sx.to(**d).unsqueeze(1)) * (1.0 if gx is None else gx.cpu().view(-1, 1, 1))).abs()
+    ya = ((y.to(**d) - sy.to(**d).unsqueeze(1)) * (1.0 if gy is None else gy.cpu().view(-1, 1, 1))).abs()
+    sizes = _declared("shifted_cross_products", xa, ya, torch.zeros_like(sx, **d), torch.zeros_like(sy, **d), debiased)
+    return {k: (want[k], sizes[k], _gemm_tol(dtype, backend) if k in ("sxy", "sxx", "syy") else _work_tol(dtype))
             for k in want}
 
 
@@ -236,12 +238,13 @@ def _cm_run(fn, args):
 
 
 def _cm_ref(transposed: bool):
+    name = "centered_matmul_t" if transposed else "centered_matmul"
+
     def ref(args, dtype, backend):
         x, mu, other = (_f64(t) for t in args)
-        xc = x - mu.unsqueeze(-2)
-        a = xc.transpose(-1, -2) if transposed else xc
+        size = _declared(name, (x - mu.unsqueeze(-2)).abs(), torch.zeros_like(mu), other.abs())["out"]
         # the shifted values multiply the float32 sketch in float32 on every backend (no half operands)
-        return {"out": (a @ other, a.abs() @ other.abs(), _work_tol(dtype))}
+        return {"out": (_declared(name, *args)["out"], size, _work_tol(dtype))}
     return ref
 
 
@@ -271,20 +274,20 @@ def _psf_run(fn, args):
 
 def _psf_ref(args, dtype, backend):
     x, g, mask, out = args
-    want = torch.as_tensor(per_sample_linear_fisher_ref(x, g, mask)) + _f64(out)
-    size = torch.as_tensor(per_sample_linear_fisher_ref(x.abs(), g.abs(), mask)) + _f64(out)
+    want = _declared("per_sample_linear_fisher", *args)["out"]
+    size = _declared("per_sample_linear_fisher", x.abs(), g.abs(), mask, out)["out"]
     # G_s: float32 (float64) sums of T products of exact (input-dtype) operands, squared and summed
     return {"out": (want, size, _work_tol(dtype))}
 
 
 CONTRACTS = [
-    Contract("square_accumulate", ALL_FLOATS, _sq_cases, _sq_run, _sq_ref),
-    Contract("histogram", ALL_FLOATS, _hist_cases, _hist_run, _hist_ref),
-    Contract("centered_gram", ALL_FLOATS, _gram_cases, _gram_run, _gram_ref),
-    Contract("shifted_cross_products", ALL_FLOATS, _scp_cases, _scp_run, _scp_ref),
-    Contract("centered_matmul", ALL_FLOATS, lambda gen, dt, b: _cm_cases(gen, dt, b, False), _cm_run, _cm_ref(False)),
-    Contract("centered_matmul_t", ALL_FLOATS, lambda gen, dt, b: _cm_cases(gen, dt, b, True), _cm_run, _cm_ref(True)),
-    Contract("per_sample_linear_fisher", ALL_FLOATS, _psf_cases, _psf_run, _psf_ref),
+    Contract(OPS["square_accumulate"], ALL_FLOATS, _sq_cases, _sq_run, _sq_ref),
+    Contract(OPS["histogram"], ALL_FLOATS, _hist_cases, _hist_run, _hist_ref),
+    Contract(OPS["centered_gram"], ALL_FLOATS, _gram_cases, _gram_run, _gram_ref),
+    Contract(OPS["shifted_cross_products"], ALL_FLOATS, _scp_cases, _scp_run, _scp_ref),
+    Contract(OPS["centered_matmul"], ALL_FLOATS, lambda gen, dt, b: _cm_cases(gen, dt, b, False), _cm_run, _cm_ref(False)),
+    Contract(OPS["centered_matmul_t"], ALL_FLOATS, lambda gen, dt, b: _cm_cases(gen, dt, b, True), _cm_run, _cm_ref(True)),
+    Contract(OPS["per_sample_linear_fisher"], ALL_FLOATS, _psf_cases, _psf_run, _psf_ref),
 ]
 
 
@@ -293,22 +296,28 @@ def _pairs():
     out = []
     for c in CONTRACTS:
         for b in available_backends():
-            if b == "torch" or b in _dispatch.registered(c.op):
-                out.append(pytest.param(c, b, id=f"{c.op}-{b}"))
+            if b in _dispatch.registered(c.op):
+                out.append(pytest.param(c, b, id=f"{c.op.name}-{b}"))
     return out
 
 
 class TestOpContract:
-    def test_table_covers_every_registered_op(self):
-        ours = {op for op, impls in _dispatch._REGISTRY.items()
-                if getattr(impls.get("torch"), "__module__", "").startswith("repforget_kernels")}
-        assert ours == {c.op for c in CONTRACTS}
+    def test_table_covers_every_declared_op(self):
+        assert {c.op.name for c in CONTRACTS} == set(OPS)
+
+    @pytest.mark.parametrize("contract", CONTRACTS, ids=lambda c: c.op.name)
+    def test_declaration_passes_opcheck(self, contract, gen):
+        """Schema (mutations declared), fake (shapes, dtypes, strides) and AOT tracing of the op as declared,
+        against the kernel torch.ops.repforget.<op> runs here (compiled where registered, else the composite)."""
+        for label, args in contract.cases(gen, torch.float32, "torch")[:2]:
+            torch.library.opcheck(contract.op.packet.default, args,
+                                  test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
     @pytest.mark.parametrize("contract,backend", _pairs())
     @pytest.mark.parametrize("dtype", ALL_FLOATS, ids=str)
     def test_matches_float64_reference(self, contract, backend, dtype, gen, two_threads):
         if dtype not in contract.dtypes:
-            pytest.skip(f"{contract.op} takes no {dtype}")
+            pytest.skip(f"{contract.op.name} takes no {dtype}")
         fn = _dispatch.kernel(contract.op, DEVICE, backend)
         for label, args in contract.cases(gen, dtype, backend):
             got = contract.run(fn, args)
@@ -320,4 +329,4 @@ class TestOpContract:
                 assert torch.isfinite(g).all(), f"{label} {name}: non-finite (unwritten) entries"
                 err = (g - ref).abs()
                 worst = float((err / (tol * size.abs() + 1e-300)).max()) if err.numel() else 0.0
-                assert worst <= 1.0, f"{contract.op}/{backend} {label} {name}: error {worst:.2f}x the bound (tol {tol:g})"
+                assert worst <= 1.0, f"{contract.op.name}/{backend} {label} {name}: error {worst:.2f}x the bound (tol {tol:g})"

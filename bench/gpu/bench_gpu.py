@@ -27,6 +27,7 @@ if DRY and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 
 from repforget_kernels import _dispatch, randomized_pca  # noqa: E402
+from repforget_kernels._ops import OPS  # noqa: E402
 
 # full-size shapes (GPU) and dry-run shapes (CPU, interpreter)
 FULL = dict(rows=65536, d=4096, layers=32, chunk_layers=4, chunk_rows=16384, gram_n=4096, gram_layers=8,
@@ -68,7 +69,7 @@ def row(section, impl, ms, work, unit, **extra) -> dict:
 
 
 def op(name: str, device, backend: str):
-    return _dispatch.kernel(name, device, backend)
+    return _dispatch.kernel(OPS[name], device, backend)
 
 
 def have(backend: str, device) -> bool:

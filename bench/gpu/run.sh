@@ -18,7 +18,7 @@ export MAX_JOBS=16
 timeout 100 pip install --no-build-isolation --no-deps --no-index -e . >"$OUT/build.log" 2>&1
 build_rc=$?
 tail -3 "$OUT/build.log"
-python -c "from repforget_kernels import _cuda_ops, _cpp_ops; print('cuda ops:', _cuda_ops.available()); print('cpp ops:', _cpp_ops.available())" | tee -a "$OUT/gpu.txt"
+python -c "from repforget_kernels import _cpp_ops; print('cuda ops:', _cpp_ops.cuda_available()); print('cpp ops:', _cpp_ops.available())" | tee -a "$OUT/gpu.txt"
 
 echo "== tests on CUDA tensors"
 REPFORGET_TEST_DEVICE=cuda timeout 180 python -m pytest -x -q -p no:cacheprovider tests >"$OUT/tests.log" 2>&1

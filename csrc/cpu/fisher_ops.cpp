@@ -70,18 +70,19 @@ void square_accumulate_cpu(at::TensorList accs, at::TensorList grads, double sca
                 "] must have a floating dtype, got ", grad.scalar_type());
     TORCH_CHECK(acc.sizes() == grad.sizes(), "square_accumulate: accs[", k, "] has shape ", acc.sizes(),
                 " but grads[", k, "] has shape ", grad.sizes());
-    TORCH_CHECK(acc.is_contiguous() && grad.is_contiguous(), "square_accumulate: accs[", k, "] and grads[", k,
-                "] must be contiguous");
   }
   for (size_t k = 0; k < accs.size(); ++k) {
     const at::Tensor& acc = accs[k];
-    const at::Tensor& grad = grads[k];
+    const at::Tensor grad = grads[k].contiguous();
+    // a strided accumulator is updated in a contiguous copy, then written back
+    const at::Tensor work = acc.is_contiguous() ? acc : acc.contiguous();
     AT_DISPATCH_FLOATING_TYPES(acc.scalar_type(), "square_accumulate_acc", [&] {
       using acc_t = scalar_t;
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "square_accumulate_grad", [&] {
-        square_accumulate_one<acc_t, scalar_t>(acc, grad, scale);
+        square_accumulate_one<acc_t, scalar_t>(work, grad, scale);
       });
     });
+    if (!acc.is_contiguous()) acc.copy_(work);
   }
 }
 
@@ -184,11 +185,11 @@ at::Tensor histogram_cpu(const at::Tensor& values, double lo, double hi, int64_t
   TORCH_CHECK(values.dim() == 1, "histogram: values must be 1-D, got shape ", values.sizes());
   TORCH_CHECK(is_float_dtype(values.scalar_type()), "histogram: values must have a floating dtype, got ",
               values.scalar_type());
-  TORCH_CHECK(values.is_contiguous(), "histogram: values must be contiguous");
   TORCH_CHECK(bins >= 1, "histogram: bins must be >= 1, got ", bins);
   TORCH_CHECK(std::isfinite(lo) && std::isfinite(hi) && lo < hi, "histogram: need finite lo < hi, got lo=", lo,
               " hi=", hi);
   TORCH_CHECK(!log || lo > 0, "histogram: log bins need lo > 0, got lo=", lo);
+  const at::Tensor flat = values.contiguous();  // the kernels read one dense run
   Binner bin{lo, hi, log ? std::log10(lo) : lo, log ? std::log10(hi) - std::log10(lo) : hi - lo, bins, log};
 
   const int64_t n_threads = at::get_num_threads();
@@ -196,9 +197,9 @@ at::Tensor histogram_cpu(const at::Tensor& values, double lo, double hi, int64_t
   // thresholds cost ~64 bin evaluations per bin: worth it once there are many values per bin
   const int64_t table_size = std::max<int64_t>(4096, 4 * bins);
   if (values.numel() >= 256 * bins + table_size)
-    histogram_fill(values, KeyBinner(bin, table_size), bins, local, n_threads);
+    histogram_fill(flat, KeyBinner(bin, table_size), bins, local, n_threads);
   else
-    histogram_fill(values, bin, bins, local, n_threads);
+    histogram_fill(flat, bin, bins, local, n_threads);
   at::Tensor counts = at::zeros({bins}, values.options().dtype(at::kLong));  // (bins,)
   int64_t* c = counts.data_ptr<int64_t>();
   for (int64_t t = 0; t < n_threads; ++t)

@@ -130,10 +130,12 @@ std::tuple<at::Tensor, at::Tensor> centered_gram_cpu(const at::Tensor& x, bool u
   const int64_t L = x.size(0), n = x.size(1);
   TORCH_CHECK(n >= (unbiased ? 3 : 1), "centered_gram: x needs at least ", unbiased ? 3 : 1,
               " rows for unbiased=", unbiased, ", got shape ", x.sizes());
-  at::Tensor sc = scale.has_value() ? scale->contiguous() : at::ones({L}, x.options().dtype(at::kDouble));  // (L,)
-  TORCH_CHECK(sc.device().is_cpu() && sc.scalar_type() == at::kDouble && sc.dim() == 1 && sc.size(0) == L,
-              "centered_gram: scale must be a float64 CPU tensor of shape [", L, "], got ", sc.scalar_type(),
-              " of shape ", sc.sizes());
+  if (scale.has_value())
+    TORCH_CHECK(scale->device().is_cpu() && scale->is_floating_point() && scale->dim() == 1 && scale->size(0) == L,
+                "centered_gram: scale must be a floating CPU tensor of shape [", L, "], got ", scale->scalar_type(),
+                " of shape ", scale->sizes());
+  const at::Tensor sc = scale.has_value() ? scale->to(at::kDouble).contiguous()
+                                          : at::ones({L}, x.options().dtype(at::kDouble));  // (L,) float64
   const at::ScalarType cd = t == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor xin = x.contiguous();
   const at::Tensor mean = xin.sum(1, /*keepdim=*/false, at::kDouble).div_(static_cast<double>(n));  // (L, d)

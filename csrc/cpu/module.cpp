@@ -1,10 +1,10 @@
-// The Python module repforget_kernels._C and the schemas of the repforget ops.
+// The Python module repforget_kernels._C.
 //
-// Importing the module loads this library, whose static initialisers register the
-// ops with the torch dispatcher: they are then reached as torch.ops.repforget.<name>.
-// Kernels live in the other files of csrc/cpu (TORCH_LIBRARY_IMPL(repforget, CPU, m));
-// CUDA bindings add theirs with TORCH_LIBRARY_IMPL(repforget, CUDA, m) or new schemas
-// with TORCH_LIBRARY_FRAGMENT(repforget, m). No pybind11: the module itself is empty.
+// The ops are declared once, in Python (repforget_kernels/_ops.py: schema, fake, torch composite).
+// Importing this module loads the library, whose static initialisers register compiled kernels of
+// those ops with the torch dispatcher: the CPU kernels in the other files of csrc/cpu
+// (TORCH_LIBRARY_IMPL(repforget, CPU, m)), the CUDA kernels in csrc/cuda
+// (TORCH_LIBRARY_IMPL(repforget, CUDA, m)). No pybind11: the module itself is empty.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -19,13 +19,4 @@ PyObject* PyInit__C(void) {
   };
   return PyModule_Create(&module_def);
 }
-}
-
-TORCH_LIBRARY(repforget, m) {
-  // for each pair: acc += scale * float(grad)^2, in place (acc float32/float64).
-  m.def("square_accumulate(Tensor(a!)[] accs, Tensor[] grads, float scale) -> ()");
-  // counts (bins,) int64 of values in [lo, hi], linear or log10 bins.
-  m.def("histogram(Tensor values, float lo, float hi, int bins, bool log) -> Tensor");
-  // (L, n, d) -> ((L, n, n) centred (or U-centred) Gram matrices of (x - mean) * scale, (L,) traces).
-  m.def("centered_gram(Tensor x, bool unbiased, Tensor? scale=None) -> (Tensor, Tensor)");
 }

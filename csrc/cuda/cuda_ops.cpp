@@ -1,7 +1,8 @@
 // Torch binding of the CUDA kernels in csrc/cuda/*.cu (built only in a CUDA build of
-// repforget_kernels._C, with -DREPFORGET_WITH_CUDA). Registers, in the repforget namespace:
-//   cuda_square_accumulate(Tensor(a!)[] accs, Tensor[] grads, float scale) -> ()
-//   cuda_histogram(Tensor values, float lo, float hi, int bins, bool log) -> Tensor (int64 counts)
+// repforget_kernels._C, with -DREPFORGET_WITH_CUDA). Registers the CUDA kernels of two ops declared
+// in repforget_kernels/_ops.py (schemas and contracts there):
+//   square_accumulate(Tensor(a!)[] accs, Tensor[] grads, float scale) -> ()
+//   histogram(Tensor values, float lo, float hi, int bins, bool log) -> Tensor (int64 counts)
 // Each call passes data_ptr() and the current CUDA stream to the extern "C" launchers.
 #ifdef REPFORGET_WITH_CUDA
 
@@ -37,26 +38,28 @@ void cuda_square_accumulate(at::TensorList accs, at::TensorList grads, double sc
               grads.size());
   for (size_t i = 0; i < accs.size(); ++i) {
     const at::Tensor& acc = accs[i];
-    const at::Tensor& grad = grads[i];
+    const at::Tensor grad = grads[i].contiguous();
     TORCH_CHECK(acc.is_cuda() && grad.is_cuda() && acc.device() == grad.device(),
                 "accs[", i, "] and grads[", i, "] must be CUDA tensors on one device");
     TORCH_CHECK(acc.scalar_type() == at::kFloat || acc.scalar_type() == at::kDouble,
                 "accs[", i, "] must be float32 or float64, got ", acc.scalar_type());
-    TORCH_CHECK(acc.is_contiguous() && grad.is_contiguous(), "accs[", i, "] and grads[", i, "] must be contiguous");
     TORCH_CHECK(acc.numel() == grad.numel(), "accs[", i, "] has ", acc.numel(), " elements, grads[", i, "] has ",
                 grad.numel());
     c10::cuda::CUDAGuard guard(acc.device());
     cudaStream_t stream = c10::cuda::getCurrentCUDAStream(acc.device().index()).stream();
-    check_launch(repforget_square_accumulate(acc.data_ptr(), dtype_code(acc, "acc"), grad.data_ptr(),
-                                             dtype_code(grad, "grad"), acc.numel(), scale, stream),
+    // a strided accumulator is updated in a contiguous copy, then written back
+    const at::Tensor work = acc.is_contiguous() ? acc : acc.contiguous();
+    check_launch(repforget_square_accumulate(work.data_ptr(), dtype_code(work, "acc"), grad.data_ptr(),
+                                             dtype_code(grad, "grad"), work.numel(), scale, stream),
                  "repforget_square_accumulate");
+    if (!acc.is_contiguous()) acc.copy_(work);
   }
 }
 
-at::Tensor cuda_histogram(const at::Tensor& values, double lo, double hi, int64_t bins, bool log) {
-  TORCH_CHECK(values.is_cuda(), "values must be a CUDA tensor");
-  TORCH_CHECK(values.dim() == 1 && values.is_contiguous(), "values must be 1-D and contiguous, got shape ",
-              values.sizes());
+at::Tensor cuda_histogram(const at::Tensor& values_in, double lo, double hi, int64_t bins, bool log) {
+  TORCH_CHECK(values_in.is_cuda(), "values must be a CUDA tensor");
+  TORCH_CHECK(values_in.dim() == 1, "values must be 1-D, got shape ", values_in.sizes());
+  const at::Tensor values = values_in.contiguous();
   TORCH_CHECK(bins >= 1 && bins <= (1 << 24), "bins must be in [1, 2^24], got ", bins);
   TORCH_CHECK(lo < hi, "lo must be < hi, got lo=", lo, " hi=", hi);
   TORCH_CHECK(!log || lo > 0, "log bins need lo > 0, got lo=", lo);
@@ -72,14 +75,9 @@ at::Tensor cuda_histogram(const at::Tensor& values, double lo, double hi, int64_
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(repforget, m) {
-  m.def("cuda_square_accumulate(Tensor(a!)[] accs, Tensor[] grads, float scale) -> ()");
-  m.def("cuda_histogram(Tensor values, float lo, float hi, int bins, bool log) -> Tensor");
-}
-
 TORCH_LIBRARY_IMPL(repforget, CUDA, m) {
-  m.impl("cuda_square_accumulate", &cuda_square_accumulate);
-  m.impl("cuda_histogram", &cuda_histogram);
+  m.impl("square_accumulate", &cuda_square_accumulate);
+  m.impl("histogram", &cuda_histogram);
 }
 
 #endif  // REPFORGET_WITH_CUDA
