@@ -36,7 +36,7 @@ from ._validate import compute_dtype
 __all__ = [
     "LIBRARY", "BACKENDS", "KernelOp", "OPS", "interpreting",
     "SQUARE_ACCUMULATE", "PER_SAMPLE_LINEAR_FISHER", "HISTOGRAM", "CENTERED_GRAM", "SHIFTED_CROSS_PRODUCTS",
-    "CENTERED_MATMUL", "CENTERED_MATMUL_T", "shifted_cross_product_keys",
+    "CENTERED_MATMUL", "CENTERED_MATMUL_T", "shifted_cross_product_keys", "column_gram",
 ]
 
 LIBRARY = "repforget"
@@ -259,9 +259,45 @@ def shifted_cross_product_keys(debiased: bool) -> tuple[str, ...]:
 
 
 def _shift_and_scale(x: torch.Tensor, shift: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
-    """(x - shift) * scale in shift's dtype: (L, n, d), (L, d), (L,) or None -> (L, n, d)."""
-    xs = x.to(shift.dtype) - shift.unsqueeze(-2)  # (L, n, d)
-    return xs if scale is None else xs * scale.to(device=shift.device, dtype=shift.dtype).view(-1, 1, 1)
+    """(x - shift) * scale in shift's dtype: (L, n, d), (L, d), (L,) or None -> (L, n, d).
+
+    One pass, as x * scale - shift * scale: scale is a power of two, so both products are exact (the
+    shifted data are scaled into (-1, 1): nothing overflows, and only parts below 2^-149 of the
+    range could underflow) and the difference rounds exactly as (x - shift) * scale does.
+    """
+    if scale is None:
+        return x.to(shift.dtype) - shift.unsqueeze(-2)  # (L, n, d)
+    sc = scale.to(device=shift.device, dtype=shift.dtype).view(-1, 1, 1)  # (L, 1, 1)
+    return torch.addcmul(shift.unsqueeze(-2) * -sc, x.to(shift.dtype), sc)  # (L, n, d)
+
+
+# Column panels of the symmetric products: 4 (5/8 of the full product's multiply-adds) once a panel
+# is at least this wide; narrower products are one bmm.
+_GRAM_PANELS, _MIN_PANEL = 4, 256
+
+
+def column_gram(a: torch.Tensor) -> torch.Tensor:
+    """A^T A of each layer, (L, n, d) -> (L, d, d), computing the symmetric product by column panels.
+
+    Panel j (columns j b .. (j + 1) b - 1, b = ceil(d / 4)) is multiplied with the columns from
+    j b on only, and its part below the diagonal blocks is mirrored: n d^2 (4 + 1) / 8 multiply-adds
+    instead of n d^2, as four GEMMs that stay BLAS-efficient (a BLAS syrk would halve the work, but
+    torch exposes none, and SciPy's runs on a second thread pool that contends with torch's). Each
+    entry is the same dot product of two columns of length n, accumulated in a's dtype, as in a GEMM.
+    d < 2 * 256, or an input that requires grad: one bmm.
+    """
+    d = a.shape[-1]
+    width = -(-d // _GRAM_PANELS)  # ceil(d / panels)
+    if a.requires_grad or width < _MIN_PANEL:
+        return torch.bmm(a.transpose(-1, -2), a)  # (L, d, d)
+    out = a.new_empty((a.shape[0], d, d))  # (L, d, d)
+    at = a.transpose(-1, -2)  # (L, d, n)
+    for i0 in range(0, d, width):
+        i1 = min(i0 + width, d)
+        panel = torch.bmm(at[:, i0:i1], a[:, :, i0:])  # (L, i1 - i0, d - i0): rows i0..i1 of the upper part
+        out[:, i0:i1, i0:] = panel
+        out[:, i1:, i0:i1] = panel[:, :, i1 - i0:].transpose(-1, -2)  # the mirror below the diagonal block
+    return out
 
 
 def _shifted_cross_products(x, y, shift_x, shift_y, debiased, scale_x=None, scale_y=None):
@@ -280,7 +316,8 @@ def _shifted_cross_products(x, y, shift_x, shift_y, debiased, scale_x=None, scal
         sx (L, dx) = sum_i x'_i      sy (L, dy) = sum_i y'_i
       and when ``debiased``: sa, sb, saa, sbb, sab (L,) = sum a, b, a^2, b^2, ab;
         sax, sbx (L, dx) = sum a_i x'_i, sum b_i x'_i;  say, sby (L, dy) = sum a_i y'_i, sum b_i y'_i.
-    Cost: n (dx dy + dx^2 + dy^2) multiply-adds; memory: one shifted copy of x and y.
+    Cost: n (dx dy + 5 (dx^2 + dy^2) / 8) multiply-adds (the symmetric products by
+    :func:`column_gram`; n (dx dy + dx^2 + dy^2) below 512 columns); memory: one shifted copy of x and y.
     """
     cd, f64 = shift_x.dtype, torch.float64
     xs = _shift_and_scale(x, shift_x, scale_x)  # (L, n, dx)
@@ -288,8 +325,8 @@ def _shifted_cross_products(x, y, shift_x, shift_y, debiased, scale_x=None, scal
     xt = xs.transpose(-1, -2)  # (L, dx, n)
     out = [
         torch.bmm(xt, ys),  # sxy (L, dx, dy)
-        torch.bmm(xt, xs),  # sxx (L, dx, dx)
-        torch.bmm(ys.transpose(-1, -2), ys),  # syy (L, dy, dy)
+        column_gram(xs),  # sxx (L, dx, dx), one triangle
+        column_gram(ys),  # syy (L, dy, dy)
         xs.sum(-2).to(f64),  # sx (L, dx) cascade-summed in the compute dtype: shifted values are small
         ys.sum(-2).to(f64),  # sy (L, dy)
     ]

@@ -191,7 +191,8 @@ def linear_cka(
         y: (n, dy) or (B, n, dy), same n (and B) as ``x``.
         debiased: use the unbiased HSIC estimator (needs n >= 4). Debiased CKA is an
             estimate and can fall slightly below 0 for unrelated inputs.
-        method: ``"feature"`` (cost n (dx dy + dx^2 + dy^2), memory dx dy),
+        method: ``"feature"`` (cost n (dx dy + 5 (dx^2 + dy^2) / 8): the symmetric products by column
+            panels once d >= 1021, see ``_ops.column_gram``; memory dx dy),
             ``"gram"`` (cost n^2 (dx + dy), memory n^2) or ``"auto"`` (feature when dx + dy <= n).
         backend: force a backend (see ``repforget_kernels._dispatch``).
 
@@ -322,7 +323,8 @@ def cka_matrix(
         debiased: unbiased HSIC (n >= 4).
         method: ``"gram"``: each layer's centred Gram once (L n^2 d), then all pairs as GEMMs on
             the flattened Grams (Lx Ly n^2, accumulated in float64 by chunks), memory (Lx + Ly) n^2;
-            ``"feature"``: cross-products per pair (Lx Ly n dx dy), memory dx dy;
+            ``"feature"``: cross-products per pair (Lx Ly n dx dy; with ``ys=None`` only the pairs
+            i <= j, L (L + 1) / 2, mirrored), memory dx dy;
             ``"auto"``: gram when the Grams fit in 2^28 elements (1 GiB of float32), else feature.
         backend: force a backend.
 
@@ -359,15 +361,16 @@ def cka_matrix(
         ex, ey = 2 * nx.clamp_min(0).sqrt() * tx, 2 * ny.clamp_min(0).sqrt() * ty
         return _ratio(pair, nx.unsqueeze(1), ny.unsqueeze(0), ex.unsqueeze(1), ey.unsqueeze(0), u,
                       ("xs", yname)).to(out_dtype)
-    rows = []
+    pairs = {}  # (i, j) -> CKA; against itself only i <= j (CKA is symmetric), mirrored below
     for i, xi in enumerate(lx):
-        row = []
         for j, yj in enumerate(ly):
+            if ys is None and j < i:
+                continue
             try:
-                row.append(linear_cka(xi, yj, debiased=debiased, method="feature", backend=backend).double())
+                pairs[i, j] = linear_cka(xi, yj, debiased=debiased, method="feature", backend=backend).double()
             except ValueError as exc:  # name the layers, not linear_cka's x and y
                 raise ValueError(f"layer pair (xs[{i}], {yname}[{j}]): {exc}") from None
-        rows.append(torch.stack(row))
+    rows = [torch.stack([pairs[(i, j) if (i, j) in pairs else (j, i)] for j in range(len(ly))]) for i in range(len(lx))]
     return torch.stack(rows).to(device=lx[0].device, dtype=out_dtype)
 
 

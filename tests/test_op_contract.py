@@ -330,3 +330,29 @@ class TestOpContract:
                 err = (g - ref).abs()
                 worst = float((err / (tol * size.abs() + 1e-300)).max()) if err.numel() else 0.0
                 assert worst <= 1.0, f"{contract.op.name}/{backend} {label} {name}: error {worst:.2f}x the bound (tol {tol:g})"
+
+
+class TestColumnGram:
+    """The symmetric products by column panels (_ops.column_gram) against float64, at awkward splits."""
+
+    @pytest.mark.parametrize("L,n,d,min_panel", [(1, 29, 1030, None), (2, 301, 37, 1), (1, 5, 13, 2), (3, 64, 8, 1)])
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+    def test_matches_float64(self, gen, monkeypatch, L, n, d, min_panel, dtype):
+        from repforget_kernels import _ops
+
+        if min_panel is not None:  # panels as narrow as this: d not a multiple of the panel width
+            monkeypatch.setattr(_ops, "_MIN_PANEL", min_panel)
+        a = randn(L, n, d, gen=gen, dtype=dtype)
+        assert -(-d // _ops._GRAM_PANELS) >= _ops._MIN_PANEL  # the panel path runs
+        got = _f64(_ops.column_gram(a))
+        a64 = _f64(a)
+        want = a64.transpose(-1, -2) @ a64
+        size = a64.abs().transpose(-1, -2) @ a64.abs()
+        assert float(((got - want).abs() / (_work_tol(dtype) * size)).max()) <= 1.0
+
+    def test_grad_takes_one_bmm(self, gen):
+        from repforget_kernels import _ops
+
+        a = randn(1, 40, 1100, gen=gen, dtype=torch.float64).requires_grad_()
+        _ops.column_gram(a).sum().backward()
+        torch.testing.assert_close(a.grad, 2 * a.detach() @ torch.ones(1100, 1100, dtype=torch.float64))
