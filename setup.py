@@ -105,8 +105,9 @@ setup(
         "driver": ["transformers", "tokenizers", "tqdm", "matplotlib", "scipy", "rouge-score", "datasets", "pyyaml",
                    "peft"],
         # hypothesis: the property sweep; triton: its kernels are tested under TRITON_INTERPRET=1; accelerate: the
-        # shipped FSDP launch config is tested
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "triton", "accelerate"],
+        # shipped FSDP launch config is tested; mpmath (also a torch dependency, through sympy): the 50-digit
+        # check of the refined float64 PCA reference
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "triton", "accelerate", "mpmath"],
         "bench": ["pytest-benchmark", "pytorch-cka", "ckatorch"],
         # only the launcher for `accelerate launch` (multi-GPU driver runs); never imported
         "multigpu": ["accelerate"],

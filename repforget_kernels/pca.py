@@ -234,7 +234,15 @@ def randomized_pca(
     k: the angle of component i is at most
     eps var_1 / gap_i + r_i, gap_i its variance's distance to its neighbours'; that of the top-k
     subspace eps var_1 / (var_k - var_{k+1}) + r_k; the relative error of explained variance i
-    eps var_1 / var_i + r_i (the ratio's the same, the singular value's half); plus the rounding
+    eps var_1 / var_i + r_i (the ratio's the same, the singular value's half); plus the final SVD's
+    deflation: LAPACK's bidiagonal QR (xBDSQR, inside xGESDD) zeroes an off-diagonal entry once it is at
+    most tau = max(10, min(100, u^(-1/8))) u times its diagonal neighbour (98.7 u in float64, 10 u in
+    float32), so that SVD of m values is exact for its input plus a perturbation of 2-norm at most
+    delta = sqrt(m - 1) tau sigma_1 (the m - 1 zeroed entries lie in disjoint blocks), which adds
+    delta / |sigma_i - sigma_j| to the angle of component i (Wedin; sigma the singular values of the
+    centred data, sigma_j the nearest neighbour's, sigma_k - sigma_{k+1} for the subspace) and
+    2 delta / sigma_i to the relative error of variance i (Weyl); m = b (subspace), min(n, q b)
+    (krylov), the rank bound r (exact sketch). In float64 this term dominates eps. Plus the rounding
     of results to float32. Ties (no gap) leave the components undefined, as in exact arithmetic.
 
     Raises ValueError when x has no variance (its centred rows within the float64 mean's rounding

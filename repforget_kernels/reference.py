@@ -3,19 +3,27 @@
 Written for clarity, never speed: explicit centring, explicit Gram matrices, full SVDs and
 per-sample loops, everything in float64. Never on a hot path. Inputs may be torch tensors
 or arrays; outputs are NumPy float64 arrays (or floats).
+
+The PCA twins take ``refine=True`` for float64 inputs: LAPACK's own SVD error is then of the order
+of the bound being tested, so the top-k eigenpairs are refined in exact rational arithmetic on the
+given values (``_refined_eigenpairs``).
 """
 from __future__ import annotations
+
+from fractions import Fraction
 
 import numpy as np
 
 __all__ = [
     "to_f64",
+    "exact_ints",
     "linear_cka_ref",
     "linear_cka_condition_ref",
     "cka_matrix_ref",
     "centered_gram_ref",
     "hsic_unbiased_ref",
     "pca_ref",
+    "exact_residual_ref",
     "pca_similarity_ref",
     "pca_shift_ref",
     "pca_gaps_ref",
@@ -144,21 +152,138 @@ def centered_gram_ref(x, unbiased: bool = False) -> np.ndarray:
     return _u_centre(k) if unbiased else k
 
 
-def _sign_fix(v: np.ndarray) -> np.ndarray:
-    """Rows of v flipped so the largest-magnitude entry of each is positive."""
+def _signs(v: np.ndarray) -> np.ndarray:
+    """(k, 1): the sign of the largest-magnitude entry of each row of v (k, d), 1 for a zero row."""
     idx = np.abs(v).argmax(axis=1)
     signs = np.sign(v[np.arange(v.shape[0]), idx])
     signs[signs == 0] = 1.0
-    return v * signs[:, None]
+    return signs[:, None]
 
 
-def pca_ref(x, k: int) -> dict:
+def _sign_fix(v: np.ndarray) -> np.ndarray:
+    """Rows of v flipped so the largest-magnitude entry of each is positive."""
+    return v * _signs(v)
+
+
+def exact_ints(a) -> tuple[np.ndarray, int]:
+    """Float64 values as exact integers: (object array of Python ints m, e) with a == m 2^e exactly, one
+    exponent e for the whole array (that of the lowest significand bit among its entries)."""
+    a = np.asarray(a, dtype=np.float64)
+    ratios = [float(v).as_integer_ratio() for v in a.ravel()]  # (p, 2^s) each, exact
+    bits = max(q.bit_length() - 1 for _, q in ratios)
+    return np.array([p << (bits - q.bit_length() + 1) for p, q in ratios], dtype=object).reshape(a.shape), -bits
+
+
+def _exact_sum(parts) -> tuple[np.ndarray, int]:
+    """The exact sum of float64 arrays of one shape, as ``exact_ints`` gives it: (ints, e)."""
+    pairs = [exact_ints(p) for p in parts]
+    e = min(pe for _, pe in pairs)
+    return sum(m * (1 << (pe - e)) for m, pe in pairs), e
+
+
+def _split(value: Fraction) -> tuple[float, float]:
+    """A rational as (hi, lo): hi its nearest float64, lo the float64 nearest to value - hi."""
+    hi = float(value)
+    return hi, float(value - Fraction(hi))
+
+
+def _scaled(num: int, den: int, e: int) -> Fraction:
+    """num / den 2^e, exactly."""
+    return Fraction(num << e, den) if e >= 0 else Fraction(num, den << -e)
+
+
+def _exact_mean(x: np.ndarray) -> list[Fraction]:
+    """The (d,) column means of (n, d) float64 x, exactly."""
+    xi, ex = exact_ints(x)
+    return [_scaled(int(c), x.shape[0], ex) for c in xi.sum(axis=0)]
+
+
+# A refinement step's correction below this (the vectors are unit) ends the iteration: ~1e-24, 1e-8 of u64.
+_REFINE_STOP = 2.0**-80
+_REFINE_STEPS = 6
+
+
+def _refined_eigenpairs(x: np.ndarray, k: int) -> dict:
+    """Top-k eigenpairs of C = Xc^T Xc for (n, d) float64 x, refined in exact rational arithmetic.
+
+    Xc is centred exactly (n Xc = n X - 1 1^T X, in integers by ``exact_ints``), so C carries no
+    rounding. The float64 SVD of ``_center(x)`` gives the start v_i, eigenvalue estimates theta_j and
+    basis V (min(n, d) rows). A step computes the residual res = C v - rho v exactly (rho = v^T C v /
+    v^T v, the Rayleigh quotient), rounds it, and adds the first-order (Rayleigh-Schrodinger)
+    correction delta = sum_{j != i} V_j (V_j^T res) / (rho - theta_j) + (res - V^T V res) / rho (the
+    last term the null space of C, eigenvalue 0), computed in float64: its rounding is relative to
+    |delta| ~ 1e-14, and v + delta is kept exactly as a sum of float64 parts. The step's error is
+    |delta| times eta = max |res_j| / gap (from the float64 V_j, theta_j), so steps repeat until
+    |delta| <= _REFINE_STOP (two steps for eta ~ 1e-14); a spectrum too clustered to converge in
+    _REFINE_STEPS steps raises ValueError. Cost per step and vector: 2 n d exact integer multiply-adds.
+
+    Returns (k, d) unit components, variances rho / (n - 1), ratios rho / trace(C), singular values
+    sqrt(rho) and the (d,) mean, each as (hi, lo) float64 arrays: hi the value's nearest float64, lo
+    the float64 nearest to the rest, so hi + lo is within _REFINE_STOP (relative) of the eigenpair.
+    """
+    n, d = x.shape
+    xi, ex = exact_ints(x)  # x = xi 2^ex
+    xcn = n * xi - xi.sum(axis=0)  # (n, d) ints: n Xc 2^-ex, exact
+    trace = int((xcn * xcn).sum())  # n^2 trace(C) 2^-2ex
+    _, s, vt = np.linalg.svd(_center(x), full_matrices=False)  # float64 start: (r,), (r, d)
+    theta = s**2  # (r,) eigenvalue estimates of C
+    out = {key: np.zeros((2, k, d) if key == "components" else (2, k))
+           for key in ("components", "explained_variance", "explained_variance_ratio", "singular_values")}
+    for i in range(k):
+        parts = [vt[i]]  # the vector, exactly the sum of these float64 arrays
+        for _ in range(_REFINE_STEPS):
+            vi, ev = _exact_sum(parts)  # v = vi 2^ev
+            z = xcn.T.dot(xcn.dot(vi))  # (d,) ints: C v = z 2^(2 ex + ev) / n^2
+            num, den = int(vi.dot(z)), int(vi.dot(vi))  # rho = num 2^2ex / (n^2 den)
+            if num == 0:
+                raise ValueError(f"eigenvalue {i + 1} of the covariance is 0: its direction is undefined")
+            rho = float(_scaled(num, n * n * den, 2 * ex))
+            res = np.array([float(_scaled(int(t), n * n * den, 2 * ex + ev)) for t in z * den - num * vi])  # (d,)
+            gaps = rho - theta  # (r,)
+            gaps[i] = np.inf  # no correction along v itself
+            w = 1.0 / gaps
+            proj = vt @ res  # (r,)
+            delta = vt.T @ (w * proj) + (res - vt.T @ proj) / rho  # (d,)
+            parts.append(delta)
+            if np.linalg.norm(delta) <= _REFINE_STOP:
+                break
+        else:
+            raise ValueError(f"eigenpair {i + 1} did not converge in {_REFINE_STEPS} refinement steps: its "
+                             "eigenvalue is too close to another")
+        vi, ev = _exact_sum(parts)
+        norm2 = _scaled(int(vi.dot(vi)), 1, 2 * ev)  # |v|^2 = 1 + t, t ~ 1e-16
+        t = norm2 - 1
+        scale = 1 - t / 2 + 3 * t * t / 8  # 1 / sqrt(1 + t) to O(t^3) ~ 1e-48
+        comp = [_split(_scaled(int(m), 1, ev) * scale) for m in vi]
+        out["components"][:, i] = np.array(comp).T
+        rho = _scaled(num, n * n * den, 2 * ex)
+        out["explained_variance"][:, i] = _split(rho / (n - 1))
+        out["explained_variance_ratio"][:, i] = _split(Fraction(num, den * trace))  # rho / trace(C)
+        root = float(rho) ** 0.5
+        out["singular_values"][:, i] = (root, float((rho - Fraction(root) ** 2) / (2 * Fraction(root))))
+    out["mean"] = np.array([_split(m) for m in _exact_mean(x)]).T  # (2, d)
+    return out
+
+
+def pca_ref(x, k: int, refine: bool = False) -> dict:
     """Exact PCA of (n, d) by full SVD of the centred data.
 
     Returns components (k, d) with deterministic signs, singular_values (k,),
     explained_variance (k,) = s^2 / (n - 1), explained_variance_ratio (k,), mean (d,).
+
+    refine: the top k refined in exact rational arithmetic (``_refined_eigenpairs``), for float64
+    inputs, whose LAPACK SVD is only accurate to ~100 u64 (its bidiagonal QR's deflation threshold):
+    each value is then its nearest float64, and each key has a twin ``<key>_lo`` with the rest (hi + lo
+    within 2^-80 relative of exact), for comparisons that must not round the reference.
     """
     x = to_f64(x)
+    if refine:
+        ref = _refined_eigenpairs(x, k)
+        signs = _signs(ref["components"][0])  # (k, 1)
+        out = {}
+        for key, (hi, lo) in ref.items():
+            out[key], out[key + "_lo"] = (hi * signs, lo * signs) if key == "components" else (hi, lo)
+        return out
     mean = x.mean(axis=0)
     _, s, vt = np.linalg.svd(_center(x), full_matrices=False)
     var = s**2 / (x.shape[0] - 1)
@@ -186,18 +311,52 @@ def pca_gaps_ref(x, k: int) -> dict:
     return {"var": var[:-1], "component_gap": comp, "subspace_gap": float(var[k - 1] - var[k])}
 
 
-def pca_similarity_ref(x_ref, x_upd, k: int = 1, signed: bool = False) -> float:
-    """Mean cosine of the principal angles between the top-k PCA subspaces (|cos| for k = 1)."""
-    a, b = pca_ref(x_ref, k)["components"], pca_ref(x_upd, k)["components"]
+def exact_residual_ref(a_parts, b_parts) -> np.ndarray:
+    """A - (A B^T) B for A = sum(a_parts) (k_a, d) and B = sum(b_parts) (k_b, d) with orthonormal rows,
+    in exact rational arithmetic on the float64 parts, rounded once: (k_a, d), accurate relative to the
+    residual itself (a float64 projection is only accurate to ~u64 absolute)."""
+    ai, ea = _exact_sum(a_parts)  # A = ai 2^ea
+    bi, eb = _exact_sum(b_parts)  # B = bi 2^eb, eb <= 0 (entries of unit rows)
+    resid = ai * (1 << -2 * eb) - ai.dot(bi.T).dot(bi)  # (k_a, d): the residual 2^-(ea + 2 eb)
+    return np.array([float(_scaled(int(t), 1, ea + 2 * eb)) for t in resid.ravel()]).reshape(resid.shape)
+
+
+def pca_similarity_ref(x_ref, x_upd, k: int = 1, signed: bool = False, refine: bool = False) -> float:
+    """Mean cosine of the principal angles between the top-k PCA subspaces (|cos| for k = 1).
+
+    refine: both fits refined (``pca_ref``), the signed cosines summed exactly and the principal angles'
+    cosines taken as sqrt(1 - sin^2), sin^2 the eigenvalues of E E^T for the exact residual E of one
+    basis on the other (``exact_residual_ref``): no LAPACK SVD (its deflation would move cosines near 1
+    by up to ~100 u64), so the result is within a few u64 of exact.
+    """
+    a, b = pca_ref(x_ref, k, refine), pca_ref(x_upd, k, refine)
+    if not refine:
+        a, b = a["components"], b["components"]
+        if signed:
+            return float(np.mean(np.sum(a * b, axis=1)))
+        return float(np.mean(np.linalg.svd(a @ b.T, compute_uv=False)))
+    pa, pb = [a["components"], a["components_lo"]], [b["components"], b["components_lo"]]
     if signed:
-        return float(np.mean(np.sum(a * b, axis=1)))
-    return float(np.mean(np.linalg.svd(a @ b.T, compute_uv=False)))
+        (ai, ea), (bi, eb) = _exact_sum(pa), _exact_sum(pb)
+        return float(np.mean([float(_scaled(int(t), 1, ea + eb)) for t in (ai * bi).sum(axis=1)]))
+    resid = exact_residual_ref(pa, pb)  # (k, d)
+    sin2 = np.clip(np.linalg.eigvalsh(resid @ resid.T), 0.0, 1.0)  # (k,)
+    return float(np.mean(np.sqrt(1.0 - sin2)))
 
 
-def pca_shift_ref(x_ref, x_upd, k: int = 2, normalize: bool = False) -> np.ndarray:
-    """(mean(x_upd) - mean(x_ref)) on x_ref's top-k directions, optionally over sqrt(explained variance)."""
-    ref = pca_ref(x_ref, k)
-    shift = ref["components"] @ (to_f64(x_upd).mean(axis=0) - ref["mean"])
+def pca_shift_ref(x_ref, x_upd, k: int = 2, normalize: bool = False, refine: bool = False) -> np.ndarray:
+    """(mean(x_upd) - mean(x_ref)) on x_ref's top-k directions, optionally over sqrt(explained variance).
+
+    refine: x_ref's fit refined (``pca_ref``), the means and the projection exact, rounded once (then
+    divided by the float64 sqrt of the variance: within 2 u64 relative).
+    """
+    ref = pca_ref(x_ref, k, refine)
+    if refine:
+        ci, ec = _exact_sum([ref["components"], ref["components_lo"]])
+        delta = [mu - mr for mu, mr in zip(_exact_mean(to_f64(x_upd)), _exact_mean(to_f64(x_ref)))]  # (d,)
+        shift = np.array([float(sum(int(c) * t for c, t in zip(row, delta)) * _scaled(1, 1, ec)) for row in ci])
+    else:
+        shift = ref["components"] @ (to_f64(x_upd).mean(axis=0) - ref["mean"])
     return shift / np.sqrt(ref["explained_variance"]) if normalize else shift
 
 

@@ -1,6 +1,7 @@
-"""Randomized PCA, PCA similarity and PCA shift against NumPy's full SVD, on every backend."""
+"""Randomized PCA, PCA similarity and PCA shift against the exact PCA (NumPy's full SVD; refined in exact arithmetic for float64 values), on every backend."""
 from __future__ import annotations
 
+import mpmath
 import numpy as np
 import pytest
 import torch
@@ -11,7 +12,8 @@ from repforget_kernels.pca import METHODS
 
 from repforget_kernels.pca import _cholesky_qr2
 
-from conftest import DTYPE, TOL, assert_pca_fit, pca_bounds, principal_angle, randn
+from conftest import (DTYPE, TOL, assert_pca_fit, exact_reference, pca_bounds, pca_truth, principal_angle, randn,
+                      ref_angle, ref_rel_error)
 
 F32 = TOL[torch.float32]
 
@@ -74,15 +76,15 @@ class TestRandomizedPCA:
         x = _gapped(gen, 50, 12, 2) - 3.0
         x = x - x.mean(0)
         got = randomized_pca(x, 2, method=method, center=False, backend=backend)
-        ref = R.pca_ref(x, 2)  # x is centred (to rounding), so its uncentred PCA is its PCA
+        ref = pca_truth(x, 2)  # x is centred (to rounding), so its uncentred PCA is its PCA
         assert torch.count_nonzero(got.mean) == 0
-        assert principal_angle(got.components, ref["components"]) <= pca_bounds(x, 2, method=method)["subspace"]
+        assert ref_angle(got.components, ref) <= pca_bounds(x, 2, method=method)["subspace"]
 
     def test_oversample_capped_at_rank(self, gen, backend, method):
         x = randn(6, 40, gen=gen)  # 6 rows: rank 5 after centring
         got = randomized_pca(x, 5, method=method, oversample=10, backend=backend)  # capped at 6 columns
-        ref, b = R.pca_ref(x, 5), pca_bounds(x, 5, method=method, oversample=10)
-        s_rel = np.abs(R.to_f64(got.singular_values) / ref["singular_values"] - 1)
+        ref, b = pca_truth(x, 5), pca_bounds(x, 5, method=method, oversample=10)
+        s_rel = ref_rel_error(got.singular_values, ref, "singular_values")
         np.testing.assert_array_less(s_rel, np.array(b["ev"]) / 2 + b["out_u"])  # half the variances' bound
         with pytest.raises(ValueError, match=r"x is numerically rank-deficient at batch index 0: principal direction 6"):
             randomized_pca(x, 6, method=method, oversample=10, backend=backend)
@@ -107,9 +109,14 @@ class TestKrylov:
         runs instead, exact to rounding with no randomized term."""
         x = randn(n, d, gen=gen, dtype=torch.float64)
         got = randomized_pca(x, 2, n_iter=10)
-        ref, b = R.pca_ref(x, 2), pca_bounds(x, 2, n_iter=10)
-        assert principal_angle(got.components, ref["components"]) <= b["subspace"]
-        assert np.all(np.abs(R.to_f64(got.explained_variance) / ref["explained_variance"] - 1) <= np.array(b["ev"]))
+        ref, b = pca_truth(x, 2), pca_bounds(x, 2, n_iter=10)
+        assert ref_angle(got.components, ref) <= b["subspace"]
+        assert np.all(ref_rel_error(got.explained_variance, ref, "explained_variance") <= np.array(b["ev"]))
+
+
+def _similarity_ref(x, y, k: int, signed: bool = False) -> float:
+    """reference.pca_similarity_ref, refined where either input is float64 (``exact_reference``)."""
+    return R.pca_similarity_ref(x, y, k, signed, refine=exact_reference(x) or exact_reference(y))
 
 
 def _similarity_bound(x, y, k: int, signed: bool = False) -> float:
@@ -148,15 +155,15 @@ class TestPCASimilarity:
         x = _gapped(gen, 70, 31, 3)
         y = _gapped(gen, 55, 31, 3)  # different row count is allowed
         got = pca_similarity(x, y, k=k, backend=backend)
-        assert abs(float(got) - R.pca_similarity_ref(x, y, k)) <= _similarity_bound(x, y, k)
+        assert abs(float(got) - _similarity_ref(x, y, k)) <= _similarity_bound(x, y, k)
         signed = pca_similarity(x, y, k=k, signed=True, backend=backend)
-        assert abs(float(signed) - R.pca_similarity_ref(x, y, k, signed=True)) <= _similarity_bound(x, y, k, True)
+        assert abs(float(signed) - _similarity_ref(x, y, k, signed=True)) <= _similarity_bound(x, y, k, True)
 
     def test_mixed_dtypes(self, gen, backend):
         x = _gapped(gen, 50, 20, 2, dtype=torch.float64)
         got = pca_similarity(x, x.float(), k=2, backend=backend)
         assert got.dtype == torch.float64
-        assert abs(float(got) - R.pca_similarity_ref(x, x.float(), 2)) <= _similarity_bound(x, x.float(), 2)
+        assert abs(float(got) - _similarity_ref(x, x.float(), 2)) <= _similarity_bound(x, x.float(), 2)
 
     def test_batched(self, gen, backend):
         x = _gapped(gen, 40, 15, 2, batch=3)
@@ -164,7 +171,7 @@ class TestPCASimilarity:
         got = pca_similarity(x, y, k=2, backend=backend)
         assert got.shape == (3,)
         for a, b, value in zip(x, y, got):
-            assert abs(float(value) - R.pca_similarity_ref(a, b, 2)) <= _similarity_bound(a, b, 2)
+            assert abs(float(value) - _similarity_ref(a, b, 2)) <= _similarity_bound(a, b, 2)
 
 
 class TestPCAShift:
@@ -174,7 +181,7 @@ class TestPCAShift:
         y = x[:50] + 0.3 * randn(50, 22, gen=gen) + 0.7
         got = pca_shift(x, y, k=2, normalize=normalize, backend=backend)
         assert got.shape == (2,)
-        want = R.pca_shift_ref(x, y, 2, normalize)
+        want = R.pca_shift_ref(x, y, 2, normalize, refine=exact_reference(x) or exact_reference(y))
         assert np.all(np.abs(R.to_f64(got) - want) <= _shift_bound(x, y, 2, normalize, want))
 
     def test_zero_for_same_mean(self, gen, backend):
@@ -184,6 +191,108 @@ class TestPCAShift:
         # shift is at most their difference's norm
         xa = np.abs(R.to_f64(x))
         assert np.abs(got).max() <= np.linalg.norm(2 * 5 * np.sqrt(30) * 2.0**-53 * xa.mean(0))
+
+
+def _mp_truth(x: np.ndarray, k: int, dps: int = 50) -> dict:
+    """The top-k PCA of (n, d) float64 x by mpmath at ``dps`` digits: exact centring, eigsy of Xc^T Xc."""
+    with mpmath.workdps(dps):
+        n, d = x.shape
+        rows = mpmath.matrix(x.tolist())
+        mean = [mpmath.fsum(rows[i, j] for i in range(n)) / n for j in range(d)]
+        xc = mpmath.matrix([[rows[i, j] - mean[j] for j in range(d)] for i in range(n)])
+        cov = xc.T * xc
+        vals, vecs = mpmath.eigsy(cov)
+        top = sorted(range(d), key=lambda j: -vals[j])[:k]
+        comps = [[vecs[r, j] for r in range(d)] for j in top]
+        for c in comps:  # the sign rule: largest-magnitude entry positive
+            big = max(c, key=abs)
+            c[:] = [t if big > 0 else -t for t in c]
+        return {"components": comps, "explained_variance": [vals[j] / (n - 1) for j in top],
+                "explained_variance_ratio": [vals[j] / sum(vals[t] for t in range(d)) for j in top], "mean": mean,
+                "dps": dps}
+
+
+def _mp_distance(ref: dict, key: str, truth: dict) -> float:
+    """max |hi + lo - truth| over a refined reference's entries of ``key``, relative to each truth entry's size
+    (1 for the unit components), in mpmath."""
+    with mpmath.workdps(truth["dps"]):
+        hi, lo, want = np.ravel(ref[key]), np.ravel(ref[key + "_lo"]), truth[key]
+        want = [t for row in want for t in row] if key == "components" else want
+        return float(max(abs(mpmath.mpf(h) + mpmath.mpf(l) - w) / (1 if key == "components" else abs(w))
+                         for h, l, w in zip(hi, lo, want)))
+
+
+def _gaussian(n: int, d: int, seed: int) -> torch.Tensor:
+    """(n, d) float64 standard normal draws from a torch generator seeded ``seed``."""
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+class TestFloat64Reference:
+    """Float64 results are checked against the refined reference (``pca_truth``): LAPACK's float64 SVD, which
+    NumPy's reference and the library's last step both run, deflates at ~99 u (``conftest.svd_deflation``),
+    so NumPy's own error is of the order of the bound and the two agree only through correlated rounding."""
+
+    SIZES = [(5, 4, 2), (7, 3, 2), (6, 5, 2), (3, 9, 2)]
+
+    def test_numpy_error_is_of_the_bounds_order_and_ours_within_it(self):
+        # 48 Gaussian inputs; found with OpenBLAS 0.3.31's LAPACK: NumPy's error on the 5 x 4 seed-3 input is
+        # 1.1e-14 against a 40-digit SVD, twice the bound's rounding part (all the tolerance had before the
+        # deflation term); the largest over the set is what is asserted, as another LAPACK rounds elsewhere
+        worst_rounding, worst_bound = 0.0, 0.0
+        for n, d, k in self.SIZES:
+            for seed in range(12):
+                x = _gaussian(n, d, seed)
+                truth, b = pca_truth(x, k), pca_bounds(x, k)
+                numpy_error = ref_angle(R.pca_ref(x, k)["components"], truth)
+                worst_rounding = max(worst_rounding, numpy_error / (b["subspace"] - b["deflation"]["subspace"]))
+                worst_bound = max(worst_bound, numpy_error / b["subspace"])
+                assert_pca_fit(randomized_pca(x, k), x, k)  # ours against the refined truth, within the bound
+        assert worst_rounding > 1.0  # NumPy's reference alone breaks the rounding part of the bound
+        assert worst_bound > 0.05  # and takes a share of the whole bound that a tolerance cannot ignore
+
+    @pytest.mark.parametrize("n,d,k,seed,offset", [(5, 4, 2, 3, 0.0), (7, 3, 2, 9, 0.0), (4, 6, 3, 1, 1e6),
+                                                   (6, 5, 2, 3, 1e-3)])
+    def test_refined_reference_against_mpmath(self, n, d, k, seed, offset):
+        """The refined reference against a 50-digit mpmath eigensolution of the exactly centred covariance:
+        within 1e-30 (its hi + lo holds ~2^-106), where NumPy's is ~1e-14 off."""
+        x = _gaussian(n, d, seed).numpy()
+        x[:, ::2] += offset  # offset columns (1e6: the centring must be exact; 1e-3: x ~ 1 + 1e-3 noise)
+        ref, truth = R.pca_ref(x, k, refine=True), _mp_truth(x, k)
+        for key in ("components", "explained_variance", "explained_variance_ratio"):
+            assert _mp_distance(ref, key, truth) <= 1e-30, key
+        assert _mp_distance(ref, "mean", {"mean": truth["mean"], "dps": 50}) <= 1e-30
+        unrefined = R.pca_ref(x, k)
+        assert np.abs(unrefined["components"] - ref["components"]).max() > 1e-18  # what the refinement removed
+
+    def test_exact_principal_angle_against_mpmath(self):
+        """principal_angle with the reference's remainders: the sine of ours against the truth, within 1e-6
+        of its mpmath value relative (float64 QRs would be a few u64 off absolute, ~10% of such an angle)."""
+        x = _gaussian(5, 4, 3)
+        got, ref, truth = R.to_f64(randomized_pca(x, 2).components), R.pca_ref(x, 2, refine=True), _mp_truth(x.numpy(), 2)
+        with mpmath.workdps(50):
+            a = mpmath.matrix(got.tolist())  # (2, 4) rows
+            t = mpmath.matrix(truth["components"])  # (2, 4) orthonormal rows
+            q = mpmath.qr(a.T)[0]  # (4, 4)
+            q = q[:, :2]
+            resid = q - t.T * (t * q)
+            sin = mpmath.sqrt(max(mpmath.eigsy(resid.T * resid)[0]))
+        assert abs(np.sin(principal_angle(got, ref["components"], ref["components_lo"])) / float(sin) - 1) <= 1e-6
+        assert float(sin) > 1e-15  # a real angle of ~1e-14 (LAPACK's deflation), measured to 6 digits
+
+    def test_similarity_and_shift_against_mpmath(self):
+        x, y = _gaussian(6, 5, 3).numpy(), _gaussian(7, 5, 4).numpy()
+        tx, ty = _mp_truth(x, 2), _mp_truth(y, 2)
+        with mpmath.workdps(50):
+            a, b = mpmath.matrix(tx["components"]), mpmath.matrix(ty["components"])
+            cos = mpmath.svd_r(a * b.T, compute_uv=False)
+            similarity = (cos[0] + cos[1]) / 2
+            delta = [mpmath.fsum(y[:, j]) / 7 - tx["mean"][j] for j in range(5)]
+            shift = [mpmath.fdot(tx["components"][i], delta) / mpmath.sqrt(tx["explained_variance"][i]) for i in range(2)]
+        assert abs(R.pca_similarity_ref(x, y, 2, refine=True) - float(similarity)) <= 4 * 2.0**-53
+        signed = mpmath.fsum(mpmath.fdot(tx["components"][i], ty["components"][i]) for i in range(2)) / 2
+        assert abs(R.pca_similarity_ref(x, y, 2, signed=True, refine=True) - float(signed)) <= 2.0**-53
+        want = np.array([float(s) for s in shift])
+        assert np.all(np.abs(R.pca_shift_ref(x, y, 2, normalize=True, refine=True) / want - 1) <= 4 * 2.0**-53)
 
 
 class TestCholeskyQR2:
