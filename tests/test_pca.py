@@ -234,21 +234,15 @@ class TestFloat64Reference:
 
     SIZES = [(5, 4, 2), (7, 3, 2), (6, 5, 2), (3, 9, 2)]
 
-    def test_numpy_error_is_of_the_bounds_order_and_ours_within_it(self):
-        # 48 Gaussian inputs; found with OpenBLAS 0.3.31's LAPACK: NumPy's error on the 5 x 4 seed-3 input is
-        # 1.1e-14 against a 40-digit SVD, twice the bound's rounding part (all the tolerance had before the
-        # deflation term); the largest over the set is what is asserted, as another LAPACK rounds elsewhere
-        worst_rounding, worst_bound = 0.0, 0.0
+    def test_ours_within_the_bound_against_the_refined_truth(self):
+        # 48 small Gaussian inputs, where the final SVD's deflation dominates the float64 bound. Measured once
+        # (OpenBLAS 0.3.31's LAPACK, not asserted: another LAPACK rounds elsewhere): NumPy's own error on the
+        # 5 x 4 seed-3 input is 1.1e-14 against a 50-digit SVD, twice the bound's rounding part, which is why
+        # the float64 checks use the refined reference and carry the deflation term.
         for n, d, k in self.SIZES:
             for seed in range(12):
                 x = _gaussian(n, d, seed)
-                truth, b = pca_truth(x, k), pca_bounds(x, k)
-                numpy_error = ref_angle(R.pca_ref(x, k)["components"], truth)
-                worst_rounding = max(worst_rounding, numpy_error / (b["subspace"] - b["deflation"]["subspace"]))
-                worst_bound = max(worst_bound, numpy_error / b["subspace"])
                 assert_pca_fit(randomized_pca(x, k), x, k)  # ours against the refined truth, within the bound
-        assert worst_rounding > 1.0  # NumPy's reference alone breaks the rounding part of the bound
-        assert worst_bound > 0.05  # and takes a share of the whole bound that a tolerance cannot ignore
 
     @pytest.mark.parametrize("n,d,k,seed,offset", [(5, 4, 2, 3, 0.0), (7, 3, 2, 9, 0.0), (4, 6, 3, 1, 1e6),
                                                    (6, 5, 2, 3, 1e-3)])
