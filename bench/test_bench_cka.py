@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from repforget_kernels import StreamingCKA, cka_matrix, linear_cka
+from repforget_kernels import StreamingCKA, _ops, cka_matrix, linear_cka
 from repforget_kernels import reference as R
 
 
@@ -29,6 +29,12 @@ def _feature_gemms(x, y):
     """The floor: centre both inputs, Yc^T Xc, Xc^T Xc, Yc^T Yc."""
     xc, yc = x - x.mean(0), y - y.mean(0)
     return yc.T @ xc, xc.T @ xc, yc.T @ yc
+
+
+def _symmetric_floor(x, y):
+    """The floor with symmetric products: centre both inputs, Yc^T Xc, and Xc^T Xc, Yc^T Yc by column panels."""
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    return yc.T @ xc, _ops.column_gram(xc[None]), _ops.column_gram(yc[None])
 
 
 def _explicit_h(x, y):
@@ -51,6 +57,18 @@ class TestLinearCKA:
     def test_gemm_floor(self, timed, benchmark, pair, debiased):
         benchmark.group = self.GROUP + (" debiased" if debiased else "")
         timed(lambda: _feature_gemms(*pair), "floor")
+
+    @pytest.mark.parametrize("debiased", [False, True], ids=["biased", "debiased"])
+    def test_symmetric_gemm_floor(self, timed, benchmark, pair, debiased):
+        benchmark.group = self.GROUP + (" debiased" if debiased else "")
+        timed(lambda: _symmetric_floor(*pair), "floor")
+
+    @pytest.mark.parametrize("debiased", [False, True], ids=["biased", "debiased"])
+    def test_full_products(self, timed, benchmark, pair, debiased, monkeypatch):
+        """The previous implementation: X'^T X' and Y'^T Y' as full GEMMs (no column panels)."""
+        benchmark.group = self.GROUP + (" debiased" if debiased else "")
+        monkeypatch.setattr(_ops, "_MIN_PANEL", 1 << 30)
+        timed(lambda: linear_cka(*pair, debiased=debiased), "baseline")
 
     def test_explicit_h(self, timed, benchmark, pair):
         benchmark.group = self.GROUP
@@ -130,3 +148,21 @@ def test_streaming_cka_rows_d256(timed, benchmark, rows):
     timed(run, "ours", rounds=2)
     benchmark.extra_info["rss_growth_mib"] = round(_rss_mib() - before, 1)
     benchmark.extra_info["rows"] = rows
+
+
+@pytest.mark.parametrize("rows", [1_048_576], ids=["1M"])
+def test_streaming_cka_products_d256(timed, benchmark, rows):
+    """The floor of the 1M-row stream: the same rows generated the same way, and their unavoidable products
+    X^T Y, X^T X, Y^T Y per chunk (no centring, no debiased sums)."""
+    benchmark.group = "StreamingCKA d=256 (memory flat in n)"
+    chunk = 8192
+    gen = torch.Generator().manual_seed(4)
+    mix = torch.randn(256, 256, generator=gen) / 16
+
+    def run():
+        for _ in range(rows // chunk):
+            x = torch.randn(chunk, 256, generator=gen)
+            y = x @ mix
+            x.T @ y, x.T @ x, y.T @ y
+
+    timed(run, "floor", rounds=2)

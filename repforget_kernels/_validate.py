@@ -22,6 +22,7 @@ __all__ = [
     "as_tensor",
     "check_float_tensor",
     "check_finite",
+    "check_finite_by_column_sums",
     "require",
     "check_same_device",
     "check_rows",
@@ -90,6 +91,20 @@ def check_finite(x: torch.Tensor, name: str) -> None:
             lambda: f"{name} contains {int((~torch.isfinite(x)).sum())} NaN or Inf value(s) (shape {tuple(x.shape)})")
 
 
+def check_finite_by_column_sums(sums: torch.Tensor, x: torch.Tensor, name: str) -> None:
+    """Raise ValueError if ``x`` holds NaN or Inf, from float64 column sums (or means) of ``x`` already made.
+
+    For half or float32 ``x`` the float64 sums are finite exactly when ``x`` is (NaN and Inf reach the
+    sum, and a float64 sum of float32 values cannot overflow), so the check costs no pass over ``x``;
+    float64 ``x`` (whose sums can overflow) gets :func:`check_finite`.
+    """
+    if x.dtype == torch.float64:
+        check_finite(x, name)
+        return
+    require(torch.isfinite(sums), f"{name} contains NaN or Inf values",
+            lambda: f"{name} contains {int((~torch.isfinite(x)).sum())} NaN or Inf value(s) (shape {tuple(x.shape)})")
+
+
 def check_same_device(**tensors: torch.Tensor) -> None:
     """Raise ValueError if the named tensors are not all on one device."""
     devices = {name: t.device for name, t in tensors.items() if t is not None}
@@ -98,8 +113,9 @@ def check_same_device(**tensors: torch.Tensor) -> None:
         raise ValueError(f"tensors must be on one device, got {listing}")
 
 
-def check_rows(x, name: str, *, min_rows: int = 2, batched: bool = True) -> torch.Tensor:
-    """A samples-as-rows matrix as a tensor: floating, (n, d) or (B, n, d) when ``batched``, n >= min_rows, finite."""
+def check_rows(x, name: str, *, min_rows: int = 2, batched: bool = True, finite: bool = True) -> torch.Tensor:
+    """A samples-as-rows matrix as a tensor: floating, (n, d) or (B, n, d) when ``batched``, n >= min_rows, and
+    finite unless ``finite=False`` (the caller then checks it, e.g. by :func:`check_finite_by_column_sums`)."""
     x = check_float_tensor(x, name)
     allowed = (2, 3) if batched else (2,)
     if x.dim() not in allowed:
@@ -112,7 +128,8 @@ def check_rows(x, name: str, *, min_rows: int = 2, batched: bool = True) -> torc
         raise ValueError(f"{name} needs at least one feature column, got shape {tuple(x.shape)}")
     if x.dim() == 3 and x.shape[0] < 1:
         raise ValueError(f"{name} has an empty batch dimension, got shape {tuple(x.shape)}")
-    check_finite(x, name)
+    if finite:
+        check_finite(x, name)
     return x
 
 

@@ -37,7 +37,10 @@ import torch
 from ._dispatch import kernel, needs_grad
 from ._numerics import ZERO_TEST_FACTOR, mean_shift, range_scale, unit_roundoff
 from ._ops import CENTERED_GRAM, SHIFTED_CROSS_PRODUCTS, shifted_cross_product_keys
-from ._validate import as_tensor, check_rows, check_same_device, check_same_rows, compute_dtype, require
+from ._validate import (
+    as_tensor, check_finite, check_finite_by_column_sums, check_rows, check_same_device, check_same_rows, compute_dtype,
+    require,
+)
 
 __all__ = ["linear_cka", "cka_matrix", "StreamingCKA"]
 
@@ -141,7 +144,7 @@ def _as_batch(t: torch.Tensor) -> torch.Tensor:
     return t if t.dim() == 3 else t.unsqueeze(0)
 
 
-def _feature_sums(x3, y3, debiased: bool, backend, unscale: bool = False) -> dict:
+def _feature_sums(x3, y3, debiased: bool, backend, unscale: bool = False, names: tuple = ("x", "y")) -> dict:
     """float64 sums of one chunk (op ``shifted_cross_products``) with its shifts (float64) and row counts.
 
     Each input is shifted by its column means rounded to the compute dtype and scaled by
@@ -149,8 +152,10 @@ def _feature_sums(x3, y3, debiased: bool, backend, unscale: bool = False) -> dic
     inputs' units (exact: the scales are powers of two). dict of (L, ...) tensors.
     """
     cd = compute_dtype(x3, y3)
-    _, shift_x = mean_shift(x3, cd)  # (L, dx)
-    _, shift_y = mean_shift(y3, cd)  # (L, dy)
+    mean_x, shift_x = mean_shift(x3, cd)  # (L, dx)
+    mean_y, shift_y = mean_shift(y3, cd)  # (L, dy)
+    check_finite_by_column_sums(mean_x, x3, names[0])  # the inputs' finiteness from their float64 means
+    check_finite_by_column_sums(mean_y, y3, names[1])
     scale_x, scale_y = range_scale(x3), range_scale(y3)  # (L,) each
     op = kernel(SHIFTED_CROSS_PRODUCTS, x3.device, backend, grad=needs_grad(x3, y3))
     out = op(x3, y3, shift_x, shift_y, debiased, scale_x, scale_y)
@@ -224,8 +229,8 @@ def linear_cka(
     result is a tensor either way (float64 arrays compute in float64).
     """
     min_rows = 4 if debiased else 2
-    x = check_rows(x, "x", min_rows=min_rows)
-    y = check_rows(y, "y", min_rows=min_rows)
+    x = check_rows(x, "x", min_rows=min_rows, finite=False)  # finiteness below, per method
+    y = check_rows(y, "y", min_rows=min_rows, finite=False)
     check_same_rows(x, y)
     if method not in ("auto", "gram", "feature"):
         raise ValueError(f"method must be 'auto', 'gram' or 'feature', got {method!r}")
@@ -237,6 +242,8 @@ def linear_cka(
         sums = _feature_sums(x3, y3, debiased, backend)
         cka = _cka_from_sums(sums, sums["n"], debiased, unit_roundoff(compute_dtype(x3, y3)))
     else:
+        check_finite(x, "x")
+        check_finite(y, "y")
         kx, tx = _layer_gram(x3, debiased, backend)  # (B, n, n), (B,)
         ky, ty = _layer_gram(y3, debiased, backend)
         hxy, hxx, hyy, exx, eyy = _gram_hsics(kx, tx, ky, ty)
@@ -412,7 +419,7 @@ class StreamingCKA:
 
     # ----------------------------------------------------------------- feeding
     def _check_chunk(self, t: torch.Tensor, name: str) -> torch.Tensor:
-        t = check_rows(t, name, min_rows=1)
+        t = check_rows(t, name, min_rows=1, finite=False)  # finiteness from the chunk's means (_feature_sums)
         if self.layers is None and t.dim() != 2:
             raise ValueError(f"{name} must be (n_chunk, d) since layers=None, got shape {tuple(t.shape)}")
         if self.layers is not None and (t.dim() != 3 or t.shape[0] != self.layers):

@@ -27,6 +27,7 @@ if DRY and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 
 from repforget_kernels import _dispatch, randomized_pca  # noqa: E402
+from repforget_kernels import _ops  # noqa: E402
 from repforget_kernels._ops import OPS  # noqa: E402
 
 # full-size shapes (GPU) and dry-run shapes (CPU, interpreter)
@@ -119,6 +120,12 @@ def cross_products(dev, s) -> list:
     ms = median_ms(cublas, dev, s["reps"], s["warmup"])
     out.append(row("cross_products", "cuBLAS bmm on pre-shifted bf16 (3 full products)", ms, flops, "flop",
                    full_run_s=ms * chunks / 1e3))
+    # the torch composite's symmetric product (column panels) against one full bmm, float32 as it runs there
+    xs32, sym = xs.float(), L * n * d * (d + 1)  # one triangle of X'^T X'
+    ms = median_ms(lambda: _ops.column_gram(xs32), dev, s["reps"], s["warmup"])
+    out.append(row("cross_products", "torch column_gram fp32 (X'^T X' by column panels)", ms, sym, "flop"))
+    ms = median_ms(lambda: torch.bmm(xs32.transpose(1, 2), xs32), dev, s["reps"], s["warmup"])
+    out.append(row("cross_products", "torch bmm fp32 (X'^T X' in full)", ms, sym, "flop"))
     return out
 
 
