@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["unit_roundoff", "range_scale", "mean_shift", "ZERO_TEST_FACTOR"]
+__all__ = ["unit_roundoff", "range_scale", "scale_from_extrema", "mean_shift", "shift_from_sums", "ZERO_TEST_FACTOR"]
 
 # A quantity computed as a difference of terms whose magnitudes add up to E is taken as zero
 # when it is at most ZERO_TEST_FACTOR * u * E: its rounding error is a few u * E (each term
@@ -36,26 +36,39 @@ def unit_roundoff(dtype: torch.dtype) -> float:
 
 
 def range_scale(x3: torch.Tensor, centred: bool = True) -> torch.Tensor:
-    """Power-of-two scale per layer: (L, n, d) -> (L,) float64 sigma = 2^-e.
+    """Power-of-two scale per layer: (L, n, d) -> (L,) float64 sigma = 2^-e (:func:`scale_from_extrema`).
+
+    Two reductions of x (amin, amax: faster than one torch.aminmax over a dimension on CPU); the front
+    doors that also need the means take both from one pass (op ``column_stats``).
+    """
+    with torch.no_grad():
+        return scale_from_extrema(x3.amin(-2), x3.amax(-2), centred)
+
+
+def scale_from_extrema(lo: torch.Tensor, hi: torch.Tensor, centred: bool = True) -> torch.Tensor:
+    """Power-of-two scale per layer from the column extrema (L, d): -> (L,) float64 sigma = 2^-e.
 
     centred=True: e is the exponent of max_j (max_i x_ij - min_i x_ij), so every centred or
     mean-shifted value times sigma lies in (-1, 1) and the largest column range times sigma in
     [0.5, 1). centred=False: the same for max |x_ij| (data used without centring).
-    A layer whose range is zero (constant columns) gets sigma = 1. Two reductions of x (amin, amax:
-    faster than one torch.aminmax over a dimension on CPU).
+    A layer whose range is zero (constant columns) gets sigma = 1.
     """
-    with torch.no_grad():
-        lo, hi = x3.amin(-2).to(torch.float64), x3.amax(-2).to(torch.float64)  # (L, d) each
-        width = (hi - lo) if centred else torch.maximum(hi.abs(), lo.abs())  # (L, d)
-        _, e = torch.frexp(width.amax(-1))  # (L,) width = f 2^e, f in [0.5, 1)
-        return torch.ldexp(torch.ones_like(width[:, 0]), -e.to(torch.float64))  # (L,)
+    lo, hi = lo.detach().to(torch.float64), hi.detach().to(torch.float64)  # (L, d) each
+    width = (hi - lo) if centred else torch.maximum(hi.abs(), lo.abs())  # (L, d)
+    _, e = torch.frexp(width.amax(-1))  # (L,) width = f 2^e, f in [0.5, 1)
+    return torch.ldexp(torch.ones_like(width[:, 0]), -e.to(torch.float64))  # (L,)
 
 
 def mean_shift(x3: torch.Tensor, cd: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Column means of (L, n, d): (mean (L, d) float64, shift (L, d) = mean rounded to cd).
+    """Column means of (L, n, d): (mean (L, d) float64, shift (L, d) = mean rounded to cd) (:func:`shift_from_sums`)."""
+    return shift_from_sums(x3.sum(-2, dtype=torch.float64), x3.shape[-2], cd)
 
-    mean is accumulated in float64 and keeps its autograd graph; shift is detached: every metric
-    is invariant to the shift, or (a centring vector) stationary in it at the mean.
+
+def shift_from_sums(sums: torch.Tensor, n: int, cd: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean (L, d) float64, shift (L, d) = mean rounded to cd) from float64 column sums (L, d) of n rows.
+
+    mean keeps the sums' autograd graph; shift is detached: every metric is invariant to the shift,
+    or (a centring vector) stationary in it at the mean.
     """
-    mean = x3.mean(-2, dtype=torch.float64)  # (L, d)
+    mean = sums / n  # (L, d)
     return mean, mean.detach().to(cd)

@@ -18,7 +18,7 @@ The other backends attach to the same op: the C++ extension registers the op's C
 and the Triton modules attach theirs with :meth:`KernelOp.implement`. See docs/design.md, "How to
 add a kernel".
 
-Length: one module because it is the one place each op is declared; the seven ops' composites,
+Length: one module because it is the one place each op is declared; the eight ops' composites,
 fakes and declarations are short and grouped by op.
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ from ._validate import compute_dtype
 __all__ = [
     "LIBRARY", "BACKENDS", "KernelOp", "OPS", "interpreting",
     "SQUARE_ACCUMULATE", "PER_SAMPLE_LINEAR_FISHER", "HISTOGRAM", "CENTERED_GRAM", "SHIFTED_CROSS_PRODUCTS",
-    "CENTERED_MATMUL", "CENTERED_MATMUL_T", "shifted_cross_product_keys", "column_gram",
+    "CENTERED_MATMUL", "CENTERED_MATMUL_T", "COLUMN_STATS", "shifted_cross_product_keys", "column_gram",
 ]
 
 LIBRARY = "repforget"
@@ -458,4 +458,31 @@ def _centered_matmul_t_fake(x, mu, q):
 CENTERED_MATMUL_T = KernelOp(
     "centered_matmul_t", "(Tensor x, Tensor mu, Tensor q) -> Tensor",
     _centered_matmul_t, _centered_matmul_t_fake, reference.centered_matmul_t_op_ref,
+)
+
+
+# --------------------------------------------------------------------------- column_stats
+
+
+def _column_stats(x):
+    """Column sums in float64 and column extrema of a stack of layers, for the shift and scale of every metric.
+
+    Contract shared by every backend:
+      x (L, n, d) any float dtype -> (sum (L, d) float64, min (L, d), max (L, d) in x's dtype).
+      sum: the column sums accumulated in float64 (error at most a few hundred u64 sum |x_ij| for any
+      summation order used here); min, max exact. NaN in x reaches the sums (the callers check them
+      for finiteness); the extrema of a column holding NaN are unspecified.
+    Cost: one read of x on a compiled backend; here a float64 copy of x and three reductions.
+    """
+    return x.sum(-2, dtype=torch.float64), x.amin(-2), x.amax(-2)
+
+
+def _column_stats_fake(x):
+    L, _, d = x.shape
+    return x.new_empty((L, d), dtype=torch.float64), x.new_empty((L, d)), x.new_empty((L, d))
+
+
+COLUMN_STATS = KernelOp(
+    "column_stats", "(Tensor x) -> (Tensor, Tensor, Tensor)",
+    _column_stats, _column_stats_fake, reference.column_stats_op_ref,
 )

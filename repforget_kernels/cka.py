@@ -35,8 +35,8 @@ from typing import Optional, Sequence, Union
 import torch
 
 from ._dispatch import kernel, needs_grad
-from ._numerics import ZERO_TEST_FACTOR, mean_shift, range_scale, unit_roundoff
-from ._ops import CENTERED_GRAM, SHIFTED_CROSS_PRODUCTS, shifted_cross_product_keys
+from ._numerics import ZERO_TEST_FACTOR, range_scale, scale_from_extrema, shift_from_sums, unit_roundoff
+from ._ops import CENTERED_GRAM, COLUMN_STATS, SHIFTED_CROSS_PRODUCTS, shifted_cross_product_keys
 from ._validate import (
     as_tensor, check_finite, check_finite_by_column_sums, check_rows, check_same_device, check_same_rows, compute_dtype,
     require,
@@ -152,11 +152,14 @@ def _feature_sums(x3, y3, debiased: bool, backend, unscale: bool = False, names:
     inputs' units (exact: the scales are powers of two). dict of (L, ...) tensors.
     """
     cd = compute_dtype(x3, y3)
-    mean_x, shift_x = mean_shift(x3, cd)  # (L, dx)
-    mean_y, shift_y = mean_shift(y3, cd)  # (L, dy)
-    check_finite_by_column_sums(mean_x, x3, names[0])  # the inputs' finiteness from their float64 means
-    check_finite_by_column_sums(mean_y, y3, names[1])
-    scale_x, scale_y = range_scale(x3), range_scale(y3)  # (L,) each
+    stats = kernel(COLUMN_STATS, x3.device, backend, grad=needs_grad(x3, y3))  # one pass: sums, extrema
+    sum_x, lo_x, hi_x = stats(x3)  # (L, dx) each
+    sum_y, lo_y, hi_y = stats(y3)  # (L, dy) each
+    check_finite_by_column_sums(sum_x, x3, names[0])  # the inputs' finiteness from their float64 sums
+    check_finite_by_column_sums(sum_y, y3, names[1])
+    _, shift_x = shift_from_sums(sum_x, x3.shape[-2], cd)  # (L, dx)
+    _, shift_y = shift_from_sums(sum_y, y3.shape[-2], cd)  # (L, dy)
+    scale_x, scale_y = scale_from_extrema(lo_x, hi_x), scale_from_extrema(lo_y, hi_y)  # (L,) each
     op = kernel(SHIFTED_CROSS_PRODUCTS, x3.device, backend, grad=needs_grad(x3, y3))
     out = op(x3, y3, shift_x, shift_y, debiased, scale_x, scale_y)
     sums = {k: v.to(torch.float64) for k, v in zip(shifted_cross_product_keys(debiased), out)}

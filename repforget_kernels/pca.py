@@ -49,9 +49,9 @@ from typing import NamedTuple, Optional
 import torch
 
 from ._dispatch import kernel, needs_grad
-from ._numerics import ZERO_TEST_FACTOR, mean_shift, range_scale, unit_roundoff
-from ._ops import CENTERED_MATMUL, CENTERED_MATMUL_T
-from ._validate import check_rows, check_same_device, compute_dtype
+from ._numerics import ZERO_TEST_FACTOR, scale_from_extrema, shift_from_sums, unit_roundoff
+from ._ops import CENTERED_MATMUL, CENTERED_MATMUL_T, COLUMN_STATS
+from ._validate import check_finite_by_column_sums, check_rows, check_same_device, compute_dtype
 
 __all__ = ["METHODS", "PCAResult", "randomized_pca", "pca_similarity", "pca_shift"]
 
@@ -281,7 +281,7 @@ def _options(method, oversample, n_iter) -> tuple:
 
 def _fit(x, k, name, *, method, oversample, n_iter, center, seed, backend) -> tuple:
     """randomized_pca of ``x`` (named ``name`` in errors): (PCAResult, mean float64 (..., d), variances float64 (..., k))."""
-    x = check_rows(x, name, min_rows=2)
+    x = check_rows(x, name, min_rows=2, finite=False)  # finiteness from the column sums below
     _check_k(k, x, name)
     n, d = x.shape[-2], x.shape[-1]
     oversample, n_iter = _options(method, oversample, n_iter)
@@ -289,13 +289,15 @@ def _fit(x, k, name, *, method, oversample, n_iter, center, seed, backend) -> tu
     x3 = x if x.dim() == 3 else x.unsqueeze(0)  # (L, n, d)
     L = x3.shape[0]
     l = min(k + oversample, n, d)
+    sums, lo, hi = kernel(COLUMN_STATS, x.device, backend, grad=needs_grad(x))(x3)  # one pass: (L, d) each
+    check_finite_by_column_sums(sums, x3, name)
     if center:
-        mean, shift = mean_shift(x3, cd)  # (L, d) float64, (L, d) cd
+        mean, shift = shift_from_sums(sums, n, cd)  # (L, d) float64, (L, d) cd
     else:
         mean = torch.zeros(L, d, dtype=torch.float64, device=x.device)  # (L, d)
         shift = mean.to(cd)
     c = _Centring(shift, (mean.detach() - shift.to(torch.float64)).to(cd),
-                  range_scale(x3, centred=center).to(cd).view(L, 1, 1))
+                  scale_from_extrema(lo, hi, centred=center).to(cd).view(L, 1, 1))
     gen = torch.Generator().manual_seed(seed)
     omega = torch.randn(L, d, l, generator=gen, dtype=torch.float64).to(device=x.device, dtype=cd)  # (L, d, l)
     grad = needs_grad(x)

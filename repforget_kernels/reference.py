@@ -7,6 +7,9 @@ or arrays; outputs are NumPy float64 arrays (or floats).
 The PCA twins take ``refine=True`` for float64 inputs: LAPACK's own SVD error is then of the order
 of the bound being tested, so the top-k eigenpairs are refined in exact rational arithmetic on the
 given values (``_refined_eigenpairs``).
+
+Length: one module because it is the one place the ground truth lives (every metric's twin and every
+kernel op's twin, sharing the centring and conversion helpers); tests and benchmarks import it whole.
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ __all__ = [
     "centered_gram_op_ref",
     "centered_matmul_op_ref",
     "centered_matmul_t_op_ref",
+    "column_stats_op_ref",
 ]
 
 
@@ -492,3 +496,9 @@ def centered_matmul_op_ref(x, mu, omega) -> dict:
 def centered_matmul_t_op_ref(x, mu, q) -> dict:
     """{"out": (X - 1 mu^T)^T Q}: (L, n, d), (L, d), (L, n, l) -> (L, d, l)."""
     return {"out": np.swapaxes(to_f64(x) - to_f64(mu)[:, None, :], -1, -2) @ to_f64(q)}
+
+
+def column_stats_op_ref(x) -> dict:
+    """{"sum": (L, d) column sums, "min", "max": (L, d) column extrema} of (L, n, d) x, in float64."""
+    x = to_f64(x)
+    return {"sum": x.sum(axis=1), "min": x.min(axis=1), "max": x.max(axis=1)}

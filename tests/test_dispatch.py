@@ -69,7 +69,7 @@ class TestResolve:
 
     def test_every_op_has_a_torch_composite(self):
         assert set(OPS) == {"shifted_cross_products", "centered_gram", "centered_matmul", "centered_matmul_t",
-                            "square_accumulate", "histogram", "per_sample_linear_fisher"}
+                            "square_accumulate", "histogram", "per_sample_linear_fisher", "column_stats"}
         for op in OPS.values():
             assert "torch" in _dispatch.registered(op) and op.kernels["torch"] is op.composite
 

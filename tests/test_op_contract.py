@@ -280,6 +280,29 @@ def _psf_ref(args, dtype, backend):
     return {"out": (want, size, _work_tol(dtype))}
 
 
+# --------------------------------------------------------------------------- column_stats
+
+
+def _cs_cases(gen, dtype, backend):
+    # rows across the C++ kernel's 256-row blocks and its per-thread split; one layer, several; offsets
+    return [(f"L{L} n{n} d{d}", (_acts(gen, L, n, d, dtype),)) for L, n, d in [(1, 1, 5), (3, 29, 7), (2, 601, 33)]]
+
+
+def _cs_run(fn, args):
+    total, lo, hi = fn(*args)
+    assert total.dtype == torch.float64 and lo.dtype == hi.dtype == args[0].dtype
+    return {"sum": total, "min": lo, "max": hi}
+
+
+def _cs_ref(args, dtype, backend):
+    (x,) = args
+    want = _declared("column_stats", x)
+    n = x.shape[1]
+    size = _f64(x).abs().sum(1)  # sum |x_ij|: recursive float64 summation errs by at most (n - 1) u64 of it
+    return {"sum": (want["sum"], size, max(n - 1, 1) * unit_roundoff(torch.float64)),
+            "min": (want["min"], torch.ones_like(want["min"]), 0.0), "max": (want["max"], torch.ones_like(want["max"]), 0.0)}
+
+
 CONTRACTS = [
     Contract(OPS["square_accumulate"], ALL_FLOATS, _sq_cases, _sq_run, _sq_ref),
     Contract(OPS["histogram"], ALL_FLOATS, _hist_cases, _hist_run, _hist_ref),
@@ -288,6 +311,7 @@ CONTRACTS = [
     Contract(OPS["centered_matmul"], ALL_FLOATS, lambda gen, dt, b: _cm_cases(gen, dt, b, False), _cm_run, _cm_ref(False)),
     Contract(OPS["centered_matmul_t"], ALL_FLOATS, lambda gen, dt, b: _cm_cases(gen, dt, b, True), _cm_run, _cm_ref(True)),
     Contract(OPS["per_sample_linear_fisher"], ALL_FLOATS, _psf_cases, _psf_run, _psf_ref),
+    Contract(OPS["column_stats"], ALL_FLOATS, _cs_cases, _cs_run, _cs_ref),
 ]
 
 
