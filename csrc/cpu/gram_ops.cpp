@@ -28,6 +28,10 @@
 #include <vector>
 
 namespace repforget {
+
+// stats_ops.cpp: (L, n, d) -> (float64 column sums, column min, column max), one read of x.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> column_stats_cpu(const at::Tensor& x);
+
 namespace {
 
 constexpr int64_t kBlock = 256;  // rows per Gram block: a (256 x 256) block GEMM is BLAS-efficient
@@ -138,7 +142,8 @@ std::tuple<at::Tensor, at::Tensor> centered_gram_cpu(const at::Tensor& x, bool u
                                           : at::ones({L}, x.options().dtype(at::kDouble));  // (L,) float64
   const at::ScalarType cd = t == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor xin = x.contiguous();
-  const at::Tensor mean = xin.sum(1, /*keepdim=*/false, at::kDouble).div_(static_cast<double>(n));  // (L, d)
+  // (L, d) float64 means, from one read of x (no float64 copy of it)
+  const at::Tensor mean = std::get<0>(column_stats_cpu(xin)).div_(static_cast<double>(n));
   at::Tensor xc = at::empty(x.sizes(), x.options().dtype(cd));                                      // (L, n, d)
   at::Tensor out = at::empty({L, n, n}, xc.options());                                               // (L, n, n)
   at::Tensor trace = at::empty({L}, x.options().dtype(at::kDouble));                                 // (L,)

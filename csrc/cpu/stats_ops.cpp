@@ -70,6 +70,9 @@ void column_stats_layer(const scalar_t* x, int64_t n, int64_t d, double* sum, sc
   }
 }
 
+}  // namespace
+
+// Also called by centered_gram (gram_ops.cpp) for its column means.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> column_stats_cpu(const at::Tensor& x_in) {
   TORCH_CHECK(x_in.device().is_cpu(), "column_stats: x must be a CPU tensor, got ", x_in.device());
   TORCH_CHECK(x_in.dim() == 3, "column_stats: x must be (L, n, d), got shape ", x_in.sizes());
@@ -91,7 +94,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> column_stats_cpu(const at::Tensor
   return {sum, lo, hi};
 }
 
-}  // namespace
 }  // namespace repforget
 
 TORCH_LIBRARY_IMPL(repforget, CPU, m) { m.impl("column_stats", &repforget::column_stats_cpu); }
