@@ -63,7 +63,7 @@ class KernelOp:
     def __init__(self, name: str, schema: str, composite: Callable, fake: Callable, reference: Callable):
         if name in OPS:
             raise ValueError(f"op {name!r} is already declared")
-        self.name, self.schema = name, f"{LIBRARY}::{name}{schema}"
+        self.name, self.schema, self._signature = name, f"{LIBRARY}::{name}{schema}", schema
         self.composite, self.fake, self.reference = composite, fake, reference
         self.kernels: dict[str, Callable] = {"torch": composite}
         _LIB.define(f"{name}{schema}")
@@ -85,12 +85,22 @@ class KernelOp:
         return torch._C._dispatch_has_kernel_for_dispatch_key(self.qualname, dispatch_key)
 
     def implement(self, backend: str) -> Callable[[Callable], Callable]:
-        """Decorator: attach ``fn`` as ``backend``'s implementation (the Triton modules use it)."""
+        """Decorator: attach the Python-launched kernel ``fn`` as ``backend``'s implementation.
+
+        ``fn`` becomes the op ``torch.ops.repforget.<name>_<backend>``: the same schema and fake as this
+        op, ``fn`` as its kernel on every device (CUDA, or CPU under the Triton interpreter), so a call
+        inside ``torch.compile`` stays one opaque node instead of tracing into the launch code. Triton
+        and CUDA both serve CUDA tensors, so the Triton kernel cannot be this op's own CUDA kernel.
+        """
         if backend not in BACKENDS or backend == "torch":
             raise ValueError(f"backend must be one of {BACKENDS[1:]}, got {backend!r}")
 
         def deco(fn: Callable) -> Callable:
-            self.kernels[backend] = fn
+            name = f"{self.name}_{backend}"
+            _LIB.define(f"{name}{self._signature}")
+            _LIB.impl(name, fn, "CompositeExplicitAutograd")
+            torch.library.register_fake(f"{LIBRARY}::{name}", self.fake, lib=_LIB)
+            self.kernels[backend] = getattr(getattr(torch.ops, LIBRARY), name)
             return fn
 
         return deco
