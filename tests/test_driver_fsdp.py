@@ -152,11 +152,12 @@ class TestShardedTraining:
         assert not real and share["input_ids"].shape == (1, 2)  # row 0 stands in, with its loss scaled by 0
 
 
-class TestCopies:
-    @pytest.fixture(scope="class")
-    def copies(self, tmp_path_factory):
-        return _spawn(_copy_worker, tmp_path_factory.mktemp("copies") / "rank")
+@pytest.fixture(scope="module")
+def copies(tmp_path_factory):
+    return _spawn(_copy_worker, tmp_path_factory.mktemp("copies") / "rank")
 
+
+class TestCopies:
     def test_gathered_copy_and_checkpoint_equal_the_model(self, copies):
         ref, upd, _ = random_models()
         want = ref.state_dict()

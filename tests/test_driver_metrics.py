@@ -79,15 +79,16 @@ class TestDefinitions:
         assert against_retain(record, None) == {"forget_quality": None, "privleak": None}
 
 
-class TestEvaluateWiring:
-    @pytest.fixture(scope="class")
-    def small(self):
-        model, tok, corpus = random_small_model()
-        items = [dict(it, paraphrased_answer=it["answer"] + " indeed",
-                      perturbed_answer=[corpus["retain"][i]["answer"], corpus["retain"][i + 1]["answer"]])
-                 for i, it in enumerate(corpus["forget"][:8])]
-        return model, tok, corpus, items
+@pytest.fixture(scope="module")
+def small():
+    model, tok, corpus = random_small_model()
+    items = [dict(it, paraphrased_answer=it["answer"] + " indeed",
+                  perturbed_answer=[corpus["retain"][i]["answer"], corpus["retain"][i + 1]["answer"]])
+             for i, it in enumerate(corpus["forget"][:8])]
+    return model, tok, corpus, items
 
+
+class TestEvaluateWiring:
     def test_truth_ratio_items_match_direct_scoring(self, small):
         """evaluate()'s per-item R equals exp(NLL(paraphrased) - mean NLL(perturbed)) scored one item at a time."""
         model, tok, corpus, items = small
