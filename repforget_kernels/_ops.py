@@ -45,6 +45,19 @@ _LIB = torch.library.Library(LIBRARY, "DEF")  # kept alive for the process: the 
 OPS: dict[str, "KernelOp"] = {}  # op name -> its declaration, in declaration order
 
 
+def _define(name: str, signature: str, kernel: Callable, fake: Callable):
+    """Define ``repforget::<name><signature>`` with ``kernel`` on every device and ``fake`` for tracing: -> the op."""
+    _LIB.define(f"{name}{signature}")
+    _LIB.impl(name, kernel, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"{LIBRARY}::{name}", fake, lib=_LIB)
+    return getattr(getattr(torch.ops, LIBRARY), name)
+
+
+def _no_outputs(*args):
+    """The fake of an in-place op: it returns nothing."""
+    return None
+
+
 def interpreting() -> bool:
     """True under TRITON_INTERPRET=1 (Triton kernels run on CPU tensors through the interpreter)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -66,19 +79,13 @@ class KernelOp:
         self.name, self.schema, self._signature = name, f"{LIBRARY}::{name}{schema}", schema
         self.composite, self.fake, self.reference = composite, fake, reference
         self.kernels: dict[str, Callable] = {"torch": composite}
-        _LIB.define(f"{name}{schema}")
-        _LIB.impl(name, composite, "CompositeExplicitAutograd")
-        torch.library.register_fake(f"{LIBRARY}::{name}", fake, lib=_LIB)
+        # torch.ops.repforget.<name>: runs the kernel registered for its inputs' device (the composite where none)
+        self.packet = _define(name, schema, composite, fake)
         OPS[name] = self
 
     @property
     def qualname(self) -> str:
         return f"{LIBRARY}::{self.name}"
-
-    @property
-    def packet(self):
-        """``torch.ops.repforget.<name>``: runs the kernel registered for its inputs' device."""
-        return getattr(getattr(torch.ops, LIBRARY), self.name)
 
     def has_compiled_kernel(self, dispatch_key: str) -> bool:
         """Whether a compiled kernel is registered for ``dispatch_key`` ("CPU", "CUDA")."""
@@ -96,11 +103,7 @@ class KernelOp:
             raise ValueError(f"backend must be one of {BACKENDS[1:]}, got {backend!r}")
 
         def deco(fn: Callable) -> Callable:
-            name = f"{self.name}_{backend}"
-            _LIB.define(f"{name}{self._signature}")
-            _LIB.impl(name, fn, "CompositeExplicitAutograd")
-            torch.library.register_fake(f"{LIBRARY}::{name}", self.fake, lib=_LIB)
-            self.kernels[backend] = getattr(getattr(torch.ops, LIBRARY), name)
+            self.kernels[backend] = _define(f"{self.name}_{backend}", self._signature, fn, self.fake)
             return fn
 
         return deco
@@ -138,13 +141,9 @@ def _square_accumulate(accs, grads, scale):
         torch._foreach_addcmul_(group_a, group_g, group_g, value=scale)
 
 
-def _square_accumulate_fake(accs, grads, scale):
-    return None
-
-
 SQUARE_ACCUMULATE = KernelOp(
     "square_accumulate", "(Tensor(a!)[] accs, Tensor[] grads, float scale) -> ()",
-    _square_accumulate, _square_accumulate_fake, reference.square_accumulate_op_ref,
+    _square_accumulate, _no_outputs, reference.square_accumulate_op_ref,
 )
 
 
@@ -207,13 +206,9 @@ def _per_sample_linear_fisher(x, grad_out, mask, out):
             out[r0 : r0 + nr].addcmul_(g_blk, g_blk)
 
 
-def _per_sample_linear_fisher_fake(x, grad_out, mask, out):
-    return None
-
-
 PER_SAMPLE_LINEAR_FISHER = KernelOp(
     "per_sample_linear_fisher", "(Tensor x, Tensor grad_out, Tensor? mask, Tensor(a!) out) -> ()",
-    _per_sample_linear_fisher, _per_sample_linear_fisher_fake, reference.per_sample_linear_fisher_op_ref,
+    _per_sample_linear_fisher, _no_outputs, reference.per_sample_linear_fisher_op_ref,
 )
 
 

@@ -87,8 +87,12 @@ def check_finite(x: torch.Tensor, name: str) -> None:
     if x.device.type == "meta" or not x.numel():  # meta tensors carry no values
         return
     lo, hi = torch.aminmax(x)  # one pass, no temporary; NaN and Inf reach the extremes
-    require(torch.isfinite(lo) & torch.isfinite(hi), f"{name} contains NaN or Inf values",
-            lambda: f"{name} contains {int((~torch.isfinite(x)).sum())} NaN or Inf value(s) (shape {tuple(x.shape)})")
+    require(torch.isfinite(lo) & torch.isfinite(hi), f"{name} contains NaN or Inf values", _count_non_finite(x, name))
+
+
+def _count_non_finite(x: torch.Tensor, name: str) -> Callable[[], str]:
+    """The eager error of the finiteness checks: how many entries of ``x`` are NaN or Inf (counted on failure only)."""
+    return lambda: f"{name} contains {int((~torch.isfinite(x)).sum())} NaN or Inf value(s) (shape {tuple(x.shape)})"
 
 
 def check_finite_by_column_sums(sums: torch.Tensor, x: torch.Tensor, name: str) -> None:
@@ -101,8 +105,7 @@ def check_finite_by_column_sums(sums: torch.Tensor, x: torch.Tensor, name: str) 
     if x.dtype == torch.float64:
         check_finite(x, name)
         return
-    require(torch.isfinite(sums), f"{name} contains NaN or Inf values",
-            lambda: f"{name} contains {int((~torch.isfinite(x)).sum())} NaN or Inf value(s) (shape {tuple(x.shape)})")
+    require(torch.isfinite(sums), f"{name} contains NaN or Inf values", _count_non_finite(x, name))
 
 
 def check_same_device(**tensors: torch.Tensor) -> None:

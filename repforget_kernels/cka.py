@@ -144,7 +144,7 @@ def _as_batch(t: torch.Tensor) -> torch.Tensor:
     return t if t.dim() == 3 else t.unsqueeze(0)
 
 
-def _feature_sums(x3, y3, debiased: bool, backend, unscale: bool = False, names: tuple = ("x", "y")) -> dict:
+def _feature_sums(x3, y3, debiased: bool, backend, unscale: bool = False) -> dict:
     """float64 sums of one chunk (op ``shifted_cross_products``) with its shifts (float64) and row counts.
 
     Each input is shifted by its column means rounded to the compute dtype and scaled by
@@ -155,8 +155,8 @@ def _feature_sums(x3, y3, debiased: bool, backend, unscale: bool = False, names:
     stats = kernel(COLUMN_STATS, x3.device, backend, grad=needs_grad(x3, y3))  # one pass: sums, extrema
     sum_x, lo_x, hi_x = stats(x3)  # (L, dx) each
     sum_y, lo_y, hi_y = stats(y3)  # (L, dy) each
-    check_finite_by_column_sums(sum_x, x3, names[0])  # the inputs' finiteness from their float64 sums
-    check_finite_by_column_sums(sum_y, y3, names[1])
+    check_finite_by_column_sums(sum_x, x3, "x")  # the inputs' finiteness from their float64 sums
+    check_finite_by_column_sums(sum_y, y3, "y")
     _, shift_x = shift_from_sums(sum_x, x3.shape[-2], cd)  # (L, dx)
     _, shift_y = shift_from_sums(sum_y, y3.shape[-2], cd)  # (L, dy)
     scale_x, scale_y = scale_from_extrema(lo_x, hi_x), scale_from_extrema(lo_y, hi_y)  # (L,) each

@@ -159,8 +159,8 @@ def _shifted_cross_products_triton(x, y, shift_x, shift_y, debiased, scale_x=Non
         "syy": _gemm.shifted_gemm(yt, y, **gy, shift_b=shift_y, shift_b_along="n", scale_b=scale_y, symmetric=True),
     }
     if not debiased:
-        out["sx"] = weighted_colsums(x, shift_x, scale_x)[:, 0].clone()  # (L, dx); outputs never alias
-        out["sy"] = weighted_colsums(y, shift_y, scale_y)[:, 0].clone()  # (L, dy)
+        out["sx"] = weighted_colsums(x, shift_x, scale_x)[:, 0]  # (L, dx)
+        out["sy"] = weighted_colsums(y, shift_y, scale_y)[:, 0]  # (L, dy)
         return [out[k] for k in shifted_cross_product_keys(False)]
     a = row_sqnorms(x, shift_x, scale_x)  # (L, n) float64
     b = row_sqnorms(y, shift_y, scale_y)  # (L, n) float64
