@@ -374,6 +374,18 @@ class TestColumnGram:
         size = a64.abs().transpose(-1, -2) @ a64.abs()
         assert float(((got - want).abs() / (_work_tol(dtype) * size)).max()) <= 1.0
 
+    @pytest.mark.parametrize("dtype", HALF + (torch.float32,), ids=str)
+    def test_panels_inside_the_cross_products(self, gen, monkeypatch, dtype):
+        """bf16 / fp16 input reaches the panels as the shifted float32 rows: the composite against its reference."""
+        from repforget_kernels import _ops
+
+        monkeypatch.setattr(_ops, "_MIN_PANEL", 3)  # 4 panels of 11 columns, the last one 8
+        x, y = _acts(gen, 2, 29, 41, dtype), _acts(gen, 2, 29, 13, dtype)
+        args = (x, y, x.mean(-2, dtype=torch.float32), y.mean(-2, dtype=torch.float32), True, None, None)
+        got = _scp_run(OPS["shifted_cross_products"].composite, args)
+        for name, (want, size, tol) in _scp_ref(args, dtype, "torch").items():
+            assert float(((_f64(got[name]) - want).abs() / (tol * size.abs() + 1e-300)).max()) <= 1.0, name
+
     def test_grad_takes_one_bmm(self, gen):
         from repforget_kernels import _ops
 
